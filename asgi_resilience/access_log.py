@@ -1,0 +1,191 @@
+"""Access log: one structured record per HTTP request, and a JSON formatter for any record."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from time import perf_counter
+from typing import Any
+
+from opentelemetry import trace
+
+from .context import ContextMiddleware, RequestContext
+from .types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["DEFAULT_EXCLUDE_PATHS", "AccessLogMiddleware", "JsonFormatter"]
+
+DEFAULT_EXCLUDE_PATHS = ("/health", "/livez", "/readyz", "/metrics")
+
+_logger = logging.getLogger("asgi_resilience.access")
+
+
+class AccessLogMiddleware(ContextMiddleware):
+    """Log one record per HTTP request when it is over, on the ``asgi_resilience.access`` logger.
+
+    Handles ``http`` scopes; others pass through. The record's message reads
+    ``GET /items/1 200 3.1ms``; its ``extra`` fields are ``request_id, method, path, route,
+    status, duration_ms, ttfb_ms, bytes_sent, client, user_agent, http_version``, plus
+    ``trace_id`` (a span is active), ``rate_limited`` (a rate limiter decided), ``error`` (the
+    exception type, when one was raised), ``disconnected`` (the response never completed: the
+    client went away; ``status`` is then only what was really sent, or ``None``) and ``query``
+    (only with ``include_query``, the query string may carry personal data).
+
+    Level: ``ERROR`` for 5xx, ``WARNING`` for 4xx, disconnects and requests slower than
+    ``slow_threshold`` seconds, ``INFO`` otherwise. ``duration_ms`` runs from the first layer
+    seeing the request to the last body byte sent (or the application returning), so background
+    tasks run after the response are not counted. Reads no headers but ``User-Agent``; writes
+    none. Place it inside the request id, tracing and metrics layers, outside ``ErrorMiddleware``
+    (so it logs the status the client really got).
+
+    Args:
+        app: the ASGI application.
+        logger: the logger records go to.
+        exclude_paths: paths (and their subpaths) not logged; probes and scrapes by default.
+        slow_threshold: seconds after which a successful request is logged as a warning.
+        include_query: add the raw query string as ``query``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        logger: logging.Logger | None = None,
+        exclude_paths: Iterable[str] = DEFAULT_EXCLUDE_PATHS,
+        slow_threshold: float = 1.0,
+        include_query: bool = False,
+    ) -> None:
+        if not slow_threshold > 0:
+            raise ValueError(
+                f"slow_threshold must be a positive number of seconds, got {slow_threshold!r}"
+            )
+        paths = tuple(exclude_paths)
+        for path in paths:
+            if not path.startswith("/"):
+                raise ValueError(f"exclude_paths entries must start with '/', got {path!r}")
+        self.app = app
+        self.logger = logger if logger is not None else _logger
+        self.exclude_exact = frozenset(p.rstrip("/") or "/" for p in paths)
+        self.exclude_prefixes = tuple(p.rstrip("/") + "/" for p in paths)
+        self.slow_threshold_ms = slow_threshold * 1000
+        self.include_query = include_query
+
+    async def handle(
+        self, context: RequestContext, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        path = scope["path"]
+        if path in self.exclude_exact or path.startswith(self.exclude_prefixes):
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, context.record(send))
+        except BaseException as exc:
+            if context.exception is None:
+                context.exception = exc
+            if not isinstance(exc, Exception):
+                context.disconnected = True  # cancelled: the server gave up on the request
+            self._log(context, scope)
+            raise
+        self._log(context, scope)
+
+    def _log(self, context: RequestContext, scope: Scope) -> None:
+        now = perf_counter()
+        ended = context.response_ended
+        status = context.status
+        disconnected = context.disconnected or (ended is None and context.exception is None)
+        if status is None and context.exception is not None and not disconnected:
+            status = 500  # what every ASGI server answers for an exception before any response
+        duration_ms = ((ended if ended is not None else now) - context.start) * 1000
+        if (status is not None and status >= 500) or (
+            context.exception is not None and ended is None and not disconnected
+        ):
+            level = logging.ERROR  # a 5xx, or a response cut short by an exception
+        elif disconnected or (status is not None and status >= 400):
+            level = logging.WARNING
+        elif duration_ms > self.slow_threshold_ms:
+            level = logging.WARNING
+        else:
+            level = logging.INFO
+        if not self.logger.isEnabledFor(level):
+            return
+        started = context.response_started
+        extra: dict[str, Any] = {
+            "request_id": context.request_id,
+            "method": scope["method"],
+            "path": scope["path"],
+            "route": context.route(scope),
+            "status": status,
+            "duration_ms": round(duration_ms, 3),
+            "ttfb_ms": round((started - context.start) * 1000, 3) if started else None,
+            "bytes_sent": context.bytes_sent,
+            "client": context.client,
+            "user_agent": _user_agent(scope),
+            "http_version": scope.get("http_version"),
+        }
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            extra["trace_id"] = format(span_context.trace_id, "032x")
+        if context.rate_limited is not None:
+            extra["rate_limited"] = context.rate_limited
+        if context.exception is not None:
+            extra["error"] = type(context.exception).__name__
+        if disconnected:
+            extra["disconnected"] = True
+        if self.include_query:
+            extra["query"] = scope.get("query_string", b"").decode("latin-1")
+        self.logger.log(
+            level,
+            "%s %s %s %.1fms",
+            extra["method"],
+            extra["path"],
+            status if status is not None else "-",
+            duration_ms,
+            extra=extra,
+        )
+
+
+def _user_agent(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            return str(value.decode("latin-1"))
+    return None
+
+
+# Attributes every LogRecord has; anything else on a record came from ``extra`` or a filter.
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """Render any log record as one JSON line, with every ``extra`` field as a member.
+
+    Members: ``timestamp`` (UTC, ISO 8601, milliseconds), ``level``, ``logger``, ``message``,
+    then the record's extra fields (``request_id``, ``route``, ...), then ``exc_info`` and
+    ``stack_info`` as text when present. Values JSON cannot encode are written with ``str()``.
+    The library never installs it; attach it to your own handler.
+
+    Args:
+        static_fields: members added to every line (``service``, ``version``).
+    """
+
+    def __init__(self, *, static_fields: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.static_fields = dict(static_fields or {})
+
+    def format(self, record: logging.LogRecord) -> str:
+        created = datetime.fromtimestamp(record.created, timezone.utc)
+        payload: dict[str, Any] = {
+            "timestamp": created.isoformat(timespec="milliseconds")[:-6] + "Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        payload.update(self.static_fields)
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRIBUTES:
+                payload[key] = value
+        if record.exc_info:
+            payload["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            payload["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(payload, ensure_ascii=False, default=str)

@@ -1,0 +1,259 @@
+"""The per-request context every layer of the stack shares.
+
+The first of our middlewares to see an HTTP request creates one ``RequestContext`` and stores it
+in the scope under ``CONTEXT_KEY`` (and in a context variable for code running inside the
+request). Later layers read and fill the same object, so the request id, the client address, the
+route template and the response facts (status, bytes, timings) are each worked out once, however
+many of our middlewares are stacked.
+
+Response facts are recorded by one ``send`` wrapper, installed by the outermost observing layer
+(``RequestContext.record``); inner layers find the context already recording and add nothing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import weakref
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from time import perf_counter
+from typing import Any, Literal
+
+from .types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "CONTEXT_KEY",
+    "UNMATCHED_ROUTE",
+    "ContextMiddleware",
+    "RequestContext",
+    "route_template",
+    "utc_timestamp",
+]
+
+CONTEXT_KEY = "asgi_resilience.context"
+UNMATCHED_ROUTE = "<unmatched>"
+
+ErrorFormat = Literal["problem", "envelope"]
+
+_current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
+    "asgi_resilience_request_context", default=None
+)
+
+
+class RequestContext:
+    """What the stack knows about one HTTP request, shared by all our layers.
+
+    Attributes:
+        start: ``time.perf_counter()`` when the first layer saw the request.
+        request_id: set by ``RequestIdMiddleware``; ``None`` without it.
+        client: the client address (``scope["client"]`` host) unless a layer resolved it.
+        status: the status of the response sent, ``None`` until it starts.
+        response_started / response_ended: ``perf_counter()`` at the start message and at the
+            last body byte (or the ``pathsend``); ``None`` until then.
+        bytes_sent: body bytes actually handed to the server.
+        exception: the exception the application raised, if any.
+        disconnected: sending failed because the client went away.
+        error_format: the error body shape chosen by ``ErrorMiddleware`` for inner layers.
+        error_rendered: the response in flight was rendered by our error renderer.
+        envelope_meta: extra ``meta`` members handlers added for the envelope.
+        envelope_skip: the handler opted this response out of the envelope.
+    """
+
+    __slots__ = (
+        "_route",
+        "_start_headers",
+        "bytes_sent",
+        "client",
+        "debug",
+        "disconnected",
+        "envelope_meta",
+        "envelope_skip",
+        "error_format",
+        "error_rendered",
+        "exception",
+        "rate_limited",
+        "recording",
+        "request_id",
+        "response_ended",
+        "response_started",
+        "start",
+        "status",
+    )
+
+    def __init__(self, scope: Scope) -> None:
+        self.start = perf_counter()
+        self.request_id: str | None = None
+        client = scope.get("client")
+        self.client: str | None = client[0] if client else None
+        self.status: int | None = None
+        self.response_started: float | None = None
+        self.response_ended: float | None = None
+        self.bytes_sent = 0
+        self.exception: BaseException | None = None
+        self.disconnected = False
+        self.rate_limited: bool | None = None
+        self.error_format: ErrorFormat | None = None
+        self.error_rendered = False
+        self.debug = False
+        self.envelope_meta: dict[str, Any] | None = None
+        self.envelope_skip = False
+        self.recording = False
+        self._route: str | None = None
+        self._start_headers: Iterable[tuple[bytes, bytes]] = ()
+
+    @staticmethod
+    def current() -> RequestContext | None:
+        """The context of the request being handled by the running task, if any."""
+        return _current.get()
+
+    @property
+    def complete(self) -> bool:
+        """The whole response (start and last body message) went out."""
+        return self.response_ended is not None
+
+    def route(self, scope: Scope) -> str:
+        """The route template that handled the request (``/users/{user_id}``), computed once.
+
+        Read after the application returned: Starlette and FastAPI put the matched route in
+        ``scope["route"]``; other frameworks may put the template there as a string. Mount
+        prefixes are joined in. Anything else is ``UNMATCHED_ROUTE``.
+        """
+        if self._route is None:
+            self._route = route_template(scope)
+        return self._route
+
+    def record(self, send: Send) -> Send:
+        """Wrap ``send`` to record status, bytes and timings here (once per request)."""
+        if self.recording:
+            return send
+        self.recording = True
+
+        async def send_and_record(message: Message) -> None:
+            message_type = message["type"]
+            if message_type == "http.response.start":
+                self.status = message["status"]
+                self._start_headers = message.get("headers", ())
+                self.response_started = perf_counter()
+            try:
+                await send(message)
+            except OSError:
+                self.disconnected = True
+                raise
+            if message_type == "http.response.body":
+                self.bytes_sent += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    self.response_ended = perf_counter()
+            elif message_type == "http.response.pathsend":
+                self.bytes_sent += _content_length(self._start_headers)
+                self.response_ended = perf_counter()
+
+        return send_and_record
+
+
+class ContextMiddleware:
+    """Base of our HTTP middlewares: passes other scopes through, finds or creates the context.
+
+    Subclasses implement ``handle``. The layer that creates the context also publishes it in a
+    context variable for the duration of the request and resets it afterwards.
+    """
+
+    app: ASGIApp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        context = scope.get(CONTEXT_KEY)
+        if context is not None:
+            await self.handle(context, scope, receive, send)
+            return
+        context = scope[CONTEXT_KEY] = RequestContext(scope)
+        token = _current.set(context)
+        try:
+            await self.handle(context, scope, receive, send)
+        finally:
+            _current.reset(token)
+
+    async def handle(
+        self, context: RequestContext, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        raise NotImplementedError  # pragma: no cover - every subclass implements it
+
+
+def utc_timestamp() -> str:
+    """The current UTC time as ISO 8601 with milliseconds: ``2026-01-31T12:00:00.123Z``."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+# Route templates, per top-level router: id(route) -> (route, full template). Built once per
+# router by walking its route tree, so Mount prefixes are joined without re-matching anything per
+# request. Keyed by id() because Starlette's routers and routes define __eq__ and so are
+# unhashable; a weak reference drops the table when its router goes away.
+_RouteTable = dict[int, tuple[Any, str]]
+_route_tables: dict[int, tuple[weakref.ref[Any], _RouteTable]] = {}
+
+
+def route_template(scope: Scope) -> str:
+    """The full route template for ``scope`` after routing; see ``RequestContext.route``."""
+    route = scope.get("route")
+    if route is None:
+        return UNMATCHED_ROUTE
+    if isinstance(route, str):
+        return route or UNMATCHED_ROUTE
+    table = _table_for(scope.get("router"))
+    entry = table.get(id(route))
+    if entry is None or entry[0] is not route:
+        # A route added after the table was built, or one outside the router's tree.
+        entry = (route, _template_of(route, ""))
+        table[id(route)] = entry
+    return entry[1]
+
+
+def _table_for(router: Any) -> _RouteTable:
+    key = id(router)
+    found = _route_tables.get(key)
+    if found is not None and found[0]() is router:
+        return found[1]
+    table: _RouteTable = {}
+    _walk_routes(getattr(router, "routes", ()), "", table)
+    try:
+        ref = weakref.ref(router, lambda _: _route_tables.pop(key, None))
+    except TypeError:
+        return table  # None, or not weakly referenceable: walk again next time, never leak
+    _route_tables[key] = (ref, table)
+    return table
+
+
+def _walk_routes(routes: Iterable[Any], prefix: str, table: dict[int, tuple[Any, str]]) -> None:
+    for route in routes:
+        table[id(route)] = (route, _template_of(route, prefix))
+        children = getattr(route, "routes", None)
+        if children:
+            _walk_routes(children, prefix + _mount_prefix(route), table)
+
+
+def _template_of(route: Any, prefix: str) -> str:
+    path_format = getattr(route, "path_format", None)
+    if not isinstance(path_format, str):
+        return UNMATCHED_ROUTE  # a Host, or a route type we do not know
+    if getattr(route, "routes", None):
+        # A Mount around a router: it is the route only when nothing inside matched.
+        return UNMATCHED_ROUTE
+    return prefix + path_format
+
+
+def _mount_prefix(route: Any) -> str:
+    path_format = getattr(route, "path_format", None)
+    if not isinstance(path_format, str):
+        return ""  # Host: no path of its own
+    return path_format.removesuffix("/{path}")

@@ -1,0 +1,165 @@
+"""Exceptions raised by asgi_resilience and the HTTP errors applications raise.
+
+Library errors share one root::
+
+    AsgiResilienceError
+    └── CircuitOpenError      a circuit breaker refused a call (carries ``retry_after``)
+
+HTTP errors an application raises to answer with a given status; ``ErrorMiddleware`` turns each
+into one JSON body (RFC 9457 problem or envelope)::
+
+    AppError                  status 500 unless given
+    ├── BadRequest            400
+    ├── Unauthorized          401
+    ├── Forbidden             403
+    ├── NotFound              404
+    ├── Conflict              409
+    ├── UnprocessableEntity   422
+    ├── TooManyRequests       429
+    └── ServiceUnavailable    503
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+__all__ = [
+    "AppError",
+    "AsgiResilienceError",
+    "BadRequest",
+    "CircuitOpenError",
+    "Conflict",
+    "Forbidden",
+    "NotFound",
+    "ServiceUnavailable",
+    "TooManyRequests",
+    "Unauthorized",
+    "UnprocessableEntity",
+]
+
+_NON_WORD = re.compile(r"[^0-9a-zA-Z]+")
+
+
+def status_phrase(status: int) -> str:
+    """The standard reason phrase for ``status`` (``"Error"`` for unknown codes)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def snake_case(text: str) -> str:
+    """``"Method Not Allowed"`` -> ``"method_not_allowed"``: the form of every error ``code``."""
+    return _NON_WORD.sub("_", text).strip("_").lower() or "error"
+
+
+class AsgiResilienceError(Exception):
+    """Root of the errors this library raises."""
+
+
+class CircuitOpenError(AsgiResilienceError):
+    """A circuit breaker is open and refused the call.
+
+    Args:
+        breaker: the name of the breaker.
+        retry_after: seconds until the breaker lets a trial call through.
+    """
+
+    def __init__(self, breaker: str, retry_after: float) -> None:
+        super().__init__(f"circuit breaker {breaker!r} is open; retry in {retry_after:.1f}s")
+        self.breaker = breaker
+        self.retry_after = retry_after
+
+
+class AppError(Exception):
+    """An error the application raises to answer with ``status`` and a JSON error body.
+
+    Subclasses fix the status (``NotFound``, ``Conflict``, ...). ``ErrorMiddleware`` renders it as
+    RFC 9457 ``application/problem+json`` (or the envelope error shape), keeps ``headers`` on the
+    response and adds ``extra`` as extension members.
+
+    Args:
+        detail: a human-readable explanation for this occurrence; shown to the client.
+        status: the HTTP status code (400-599).
+        code: a stable snake_case identifier for clients; defaults to the title in snake_case.
+        title: a short summary of the problem type; defaults to the status reason phrase.
+        headers: response headers to send with the error (``WWW-Authenticate``, ``Retry-After``).
+        extra: additional members for the body (must be JSON-serialisable).
+    """
+
+    status: ClassVar[int] = 500
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        title: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        status = type(self).status if status is None else status
+        if not 400 <= status <= 599:
+            raise ValueError(f"AppError status must be between 400 and 599, got {status!r}")
+        self.status_code = status
+        self.title = title or status_phrase(status)
+        self.detail = detail
+        self.code = code or snake_case(self.title)
+        self.headers: dict[str, str] = dict(headers or {})
+        self.extra: dict[str, Any] = dict(extra or {})
+        super().__init__(detail or self.title)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status_code}, detail={self.detail!r})"
+
+
+class BadRequest(AppError):
+    """400: the request is malformed."""
+
+    status = 400
+
+
+class Unauthorized(AppError):
+    """401: authentication is missing or invalid."""
+
+    status = 401
+
+
+class Forbidden(AppError):
+    """403: authenticated, but not allowed."""
+
+    status = 403
+
+
+class NotFound(AppError):
+    """404: the resource does not exist."""
+
+    status = 404
+
+
+class Conflict(AppError):
+    """409: the request conflicts with the resource's current state."""
+
+    status = 409
+
+
+class UnprocessableEntity(AppError):
+    """422: well-formed but semantically invalid input."""
+
+    status = 422
+
+
+class TooManyRequests(AppError):
+    """429: the client is being rate limited."""
+
+    status = 429
+
+
+class ServiceUnavailable(AppError):
+    """503: a dependency is down or the service is draining."""
+
+    status = 503

@@ -1,0 +1,182 @@
+"""Request IDs: read, validate or generate ``X-Request-ID``, echo it, expose it to code and logs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable
+from typing import Literal
+
+from opentelemetry import trace
+
+from .context import ContextMiddleware, RequestContext
+from .errors import render_error
+from .types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["RequestIdLogFilter", "RequestIdMiddleware", "generate_request_id", "get_request_id"]
+
+_logger = logging.getLogger("asgi_resilience.request_id")
+
+# 1-128 visible ASCII characters: what proxies (nginx $request_id, Envoy, AWS ALB) send, and
+# nothing that could split a header or a log line.
+_VALID_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+_ESCAPED_PREFIX = 64
+
+
+def generate_request_id() -> str:
+    """32 lowercase hex characters from 16 random bytes (the form of nginx's ``$request_id``)."""
+    return os.urandom(16).hex()
+
+
+def get_request_id() -> str | None:
+    """The id of the request the current task is handling, or ``None`` outside a request."""
+    context = RequestContext.current()
+    return context.request_id if context is not None else None
+
+
+class RequestIdMiddleware(ContextMiddleware):
+    """Give every HTTP request an id, echo it on the response and expose it inside the request.
+
+    Handles ``http`` scopes; WebSocket and lifespan pass through. Reads ``header_name`` from the
+    request: a value of 1-128 visible ASCII characters (0x21-0x7E: nginx ids, UUIDs, ULIDs) is
+    kept; anything else is replaced by a fresh id and a warning logged with the value escaped (or,
+    with ``on_invalid="reject"``, answered with a 400 error). Writes the same header on every
+    response, error responses produced below included. The id is in the request context, in
+    ``scope["state"]["request_id"]`` (``request.state.request_id``) and in ``get_request_id()``.
+    Put it outermost, so that every other layer and every log line sees the id.
+
+    Args:
+        app: the ASGI application.
+        header_name: the request and response header carrying the id.
+        trust_incoming: keep a valid incoming id; ``False`` always generates one.
+        on_invalid: ``"replace"`` an invalid incoming id, or ``"reject"`` the request with 400.
+        generator: makes new ids; must return 1-128 visible ASCII characters (a failing or
+            misbehaving generator is replaced by the default one, with an error logged).
+        logger: where invalid ids are reported (``asgi_resilience.request_id``).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        header_name: str = "X-Request-ID",
+        trust_incoming: bool = True,
+        on_invalid: Literal["replace", "reject"] = "replace",
+        generator: Callable[[], str] | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if on_invalid not in ("replace", "reject"):
+            raise ValueError(f"on_invalid must be 'replace' or 'reject', got {on_invalid!r}")
+        try:
+            self.header_name = header_name.strip().lower().encode("ascii")
+        except UnicodeEncodeError:
+            raise ValueError(f"header_name must be ASCII, got {header_name!r}") from None
+        if not re.fullmatch(rb"[!#$%&'*+\-.^_`|~0-9a-z]+", self.header_name):
+            raise ValueError(f"header_name must be a valid HTTP header name, got {header_name!r}")
+        self.app = app
+        self.trust_incoming = trust_incoming
+        self.reject_invalid = on_invalid == "reject"
+        self.generator = generator
+        self.logger = logger if logger is not None else _logger
+
+    async def handle(
+        self, context: RequestContext, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        request_id = self._incoming(scope) if self.trust_incoming else None
+        if request_id is None:
+            request_id = self._generate()
+        elif isinstance(request_id, bytes):
+            invalid, request_id = request_id, self._generate()
+            action = "rejected the request" if self.reject_invalid else "generated a new id"
+            self.logger.warning(
+                "Invalid %s header %s (%d bytes): %s",
+                self.header_name.decode(),
+                _escape(invalid),
+                len(invalid),
+                action,
+                extra={"request_id": request_id},
+            )
+            if self.reject_invalid:
+                context.request_id = request_id
+                await self._reject(context, scope, send)
+                return
+        context.request_id = request_id
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = state = {}
+        state["request_id"] = request_id
+        header = (self.header_name, request_id.encode())
+
+        async def send_with_request_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != header[0]]
+                headers.append(header)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_request_id)
+
+    def _incoming(self, scope: Scope) -> str | bytes | None:
+        """The incoming id if valid, the raw value if invalid, ``None`` if absent."""
+        for name, value in scope["headers"]:
+            if name == self.header_name:
+                return value.decode("ascii") if _VALID_ID.fullmatch(value) else bytes(value)
+        return None
+
+    async def _reject(self, context: RequestContext, scope: Scope, send: Send) -> None:
+        start, body = render_error(
+            context, scope, 400, detail=f"Invalid {self.header_name.decode()} header"
+        )
+        start["headers"].append((self.header_name, str(context.request_id).encode()))
+        await send(start)
+        await send(body)
+
+    def _generate(self) -> str:
+        if self.generator is None:
+            return generate_request_id()
+        try:
+            request_id = self.generator()
+            if isinstance(request_id, str) and _VALID_ID.fullmatch(request_id.encode("latin-1")):
+                return request_id
+            self.logger.error("Request id generator returned an invalid id: %r", request_id)
+        except Exception:
+            self.logger.exception("Request id generator failed")
+        return generate_request_id()
+
+
+class RequestIdLogFilter(logging.Filter):
+    """Put the current ``request_id`` (and ``trace_id``/``span_id``) on every log record.
+
+    Attach it to a handler (``handler.addFilter(RequestIdLogFilter())``) so formatters can use
+    ``%(request_id)s``. ``request_id`` is always set (``default`` outside a request); ``trace_id``
+    and ``span_id`` (lowercase hex, W3C form) only when an OpenTelemetry span is recording the
+    current context. A value the record already carries (``extra=``) is left alone.
+
+    Args:
+        name: as ``logging.Filter``: only records of this logger and its children pass.
+        default: the ``request_id`` of records logged outside any request.
+    """
+
+    def __init__(self, name: str = "", *, default: str = "-") -> None:
+        super().__init__(name)
+        self.default = default
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not super().filter(record):
+            return False
+        if getattr(record, "request_id", None) is None:
+            record.request_id = get_request_id() or self.default
+        if not hasattr(record, "trace_id"):
+            span_context = trace.get_current_span().get_span_context()
+            if span_context.is_valid:
+                record.trace_id = format(span_context.trace_id, "032x")
+                record.span_id = format(span_context.span_id, "016x")
+        return True
+
+
+def _escape(value: bytes) -> str:
+    """A log-safe rendering of an untrusted header value: escaped, and cut to a short prefix."""
+    shown = value[:_ESCAPED_PREFIX].decode("latin-1").encode("unicode_escape").decode("ascii")
+    shown = shown.replace('"', '\\"')
+    return f'"{shown}"' + ("..." if len(value) > _ESCAPED_PREFIX else "")
