@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
-from datetime import datetime, timezone
 from time import perf_counter
 from typing import Any
 
 from opentelemetry import trace
 
-from .context import ContextMiddleware, RequestContext
+from .context import ContextMiddleware, RequestContext, format_timestamp
 from .types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["DEFAULT_EXCLUDE_PATHS", "AccessLogMiddleware", "JsonFormatter"]
@@ -134,15 +133,20 @@ class AccessLogMiddleware(ContextMiddleware):
             extra["disconnected"] = True
         if self.include_query:
             extra["query"] = scope.get("query_string", b"").decode("latin-1")
-        self.logger.log(
+        # What Logger.log does, minus findCaller's walk up the stack (the caller is always this
+        # line) and makeRecord's check of each extra key against the record (ours never clash):
+        # together they were half the cost of a record.
+        record = logging.getLogRecordFactory()(
+            self.logger.name,
             level,
+            __file__,
+            0,
             "%s %s %s %.1fms",
-            extra["method"],
-            extra["path"],
-            status if status is not None else "-",
-            duration_ms,
-            extra=extra,
+            (extra["method"], extra["path"], status if status is not None else "-", duration_ms),
+            None,
         )
+        record.__dict__.update(extra)
+        self.logger.handle(record)
 
 
 def _user_agent(scope: Scope) -> str | None:
@@ -173,14 +177,14 @@ class JsonFormatter(logging.Formatter):
         self.static_fields = dict(static_fields or {})
 
     def format(self, record: logging.LogRecord) -> str:
-        created = datetime.fromtimestamp(record.created, timezone.utc)
         payload: dict[str, Any] = {
-            "timestamp": created.isoformat(timespec="milliseconds")[:-6] + "Z",
+            "timestamp": format_timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
-        payload.update(self.static_fields)
+        if self.static_fields:
+            payload.update(self.static_fields)
         for key, value in record.__dict__.items():
             if key not in _RECORD_ATTRIBUTES:
                 payload[key] = value
@@ -188,4 +192,8 @@ class JsonFormatter(logging.Formatter):
             payload["exc_info"] = self.formatException(record.exc_info)
         if record.stack_info:
             payload["stack_info"] = self.formatStack(record.stack_info)
-        return json.dumps(payload, ensure_ascii=False, default=str)
+        return _encode(payload)
+
+
+# One encoder for every line: json.dumps() with options builds a new one per call.
+_encode = json.JSONEncoder(ensure_ascii=False, default=str).encode

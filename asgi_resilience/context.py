@@ -15,8 +15,7 @@ from __future__ import annotations
 import contextvars
 import weakref
 from collections.abc import Iterable
-from datetime import datetime, timezone
-from time import perf_counter
+from time import gmtime, perf_counter, strftime, time
 from typing import Any, Literal
 
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +25,7 @@ __all__ = [
     "UNMATCHED_ROUTE",
     "ContextMiddleware",
     "RequestContext",
+    "format_timestamp",
     "route_template",
     "utc_timestamp",
 ]
@@ -180,9 +180,25 @@ class ContextMiddleware:
         raise NotImplementedError  # pragma: no cover - every subclass implements it
 
 
+_timestamp_cache: tuple[int, str] = (0, "")
+
+
 def utc_timestamp() -> str:
     """The current UTC time as ISO 8601 with milliseconds: ``2026-01-31T12:00:00.123Z``."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+    return format_timestamp(time())
+
+
+def format_timestamp(seconds: float) -> str:
+    """``seconds`` since the epoch as ISO 8601 UTC with milliseconds (``...T12:00:00.123Z``)."""
+    global _timestamp_cache
+    whole = int(seconds)
+    millis = min(round((seconds - whole) * 1_000_000) // 1000, 999)
+    cached_second, prefix = _timestamp_cache
+    if whole != cached_second:
+        # Formatting the date and time is most of the cost; it changes once a second.
+        prefix = strftime("%Y-%m-%dT%H:%M:%S", gmtime(whole))
+        _timestamp_cache = (whole, prefix)
+    return f"{prefix}.{millis:03d}Z"
 
 
 def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
@@ -210,19 +226,30 @@ def route_template(scope: Scope) -> str:
         return UNMATCHED_ROUTE
     if isinstance(route, str):
         return route or UNMATCHED_ROUTE
-    table = _table_for(scope.get("router"))
+    router = scope.get("router")
+    table = _table_for(router)
+    # FastAPI (0.16x) keeps included routers lazy: scope["route"] is the route as declared,
+    # without the include prefixes; the selected inclusion is in its own scope entry.
+    fastapi_scope = scope.get("fastapi")
+    if isinstance(fastapi_scope, dict):
+        inclusion = table.get(id(fastapi_scope.get("effective_route_context")))
+        if inclusion is not None and inclusion[0] is fastapi_scope["effective_route_context"]:
+            return inclusion[1]
     entry = table.get(id(route))
     if entry is None or entry[0] is not route:
-        # A route added after the table was built, or one outside the router's tree.
-        entry = (route, _template_of(route, ""))
-        table[id(route)] = entry
+        # Added after the table was built (walk again, once), or outside the router's tree.
+        table = _table_for(router, rebuild=True)
+        entry = table.get(id(route))
+        if entry is None or entry[0] is not route:
+            entry = (route, _template_of(route, ""))
+            table[id(route)] = entry
     return entry[1]
 
 
-def _table_for(router: Any) -> _RouteTable:
+def _table_for(router: Any, *, rebuild: bool = False) -> _RouteTable:
     key = id(router)
     found = _route_tables.get(key)
-    if found is not None and found[0]() is router:
+    if found is not None and found[0]() is router and not rebuild:
         return found[1]
     table: _RouteTable = {}
     _walk_routes(getattr(router, "routes", ()), "", table)
@@ -234,12 +261,21 @@ def _table_for(router: Any) -> _RouteTable:
     return table
 
 
-def _walk_routes(routes: Iterable[Any], prefix: str, table: dict[int, tuple[Any, str]]) -> None:
+def _walk_routes(routes: Iterable[Any], prefix: str, table: _RouteTable) -> None:
     for route in routes:
         table[id(route)] = (route, _template_of(route, prefix))
         children = getattr(route, "routes", None)
         if children:
             _walk_routes(children, prefix + _mount_prefix(route), table)
+        inclusions = getattr(route, "effective_route_contexts", None)
+        if callable(inclusions):
+            # A FastAPI included router: each inclusion knows its full path. A route included
+            # twice is found by its inclusion first, by itself (first inclusion wins) second.
+            for inclusion in inclusions():
+                template = prefix + str(getattr(inclusion, "path_format", "") or "")
+                table[id(inclusion)] = (inclusion, template)
+                original = getattr(inclusion, "original_route", None)
+                table.setdefault(id(original), (original, template))
 
 
 def _template_of(route: Any, prefix: str) -> str:

@@ -170,8 +170,13 @@ class _EnvelopeResponder:
 
     def _suffix(self) -> bytes:
         context = self.context
-        meta: dict[str, Any] = {"request_id": context.request_id, "timestamp": utc_timestamp()}
+        meta = f'"request_id":{_encode(context.request_id)},"timestamp":"{utc_timestamp()}"'
         if context.envelope_meta:
-            meta.update(context.envelope_meta)
-        encoded = json.dumps(meta, separators=(",", ":"), ensure_ascii=False, default=str)
-        return b',"meta":' + encoded.encode() + b"}"
+            fields = {k: v for k, v in context.envelope_meta.items() if k not in _OWN_META}
+            if fields:
+                meta += "," + _encode(fields)[1:-1]
+        return f',"meta":{{{meta}}}}}'.encode()
+
+
+_OWN_META = frozenset({"request_id", "timestamp"})
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode

@@ -1,0 +1,141 @@
+"""Per-request overhead of each middleware and of ``resilient()``, driven directly through ASGI.
+
+One small Starlette JSON endpoint, no sockets: every variant answers the same request in
+interleaved rounds (so machine noise hits all of them alike), and the median microseconds per
+request of each variant is printed with its ratio to the bare app. The access log writes real
+JSON lines through a ``logging.FileHandler`` to ``/dev/null``.
+
+    python -m benchmarks.overhead [--rounds 30] [--requests 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from asgi_resilience import (
+    AccessLogMiddleware,
+    EnvelopeMiddleware,
+    ErrorMiddleware,
+    JsonFormatter,
+    RequestIdLogFilter,
+    RequestIdMiddleware,
+    resilient,
+)
+from asgi_resilience.types import ASGIApp, Message
+
+
+async def item(request: Request) -> JSONResponse:
+    return JSONResponse({"id": request.path_params["item_id"], "name": "widget", "price": 9.5})
+
+
+def make_app() -> Starlette:
+    return Starlette(routes=[Route("/items/{item_id:int}", item)])
+
+
+def configure_access_log() -> logging.Logger:
+    """A real handler and formatter, writing to /dev/null, as a production service would."""
+    logger = logging.getLogger("benchmarks.access")
+    logger.handlers.clear()
+    handler = logging.FileHandler(os.devnull)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdLogFilter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+def variants(access_logger: logging.Logger) -> dict[str, ASGIApp]:
+    return {
+        "bare": make_app(),
+        "RequestIdMiddleware": RequestIdMiddleware(make_app()),
+        "AccessLogMiddleware": AccessLogMiddleware(make_app(), logger=access_logger),
+        "ErrorMiddleware": ErrorMiddleware(make_app()),
+        "EnvelopeMiddleware": EnvelopeMiddleware(make_app()),
+        "resilient()": resilient(make_app(), envelope=True, access_logger=access_logger),
+    }
+
+
+def make_scope() -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/items/42",
+        "raw_path": b"/items/42",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"127.0.0.1:8000"),
+            (b"user-agent", b"benchmark/1.0"),
+            (b"accept", b"application/json"),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+
+
+async def receive() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def run_round(app: ASGIApp, requests: int) -> float:
+    """Microseconds per request over ``requests`` sequential requests."""
+    statuses: list[int] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    start = perf_counter()
+    for _ in range(requests):
+        await app(make_scope(), receive, send)
+    elapsed = perf_counter() - start
+    if set(statuses) != {200}:
+        raise RuntimeError(f"unexpected statuses {set(statuses)}")
+    return elapsed / requests * 1e6
+
+
+async def measure(
+    apps: dict[str, ASGIApp], rounds: int, requests: int, progress: Callable[[int], None]
+) -> dict[str, float]:
+    samples: dict[str, list[float]] = {name: [] for name in apps}
+    for app in apps.values():  # warm-up: route tables, caches, code paths
+        await run_round(app, 200)
+    for round_number in range(rounds):
+        for name, app in apps.items():
+            samples[name].append(await run_round(app, requests))
+        progress(round_number)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--requests", type=int, default=2000)
+    args = parser.parse_args()
+    apps = variants(configure_access_log())
+    medians = asyncio.run(measure(apps, args.rounds, args.requests, lambda _: None))
+    bare = medians["bare"]
+    print(f"{'variant':<22} {'µs/request':>11} {'x bare':>8} {'added µs':>9}")
+    for name, value in medians.items():
+        print(f"{name:<22} {value:>11.1f} {value / bare:>8.2f} {value - bare:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()

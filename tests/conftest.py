@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import pytest
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Every async test runs on asyncio and on trio."""
+    return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _library_loggers_propagate() -> Iterator[None]:
+    """Tests read records through caplog: make sure nothing stops them at our loggers."""
+    logger = logging.getLogger("asgi_resilience")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    yield
+    logger.setLevel(level)
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection(
+            (parsed.hostname or "127.0.0.1", parsed.port or default_port), 1
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(url: str, default_port: int, what: str) -> None:
+    """Skip when the service is unreachable, except under CI (``CI=true``), where it fails."""
+    if _reachable(url, default_port):
+        return
+    message = f"{what} is not reachable at {url}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message}, and CI=true requires it", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def database_url() -> str:
+    url = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    require_service(url, 5432, "PostgreSQL")
+    return url
+
+
+@pytest.fixture
+def redis_url() -> str:
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    require_service(url, 6379, "Redis")
+    return url
