@@ -192,7 +192,19 @@ class JsonFormatter(logging.Formatter):
             payload["exc_info"] = self.formatException(record.exc_info)
         if record.stack_info:
             payload["stack_info"] = self.formatStack(record.stack_info)
-        return _encode(payload)
+        try:
+            return _encode(payload)
+        except (TypeError, ValueError):
+            # Non-string dict keys, circular references: keep the line, lose only the detail.
+            return _encode({key: _encodable(value) for key, value in payload.items()})
+
+
+def _encodable(value: Any) -> Any:
+    try:
+        _encode(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return value
 
 
 # One encoder for every line: json.dumps() with options builds a new one per call.

@@ -130,16 +130,16 @@ class RequestContext:
 
         async def send_and_record(message: Message) -> None:
             message_type = message["type"]
-            if message_type == "http.response.start":
-                self.status = message["status"]
-                self._start_headers = message.get("headers", ())
-                self.response_started = perf_counter()
             try:
                 await send(message)
             except OSError:
                 self.disconnected = True
                 raise
-            if message_type == "http.response.body":
+            if message_type == "http.response.start":
+                self.status = message["status"]
+                self._start_headers = message.get("headers", ())
+                self.response_started = perf_counter()
+            elif message_type == "http.response.body":
                 self.bytes_sent += len(message.get("body", b""))
                 if not message.get("more_body", False):
                     self.response_ended = perf_counter()
@@ -192,13 +192,12 @@ def format_timestamp(seconds: float) -> str:
     """``seconds`` since the epoch as ISO 8601 UTC with milliseconds (``...T12:00:00.123Z``)."""
     global _timestamp_cache
     whole = int(seconds)
-    millis = min(round((seconds - whole) * 1_000_000) // 1000, 999)
-    cached_second, prefix = _timestamp_cache
-    if whole != cached_second:
+    cache = _timestamp_cache  # one read: threads (log handlers) may replace it meanwhile
+    if whole != cache[0]:
         # Formatting the date and time is most of the cost; it changes once a second.
-        prefix = strftime("%Y-%m-%dT%H:%M:%S", gmtime(whole))
-        _timestamp_cache = (whole, prefix)
-    return f"{prefix}.{millis:03d}Z"
+        cache = _timestamp_cache = (whole, strftime("%Y-%m-%dT%H:%M:%S", gmtime(whole)))
+    millis = int((seconds - whole) * 1000 + 0.0005)  # + half a microsecond: 0.999 stays .999
+    return f"{cache[1]}.{min(millis, 999):03d}Z"
 
 
 def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from json.encoder import encode_basestring
 from typing import Any
 
 import anyio
@@ -117,18 +118,20 @@ class _EnvelopeResponder:
         if not 200 <= status < 300 or status == 204 or self.context.envelope_skip:
             return message
         content_length = None
+        is_json = False
         for name, value in message.get("headers", ()):
             lowered = name.lower()
             if lowered == b"content-type":
                 if value.split(b";", 1)[0].strip().lower() not in self.content_types:
                     return message
-                self.wrapping = True
+                is_json = True
             elif lowered == b"content-encoding":
-                return message
+                return message  # compressed bytes cannot sit inside our JSON
             elif lowered == b"content-length":
                 content_length = value
-        if not self.wrapping:
+        if not is_json:
             return message
+        self.wrapping = True
         if content_length is None:
             return message  # streamed: no length to fix, meta is written at the end
         try:
@@ -170,7 +173,9 @@ class _EnvelopeResponder:
 
     def _suffix(self) -> bytes:
         context = self.context
-        meta = f'"request_id":{_encode(context.request_id)},"timestamp":"{utc_timestamp()}"'
+        request_id = context.request_id
+        encoded_id = "null" if request_id is None else encode_basestring(request_id)
+        meta = f'"request_id":{encoded_id},"timestamp":"{utc_timestamp()}"'
         if context.envelope_meta:
             fields = {k: v for k, v in context.envelope_meta.items() if k not in _OWN_META}
             if fields:

@@ -1,0 +1,755 @@
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from time import perf_counter
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Mount, Route
+
+from asgi_resilience import (
+    AccessLogMiddleware,
+    ErrorMiddleware,
+    JsonFormatter,
+    RequestIdMiddleware,
+)
+from asgi_resilience.context import CONTEXT_KEY
+from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
+from tests.asgi import call, http_scope
+
+pytestmark = pytest.mark.anyio
+
+LOGGER = "asgi_resilience.access"
+BASE_FIELDS = {
+    "request_id",
+    "method",
+    "path",
+    "route",
+    "status",
+    "duration_ms",
+    "ttfb_ms",
+    "bytes_sent",
+    "client",
+    "user_agent",
+    "http_version",
+}
+
+
+@pytest.fixture
+def caplog(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    return caplog
+
+
+def access_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == LOGGER]
+
+
+def only_record(caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
+    records = access_records(caplog)
+    assert len(records) == 1, [r.getMessage() for r in records]
+    return records[0]
+
+
+def fields(record: logging.LogRecord) -> dict[str, Any]:
+    return record.__dict__
+
+
+def raw_app(
+    body: Sequence[bytes] = (b"hello",),
+    *,
+    status: int = 200,
+    headers: Sequence[tuple[bytes, bytes]] = ((b"content-type", b"text/plain"),),
+) -> ASGIApp:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": list(headers)})
+        for index, chunk in enumerate(body):
+            more_body = index < len(body) - 1
+            await send({"type": "http.response.body", "body": chunk, "more_body": more_body})
+
+    return app
+
+
+async def noop_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+# --- a Starlette app -------------------------------------------------------------------------
+
+
+async def read_item(request: Request) -> JSONResponse:
+    return JSONResponse({"item_id": request.path_params["item_id"]})
+
+
+async def read_user(request: Request) -> JSONResponse:
+    return JSONResponse({"user_id": request.path_params["user_id"]})
+
+
+async def slow(request: Request) -> PlainTextResponse:
+    await anyio.sleep(0.08)
+    return PlainTextResponse("slow")
+
+
+async def not_found(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("gone", status_code=404)
+
+
+async def broken(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("oops", status_code=503)
+
+
+background_done: list[float] = []
+
+
+async def slow_background() -> None:
+    await anyio.sleep(0.3)
+    background_done.append(perf_counter())
+
+
+async def with_background(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("done", background=BackgroundTask(slow_background))
+
+
+def starlette_app() -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/items/{item_id}", read_item),
+            Route("/slow", slow),
+            Route("/gone", not_found),
+            Route("/broken", broken),
+            Route("/background", with_background),
+            Route("/health", read_item),
+            Route("/healthcheck", read_item),
+            Mount("/api", routes=[Route("/users/{user_id:int}", read_user)]),
+        ]
+    )
+
+
+async def request(app: ASGIApp, path: str, *, method: str = "GET", **kwargs: Any) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        return await client.request(method, path, **kwargs)
+
+
+# --- the record ------------------------------------------------------------------------------
+
+
+async def test_one_record_with_every_field(caplog: pytest.LogCaptureFixture) -> None:
+    app = RequestIdMiddleware(AccessLogMiddleware(starlette_app()))
+
+    response = await request(
+        app, "/items/42?secret=1", headers={"User-Agent": "probe/1.0", "X-Request-ID": "req-1"}
+    )
+
+    record = only_record(caplog)
+    extra = fields(record)
+    assert BASE_FIELDS <= set(extra)
+    assert extra["request_id"] == "req-1" == response.headers["x-request-id"]
+    assert extra["method"] == "GET"
+    assert extra["path"] == "/items/42"
+    assert extra["route"] == "/items/{item_id}"
+    assert extra["status"] == 200
+    assert extra["bytes_sent"] == len(response.content) > 0
+    assert extra["client"] == "127.0.0.1"
+    assert extra["user_agent"] == "probe/1.0"
+    assert extra["http_version"] == "1.1"
+    assert isinstance(extra["duration_ms"], float)
+    assert isinstance(extra["ttfb_ms"], float)
+    assert 0 <= extra["ttfb_ms"] <= extra["duration_ms"] < 1000
+    assert "query" not in extra
+    assert "error" not in extra
+    assert "disconnected" not in extra
+    assert record.levelno == logging.INFO
+    assert re.fullmatch(r"GET /items/42 200 \d+\.\dms", record.getMessage())
+
+
+async def test_exactly_one_record_per_request(caplog: pytest.LogCaptureFixture) -> None:
+    app = AccessLogMiddleware(starlette_app())
+
+    for item in range(3):
+        await request(app, f"/items/{item}")
+
+    records = access_records(caplog)
+    assert [fields(r)["path"] for r in records] == ["/items/0", "/items/1", "/items/2"]
+
+
+async def test_stacked_with_request_id_and_errors_still_one_record(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = RequestIdMiddleware(AccessLogMiddleware(ErrorMiddleware(starlette_app())))
+
+    response = await request(app, "/items/1")
+
+    assert fields(only_record(caplog))["request_id"] == response.headers["x-request-id"]
+
+
+async def test_no_user_agent_and_no_request_id_are_none(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await call(AccessLogMiddleware(raw_app()), http_scope("/x"))
+
+    extra = fields(only_record(caplog))
+    assert extra["user_agent"] is None
+    assert extra["request_id"] is None
+    assert extra["route"] == "<unmatched>"  # a raw app sets no route
+
+
+async def test_bytes_sent_counts_every_streamed_chunk(caplog: pytest.LogCaptureFixture) -> None:
+    chunks = [b"a" * 10, b"", b"b" * 7, b"c"]
+    response = await call(AccessLogMiddleware(raw_app(chunks)))
+
+    assert fields(only_record(caplog))["bytes_sent"] == len(response.body) == 18
+
+
+async def test_route_of_mounted_app_is_the_full_template(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await request(AccessLogMiddleware(starlette_app()), "/api/users/5")
+
+    assert fields(only_record(caplog))["route"] == "/api/users/{user_id}"
+
+
+async def test_unmatched_path_has_unmatched_route(caplog: pytest.LogCaptureFixture) -> None:
+    response = await request(AccessLogMiddleware(starlette_app()), "/nowhere")
+
+    record = only_record(caplog)
+    assert response.status_code == 404
+    assert fields(record)["route"] == "<unmatched>"
+    assert fields(record)["status"] == 404
+    assert record.levelno == logging.WARNING
+
+
+async def test_query_only_when_enabled(caplog: pytest.LogCaptureFixture) -> None:
+    scope = http_scope("/q", query_string=b"token=abc&page=2")
+
+    await call(AccessLogMiddleware(raw_app()), scope)
+    await call(AccessLogMiddleware(raw_app(), include_query=True), scope)
+
+    without, with_query = access_records(caplog)
+    assert "query" not in fields(without)
+    assert "abc" not in json.dumps(fields(without), default=str)
+    assert fields(with_query)["query"] == "token=abc&page=2"
+
+
+async def test_custom_logger(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("tests.custom_access")
+    caplog.set_level(logging.INFO, logger="tests.custom_access")
+
+    await call(AccessLogMiddleware(raw_app(), logger=logger))
+
+    assert access_records(caplog) == []
+    assert [r.name for r in caplog.records] == ["tests.custom_access"]
+
+
+async def test_no_record_when_the_level_is_disabled(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+
+    await call(AccessLogMiddleware(raw_app()))
+    await call(AccessLogMiddleware(raw_app(status=404)))
+
+    assert [fields(r)["status"] for r in access_records(caplog)] == [404]
+
+
+# --- levels ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "level"),
+    [
+        (200, logging.INFO),
+        (201, logging.INFO),
+        (302, logging.INFO),
+        (400, logging.WARNING),
+        (404, logging.WARNING),
+        (429, logging.WARNING),
+        (500, logging.ERROR),
+        (503, logging.ERROR),
+    ],
+)
+async def test_level_follows_status(
+    caplog: pytest.LogCaptureFixture, status: int, level: int
+) -> None:
+    await call(AccessLogMiddleware(raw_app(status=status)))
+
+    record = only_record(caplog)
+    assert fields(record)["status"] == status
+    assert record.levelno == level
+
+
+async def test_levels_in_a_starlette_app(caplog: pytest.LogCaptureFixture) -> None:
+    app = AccessLogMiddleware(starlette_app())
+
+    for path in ("/items/1", "/gone", "/broken"):
+        await request(app, path)
+
+    records = access_records(caplog)
+    assert [(fields(r)["status"], r.levelno) for r in records] == [
+        (200, logging.INFO),
+        (404, logging.WARNING),
+        (503, logging.ERROR),
+    ]
+
+
+async def test_slow_success_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    app = AccessLogMiddleware(starlette_app(), slow_threshold=0.05)
+
+    await request(app, "/slow")
+    await request(app, "/items/1")
+
+    slow_record, fast_record = access_records(caplog)
+    assert slow_record.levelno == logging.WARNING
+    assert fields(slow_record)["status"] == 200
+    assert fields(slow_record)["duration_ms"] >= 50
+    assert fast_record.levelno == logging.INFO
+    assert fields(fast_record)["duration_ms"] < 50
+
+
+async def test_slow_client_error_stays_a_warning_and_slow_server_error_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def slow_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await anyio.sleep(0.06)
+        await raw_app(status=int(scope["path"][1:]))(scope, receive, send)
+
+    app = AccessLogMiddleware(slow_app, slow_threshold=0.05)
+    await call(app, http_scope("/404"))
+    await call(app, http_scope("/500"))
+
+    assert [r.levelno for r in access_records(caplog)] == [logging.WARNING, logging.ERROR]
+
+
+async def test_exception_mid_stream_is_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        raise RuntimeError("lost the database")
+
+    with pytest.raises(RuntimeError, match="lost the database"):
+        await call(AccessLogMiddleware(app))
+
+    record = only_record(caplog)
+    assert record.levelno == logging.ERROR
+    assert fields(record)["status"] == 200
+    assert fields(record)["error"] == "RuntimeError"
+    assert fields(record)["bytes_sent"] == 4
+    assert "disconnected" not in fields(record)
+
+
+# --- excluded paths --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/health", "/health/", "/health/ready", "/health/live", "/livez", "/readyz", "/metrics"],
+)
+async def test_probe_paths_are_not_logged(caplog: pytest.LogCaptureFixture, path: str) -> None:
+    response = await call(AccessLogMiddleware(raw_app()), http_scope(path))
+
+    assert response.body == b"hello"
+    assert access_records(caplog) == []
+
+
+@pytest.mark.parametrize("path", ["/healthcheck", "/metricsx", "/", "/api/health"])
+async def test_paths_beside_probes_are_logged(caplog: pytest.LogCaptureFixture, path: str) -> None:
+    await call(AccessLogMiddleware(raw_app()), http_scope(path))
+
+    assert fields(only_record(caplog))["path"] == path
+
+
+async def test_exclude_paths_can_be_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    app = AccessLogMiddleware(raw_app(), exclude_paths=["/internal/"])
+
+    for path in ("/internal", "/internal/x", "/health", "/internals"):
+        await call(app, http_scope(path))
+
+    assert [fields(r)["path"] for r in access_records(caplog)] == ["/health", "/internals"]
+
+
+async def test_no_exclude_paths_logs_everything(caplog: pytest.LogCaptureFixture) -> None:
+    await call(AccessLogMiddleware(raw_app(), exclude_paths=()), http_scope("/metrics"))
+
+    assert fields(only_record(caplog))["path"] == "/metrics"
+
+
+# --- timing ----------------------------------------------------------------------------------
+
+
+async def test_duration_excludes_background_tasks(caplog: pytest.LogCaptureFixture) -> None:
+    background_done.clear()
+    started = perf_counter()
+
+    response = await request(AccessLogMiddleware(starlette_app()), "/background")
+
+    assert response.text == "done"
+    assert len(background_done) == 1
+    assert background_done[0] - started >= 0.29  # the task did run, after the response
+    record = only_record(caplog)
+    assert fields(record)["duration_ms"] < 150
+    assert record.levelno == logging.INFO
+
+
+async def test_duration_runs_until_the_last_body_byte(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await anyio.sleep(0.06)
+        await send({"type": "http.response.body", "body": b"x"})
+
+    await call(AccessLogMiddleware(app, slow_threshold=10))
+
+    extra = fields(only_record(caplog))
+    assert extra["ttfb_ms"] < 50
+    assert extra["duration_ms"] >= 55
+
+
+# --- disconnects and exceptions --------------------------------------------------------------
+
+
+async def test_app_returning_mid_stream_is_a_disconnect(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"abc", "more_body": True})
+
+    await call(AccessLogMiddleware(app))
+
+    record = only_record(caplog)
+    assert record.levelno == logging.WARNING
+    assert fields(record)["disconnected"] is True
+    assert fields(record)["status"] == 201
+    assert fields(record)["bytes_sent"] == 3
+    assert "error" not in fields(record)
+
+
+async def test_send_raising_oserror_is_a_disconnect(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        await send({"type": "http.response.body", "body": b"second", "more_body": True})
+
+    delivered: list[Message] = []
+
+    async def send(message: Message) -> None:
+        if len(delivered) == 2:
+            raise OSError("client went away")
+        delivered.append(message)
+
+    with pytest.raises(OSError, match="client went away"):
+        await AccessLogMiddleware(app)(http_scope(), noop_receive, send)
+
+    record = only_record(caplog)
+    assert record.levelno == logging.WARNING
+    assert fields(record)["disconnected"] is True
+    assert fields(record)["status"] == 200
+    assert fields(record)["bytes_sent"] == len(b"first")
+    assert fields(record)["error"] == "OSError"
+
+
+async def test_send_of_the_start_failing_records_no_status(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def send(message: Message) -> None:
+        raise OSError("client went away")
+
+    with pytest.raises(OSError):
+        await AccessLogMiddleware(raw_app(status=200))(http_scope(), noop_receive, send)
+
+    record = only_record(caplog)
+    assert fields(record)["disconnected"] is True
+    assert record.levelno == logging.WARNING
+    # Nothing reached the client: no status was really sent.
+    assert fields(record)["status"] is None
+
+
+async def test_app_sending_nothing_has_no_status(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+    response = await call(AccessLogMiddleware(app))
+
+    assert response.messages == []
+    record = only_record(caplog)
+    assert fields(record)["status"] is None
+    assert fields(record)["disconnected"] is True
+    assert fields(record)["ttfb_ms"] is None
+    assert fields(record)["bytes_sent"] == 0
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith("GET / - ")
+
+
+async def test_cancelled_request_is_a_disconnect(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await anyio.sleep(10)
+
+    with anyio.move_on_after(0.05):
+        await call(AccessLogMiddleware(app))
+
+    record = only_record(caplog)
+    assert fields(record)["disconnected"] is True
+    assert fields(record)["status"] == 200
+    assert record.levelno == logging.WARNING
+
+
+async def test_exception_before_the_response_is_a_500(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise ValueError("bad")
+
+    with pytest.raises(ValueError, match="bad"):
+        await call(AccessLogMiddleware(app))
+
+    record = only_record(caplog)
+    assert fields(record)["status"] == 500
+    assert fields(record)["error"] == "ValueError"
+    assert "disconnected" not in fields(record)
+    assert record.levelno == logging.ERROR
+    assert record.getMessage().startswith("GET / 500 ")
+
+
+async def test_error_middleware_inside_logs_the_500_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class DatabaseDown(Exception):
+        pass
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise DatabaseDown("db")
+
+    response = await call(AccessLogMiddleware(ErrorMiddleware(app, debug=False)))
+
+    assert response.status == 500
+    record = only_record(caplog)
+    assert record.levelno == logging.ERROR
+    assert fields(record)["status"] == 500
+    assert fields(record)["error"] == "DatabaseDown"
+    assert fields(record)["bytes_sent"] == len(response.body)
+    assert "disconnected" not in fields(record)
+
+
+async def test_error_middleware_around_starlette_endpoint(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fail(request: Request) -> PlainTextResponse:
+        raise KeyError("missing")
+
+    app = Starlette(routes=[Route("/fail/{name}", fail)])
+    stack = AccessLogMiddleware(ErrorMiddleware(app, debug=False))
+
+    response = await request(stack, "/fail/x")
+
+    assert response.status_code == 500
+    record = only_record(caplog)
+    assert fields(record)["status"] == 500
+    assert fields(record)["error"] == "KeyError"
+    assert fields(record)["route"] == "/fail/{name}"
+    assert record.levelno == logging.ERROR
+
+
+# --- JsonFormatter ---------------------------------------------------------------------------
+
+
+def make_record(
+    message: str = "hello %s",
+    args: tuple[Any, ...] = ("world",),
+    *,
+    extra: dict[str, Any] | None = None,
+    exc_info: Any = None,
+    level: int = logging.INFO,
+) -> logging.LogRecord:
+    logger = logging.getLogger("tests.formatter")
+    return logger.makeRecord(logger.name, level, __file__, 1, message, args, exc_info, extra=extra)
+
+
+def render(record: logging.LogRecord, **options: Any) -> dict[str, Any]:
+    line = JsonFormatter(**options).format(record)
+    assert "\n" not in line
+    assert "\r" not in line
+    document: dict[str, Any] = json.loads(line)
+    return document
+
+
+def test_formatter_renders_base_members_and_extras() -> None:
+    record = make_record(extra={"request_id": "r1", "count": 3, "nested": {"a": [1, None]}})
+
+    document = render(record)
+
+    assert list(document)[:4] == ["timestamp", "level", "logger", "message"]
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z", document["timestamp"])
+    assert document["level"] == "INFO"
+    assert document["logger"] == "tests.formatter"
+    assert document["message"] == "hello world"
+    assert document["request_id"] == "r1"
+    assert document["count"] == 3
+    assert document["nested"] == {"a": [1, None]}
+    for attribute in ("args", "msg", "levelno", "pathname", "created", "exc_text", "thread"):
+        assert attribute not in document
+    assert "exc_info" not in document
+
+
+def test_formatter_keeps_one_line_for_multiline_messages() -> None:
+    record = make_record("line one\nline two %d\r\n", (2,), level=logging.WARNING)
+
+    document = render(record)
+
+    assert document["message"] == "line one\nline two 2\r\n"
+    assert document["level"] == "WARNING"
+
+
+def test_formatter_includes_exception_text() -> None:
+    try:
+        raise ValueError("broken\nbadly")
+    except ValueError:
+        record = make_record("failed", (), exc_info=sys.exc_info(), level=logging.ERROR)
+
+    document = render(record)
+
+    assert document["exc_info"].startswith("Traceback (most recent call last)")
+    assert "ValueError: broken\nbadly" in document["exc_info"]
+    assert document["message"] == "failed"
+    assert document["level"] == "ERROR"
+
+
+def test_formatter_includes_stack_info() -> None:
+    record = make_record("here", ())
+    record.stack_info = "Stack (most recent call last):\n  File x"
+
+    assert render(record)["stack_info"] == "Stack (most recent call last):\n  File x"
+
+
+def test_formatter_static_fields() -> None:
+    static = {"service": "api", "version": "1.2"}
+    record = make_record(extra={"request_id": "r"})
+
+    document = render(record, static_fields=static)
+
+    assert document["service"] == "api"
+    assert document["version"] == "1.2"
+    assert document["request_id"] == "r"
+    static["service"] = "changed"  # the formatter kept its own copy
+    assert render(record, static_fields={"service": "api"})["service"] == "api"
+
+
+def test_formatter_renders_unserialisable_values_with_str() -> None:
+    class Thing:
+        def __str__(self) -> str:
+            return "a thing"
+
+    record = make_record(
+        "value %s", (Thing(),), extra={"thing": Thing(), "raw": b"\x00bytes", "items": {1}}
+    )
+
+    document = render(record)
+
+    assert document["message"] == "value a thing"
+    assert document["thing"] == "a thing"
+    assert document["raw"] == str(b"\x00bytes")
+    assert document["items"] == "{1}"
+
+
+def test_formatter_renders_dict_with_non_string_keys() -> None:
+    record = make_record(extra={"by_route": {("GET", "/items"): 3}})
+
+    document = render(record)
+
+    assert "by_route" in document
+    assert "GET" in json.dumps(document["by_route"])
+
+
+def test_formatter_non_ascii_stays_readable() -> None:
+    document = render(make_record("café %s", ("☕",), extra={"city": "Zürich"}))
+
+    assert document["message"] == "café ☕"
+    assert document["city"] == "Zürich"
+
+
+async def test_access_record_round_trips_through_json_formatter(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = RequestIdMiddleware(AccessLogMiddleware(starlette_app(), include_query=True))
+
+    response = await request(app, "/items/9?page=1", headers={"User-Agent": "ua"})
+
+    record = only_record(caplog)
+    document = render(record, static_fields={"service": "shop"})
+    assert BASE_FIELDS | {"query", "timestamp", "level", "logger", "message", "service"} <= set(
+        document
+    )
+    assert document["logger"] == LOGGER
+    assert document["level"] == "INFO"
+    assert document["message"] == record.getMessage()
+    assert document["message"].startswith("GET /items/9 200 ")
+    assert document["request_id"] == response.headers["x-request-id"]
+    assert document["route"] == "/items/{item_id}"
+    assert document["status"] == 200
+    assert document["bytes_sent"] == len(response.content)
+    assert document["query"] == "page=1"
+    assert document["user_agent"] == "ua"
+    assert document["service"] == "shop"
+    assert document["timestamp"].endswith("Z")
+
+
+async def test_failed_access_record_round_trips_with_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise LookupError("nope")
+
+    with pytest.raises(LookupError):
+        await call(AccessLogMiddleware(app))
+
+    document = render(only_record(caplog))
+    assert document["status"] == 500
+    assert document["error"] == "LookupError"
+    assert document["level"] == "ERROR"
+
+
+# --- other scopes and options ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scope_type", ["websocket", "lifespan"])
+async def test_other_scopes_pass_through(caplog: pytest.LogCaptureFixture, scope_type: str) -> None:
+    seen: list[Scope] = []
+    sent: list[Message] = []
+    outgoing: Message = {"type": f"{scope_type}.whatever"}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope)
+        await send(outgoing)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {"type": scope_type, "path": "/ws", "headers": []}
+    await AccessLogMiddleware(app)(scope, noop_receive, send)
+
+    assert len(seen) == 1
+    assert seen[0] is scope
+    assert CONTEXT_KEY not in scope
+    assert sent == [outgoing]
+    assert sent[0] is outgoing
+    assert access_records(caplog) == []
+
+
+@pytest.mark.parametrize("threshold", [0, 0.0, -1])
+def test_non_positive_slow_threshold_is_rejected(threshold: float) -> None:
+    with pytest.raises(ValueError, match="slow_threshold"):
+        AccessLogMiddleware(raw_app(), slow_threshold=threshold)
+
+
+def test_nan_slow_threshold_is_rejected() -> None:
+    with pytest.raises(ValueError, match="slow_threshold"):
+        AccessLogMiddleware(raw_app(), slow_threshold=float("nan"))
+
+
+@pytest.mark.parametrize("path", ["health", "", "metrics/"])
+def test_exclude_path_without_leading_slash_is_rejected(path: str) -> None:
+    with pytest.raises(ValueError, match="start with '/'"):
+        AccessLogMiddleware(raw_app(), exclude_paths=["/livez", path])
