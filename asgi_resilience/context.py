@@ -52,6 +52,7 @@ class RequestContext:
             last body byte (or the ``pathsend``); ``None`` until then.
         bytes_sent: body bytes actually handed to the server.
         exception: the exception the application raised, if any.
+        exception_logged: the exception whose traceback was logged (so it is logged once).
         disconnected: sending failed because the client went away.
         error_format: the error body shape chosen by ``ErrorMiddleware`` for inner layers.
         error_rendered: the response in flight was rendered by our error renderer.
@@ -71,6 +72,7 @@ class RequestContext:
         "error_format",
         "error_rendered",
         "exception",
+        "exception_logged",
         "rate_limited",
         "recording",
         "request_id",
@@ -90,6 +92,7 @@ class RequestContext:
         self.response_ended: float | None = None
         self.bytes_sent = 0
         self.exception: BaseException | None = None
+        self.exception_logged: BaseException | None = None
         self.disconnected = False
         self.rate_limited: bool | None = None
         self.error_format: ErrorFormat | None = None

@@ -131,10 +131,11 @@ class ErrorMiddleware(ContextMiddleware):
     into the same shape, keeping their headers (``Allow``, ``WWW-Authenticate``, ...); their text
     or ``{"detail": ...}`` becomes ``detail``.
 
-    A returned 5xx is held until the application returns, because frameworks (Starlette's
+    A returned 500 is held until the application returns, because frameworks (Starlette's
     ``ServerErrorMiddleware``) send a 500 page and then raise: the exception then decides the
-    body. An exception after the response started sends nothing more; it is logged once and
-    re-raised so the server closes the connection (or swallowed if the response was complete).
+    body. Other error responses go out as soon as their body is complete. An exception after
+    the response started sends nothing more; it is logged once and re-raised so the server
+    closes the connection (or swallowed if the response was complete).
 
     Sets ``error_format`` and ``debug`` on the request context for inner layers. Place it outside
     the application and inside the request id, metrics and access-log layers.
@@ -251,7 +252,7 @@ class _ErrorResponder:
         self.held_body += message.get("body", b"")
         if len(self.held_body) > self.middleware.max_body_size:
             await self._release(message)
-        elif not message.get("more_body", False) and self.held_start["status"] < 500:
+        elif not message.get("more_body", False) and self.held_start["status"] != 500:
             await self._send_rewritten()
 
     async def _release(self, message: Message) -> None:
@@ -281,7 +282,10 @@ class _ErrorResponder:
         status = start["status"]
         headers = [(n, v) for n, v in start.get("headers", ()) if n.lower() not in _BODY_HEADERS]
         content_type = _content_type(start.get("headers", ()))
-        await self._send(status, headers=headers, **_describe_body(content_type, body))
+        fields = _describe_body(content_type, body)
+        if fields.get("detail") == status_phrase(status):
+            del fields["detail"]  # as for a raised HTTPException: the title says it already
+        await self._send(status, headers=headers, **fields)
 
     async def finish(self) -> None:
         """The application returned: send a held 5xx response (completed or not)."""
@@ -291,7 +295,7 @@ class _ErrorResponder:
     async def fail(self, exc: Exception) -> bool:
         """Answer for ``exc``; ``False`` when it must propagate (the response is half sent)."""
         context = self.context
-        already_logged = context.exception is exc
+        already_logged = context.exception_logged is exc
         context.exception = exc
         if self.started:
             if not already_logged:
@@ -319,6 +323,7 @@ class _ErrorResponder:
         await self.send_downstream(body)
 
     def _log(self, exc: Exception, when: str) -> None:
+        self.context.exception_logged = exc
         self.middleware.logger.error(
             "Unhandled %s in %s %s%s",
             type(exc).__name__,
@@ -399,6 +404,8 @@ def _describe_body(content_type: bytes, body: bytes) -> dict[str, Any]:
             for k, v in document.items()
             if k not in _RESERVED_MEMBERS and k not in ("message", "error")
         }
+        if isinstance(detail, dict):
+            extra["details"] = detail  # FastAPI's HTTPException takes any JSON detail
         if extra:
             fields["extra"] = extra
         return fields

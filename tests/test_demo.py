@@ -86,6 +86,37 @@ def test_demo_serves_over_http_and_stops_on_sigterm(
     assert len(errors) == 1 and "hunter2" in errors[0]["exc_info"]
 
 
+async def test_demo_routes_in_process() -> None:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app()), base_url="http://testserver"
+    ) as client:
+        item = await client.get("/items/3")
+        missing = await client.get("/items/7")
+        boom = await client.get("/boom")
+        stream = await client.get("/stream")
+        slow = await client.get("/slow", params={"seconds": "0.01"})
+    assert item.json()["data"] == {"id": 3, "name": "giant magnet"}
+    assert missing.json()["error"] == {
+        "code": "item_not_found",
+        "message": "No item 7",
+        "status": 404,
+        "details": None,
+    }
+    assert boom.status_code == 500 and "hunter2" not in boom.text
+    assert [entry["id"] for entry in stream.json()["data"]] == [1, 2, 3]
+    assert slow.json()["data"] == {"slept": 0.01}
+
+
+def test_main_without_uvicorn_exits_with_a_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+    assert "pip install 'asgi-resilience[server]'" in capsys.readouterr().err
+
+
 async def test_slow_rejects_bad_durations() -> None:
     app = create_app()
     assert isinstance(app, ResilientApp)

@@ -275,7 +275,7 @@ class TestLogFilter:
         assert other.__dict__["request_id"] == "none"
 
     def test_extra_request_id_wins(self) -> None:
-        assert self.make_record(request_id="given").request_id == "given"
+        assert self.make_record(request_id="given").__dict__["request_id"] == "given"
 
     def test_name_filtering_still_applies(self) -> None:
         record = logging.makeLogRecord({"name": "other", "msg": "x"})
