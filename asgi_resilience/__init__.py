@@ -1,7 +1,8 @@
 """asgi_resilience: production-ready ASGI services in one line.
 
-``resilient(app)`` wraps any ASGI application in request ids, an access log, error
-normalization and (optionally) response envelopes; each middleware also works alone.
+``resilient(app)`` wraps any ASGI application in a lifespan (startup checks, resources,
+draining), request ids, an access log, error normalization, health endpoints and (optionally)
+response envelopes; each middleware also works alone.
 """
 
 from __future__ import annotations
@@ -23,13 +24,22 @@ from .exceptions import (
     Unauthorized,
     UnprocessableEntity,
 )
+from .health import HealthApp
+from .lifespan import (
+    Check,
+    CheckResult,
+    Lifespan,
+    LifespanMiddleware,
+    ResourceReport,
+    StartupError,
+)
 from .request_id import (
     RequestIdLogFilter,
     RequestIdMiddleware,
     generate_request_id,
     get_request_id,
 )
-from .stack import ResilientApp, resilient
+from .stack import BuiltinEndpoints, ResilientApp, resilient
 
 __version__ = "0.1.0"
 
@@ -38,18 +48,26 @@ __all__ = [
     "AppError",
     "AsgiResilienceError",
     "BadRequest",
+    "BuiltinEndpoints",
+    "Check",
+    "CheckResult",
     "CircuitOpenError",
     "Conflict",
     "EnvelopeMiddleware",
     "ErrorMiddleware",
     "Forbidden",
+    "HealthApp",
     "JsonFormatter",
+    "Lifespan",
+    "LifespanMiddleware",
     "NotFound",
     "RequestContext",
     "RequestIdLogFilter",
     "RequestIdMiddleware",
     "ResilientApp",
+    "ResourceReport",
     "ServiceUnavailable",
+    "StartupError",
     "TooManyRequests",
     "Unauthorized",
     "UnprocessableEntity",

@@ -8,10 +8,12 @@ from collections.abc import Iterable
 from .access_log import DEFAULT_EXCLUDE_PATHS, AccessLogMiddleware
 from .envelope import EnvelopeMiddleware
 from .errors import ErrorMiddleware
+from .health import HealthApp
+from .lifespan import Lifespan, LifespanMiddleware
 from .request_id import RequestIdMiddleware
 from .types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["ResilientApp", "resilient"]
+__all__ = ["BuiltinEndpoints", "ResilientApp", "resilient"]
 
 
 class ResilientApp:
@@ -20,11 +22,17 @@ class ResilientApp:
     Attributes:
         app: the application that was wrapped.
         stack: the outermost layer of the middleware stack.
+        lifespan: the lifespan the stack runs (checks, resources, draining).
+        health: the health endpoints, if mounted.
     """
 
-    def __init__(self, app: ASGIApp, stack: ASGIApp) -> None:
+    def __init__(
+        self, app: ASGIApp, stack: ASGIApp, lifespan: Lifespan, health: HealthApp | None
+    ) -> None:
         self.app = app
         self.stack = stack
+        self.lifespan = lifespan
+        self.health = health
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.stack(scope, receive, send)
@@ -44,13 +52,18 @@ def resilient(
     slow_threshold: float = 1.0,
     errors: bool = True,
     envelope_exclude_paths: Iterable[str] = (),
+    lifespan: Lifespan | None = None,
+    health_path: str | None = "/health",
+    health_status_details: bool = False,
+    health_cache_ttl: float = 1.0,
+    version: str | None = None,
 ) -> ResilientApp:
     """Wrap ``app`` in the asgi_resilience stack and return the new ASGI application.
 
-    Layers, outermost first: request ids, access log, error normalization, envelopes (only when
-    ``envelope=True``), then ``app``. Errors take the envelope shape when envelopes are on, the
-    RFC 9457 problem shape otherwise. Every layer passes WebSocket and lifespan scopes through,
-    so the wrapped app's own lifespan keeps working.
+    Layers, outermost first: the lifespan (checks, resources, draining; the app's own lifespan
+    kept), request ids, access log, error normalization, the health endpoints, envelopes (only
+    when ``envelope=True``), then ``app``. Errors take the envelope shape when envelopes are
+    on, the RFC 9457 problem shape otherwise. WebSocket scopes pass through every layer.
 
     Args:
         app: any ASGI application (Starlette, FastAPI, a raw callable...).
@@ -65,15 +78,32 @@ def resilient(
         slow_threshold: seconds after which a request is logged as a warning.
         errors: normalize errors into JSON bodies.
         envelope_exclude_paths: paths whose responses are never enveloped.
+        lifespan: a ``Lifespan`` with your checks and resources; a bare one by default (it
+            still drains on SIGTERM). Do not also give it to your framework.
+        health_path: where the health endpoints live (``None``: not mounted).
+        health_status_details: serve ``<health_path>/status``.
+        health_cache_ttl: seconds readiness check results are reused.
+        version: your service's version, shown in the status endpoint.
 
     Raises:
         ValueError: an option is invalid, or ``app`` is already wrapped.
     """
     if isinstance(app, ResilientApp):
         raise ValueError("app is already wrapped by resilient(); wrap the original app once")
+    lifespan = lifespan if lifespan is not None else Lifespan()
     stack: ASGIApp = app
     if envelope:
         stack = EnvelopeMiddleware(stack, exclude_paths=envelope_exclude_paths)
+    health = None
+    if health_path is not None:
+        health = HealthApp(
+            lifespan,
+            path=health_path,
+            cache_ttl=health_cache_ttl,
+            status_details=health_status_details,
+            version=version,
+        )
+        stack = BuiltinEndpoints(stack, endpoints=dict.fromkeys(health.paths, health))
     if errors:
         stack = ErrorMiddleware(stack, debug=debug, format="envelope" if envelope else "problem")
     if access_log:
@@ -87,4 +117,30 @@ def resilient(
         stack = RequestIdMiddleware(
             stack, header_name=request_id_header, trust_incoming=trust_incoming_request_id
         )
-    return ResilientApp(app, stack)
+    stack = LifespanMiddleware(stack, lifespan=lifespan)
+    return ResilientApp(app, stack, lifespan, health)
+
+
+class BuiltinEndpoints:
+    """Answer a fixed set of paths (health, metrics) with their own apps; pass the rest on.
+
+    An exact path lookup per request, nothing matched twice. Handles ``http`` scopes; others
+    pass through. In the stack it sits inside ``ErrorMiddleware`` and outside rate limits and
+    envelopes, so probes and scrapes are never limited or enveloped.
+
+    Args:
+        app: the application behind the endpoints.
+        endpoints: path -> ASGI app answering it.
+    """
+
+    def __init__(self, app: ASGIApp, *, endpoints: dict[str, ASGIApp]) -> None:
+        self.app = app
+        self.endpoints = dict(endpoints)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            endpoint = self.endpoints.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -15,7 +15,14 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
-from asgi_resilience import NotFound, ResilientApp, get_request_id, resilient
+from asgi_resilience import (
+    BuiltinEndpoints,
+    LifespanMiddleware,
+    NotFound,
+    ResilientApp,
+    get_request_id,
+    resilient,
+)
 from asgi_resilience.access_log import AccessLogMiddleware
 from asgi_resilience.envelope import EnvelopeMiddleware
 from asgi_resilience.errors import ErrorMiddleware
@@ -148,13 +155,18 @@ async def test_stack_order_and_switches() -> None:
         layers.append(type(layer))
         layer = layer.app  # type: ignore[attr-defined]
     assert layers == [
+        LifespanMiddleware,
         RequestIdMiddleware,
         AccessLogMiddleware,
         ErrorMiddleware,
+        BuiltinEndpoints,
         EnvelopeMiddleware,
     ]
-    bare = resilient(raw_app, request_ids=False, access_log=False, errors=False)
-    assert bare.stack is raw_app
+    bare = resilient(
+        raw_app, request_ids=False, access_log=False, errors=False, health_path=None
+    )
+    assert isinstance(bare.stack, LifespanMiddleware) and bare.stack.app is raw_app
+    assert bare.health is None
     with pytest.raises(ValueError, match="already wrapped"):
         resilient(app)
 

@@ -1,0 +1,174 @@
+"""Health endpoints for probes: liveness, readiness (with cached dependency checks), status."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from time import monotonic
+from typing import Any
+
+import anyio
+
+from .context import RequestContext
+from .errors import render_error
+from .lifespan import CheckResult, Lifespan
+from .types import Receive, Scope, Send
+
+__all__ = ["HealthApp"]
+
+_ALLOW = [(b"allow", b"GET, HEAD")]
+
+
+class HealthApp:
+    """A plain ASGI app answering health probes; ``resilient()`` mounts it.
+
+    Paths (``path`` defaults to ``/health``):
+
+    - ``/health/live`` and ``/livez``: 200 while the process can answer; touches no dependency.
+    - ``/health/ready`` and ``/readyz``: 200 only when the lifespan has started, is not
+      draining, and every critical readiness check passes; else 503. Checks run concurrently,
+      each under its own timeout; results are cached for ``cache_ttl`` seconds and concurrent
+      probes share one run, so a probe storm runs each check at most once per ``cache_ttl``.
+      The body lists each check with ``status`` (up/down), ``duration_ms`` and ``error``.
+    - ``/health``: a summary: ``ok``, ``degraded`` (a non-critical check is down) or
+      ``unavailable``; 200 or 503 as readiness.
+    - ``/health/status``: state, uptime, version, check results and the lifespan's status
+      sections (pools, breakers); only with ``status_details=True`` (it describes internals),
+      404 otherwise.
+
+    Only GET and HEAD (405 otherwise). Responses are JSON with ``Cache-Control: no-store``;
+    errors use the stack's error shape. Other paths answer 404.
+
+    Args:
+        lifespan: whose state and checks decide readiness; ``None``: always ready, no checks.
+        path: prefix of the health paths.
+        probe_aliases: also answer ``/livez`` and ``/readyz``.
+        cache_ttl: seconds readiness results are reused.
+        status_details: serve ``/health/status``.
+        version: shown in ``/health/status``.
+    """
+
+    def __init__(
+        self,
+        lifespan: Lifespan | None = None,
+        *,
+        path: str = "/health",
+        probe_aliases: bool = True,
+        cache_ttl: float = 1.0,
+        status_details: bool = False,
+        version: str | None = None,
+    ) -> None:
+        if not path.startswith("/") or path != path.rstrip("/") or len(path) < 2:
+            raise ValueError(f"path must start with '/' and not end with it, got {path!r}")
+        if not cache_ttl >= 0:
+            raise ValueError(f"cache_ttl must be >= 0 seconds, got {cache_ttl!r}")
+        self.lifespan = lifespan
+        self.cache_ttl = cache_ttl
+        self.status_details = status_details
+        self.version = version
+        self.routes: dict[str, Callable[[], Any]] = {
+            f"{path}/live": self._live,
+            f"{path}/ready": self._ready,
+            path: self._summary,
+            f"{path}/status": self._status,
+        }
+        if probe_aliases:
+            self.routes["/livez"] = self._live
+            self.routes["/readyz"] = self._ready
+        self._cached: tuple[float, dict[str, CheckResult]] | None = None
+        self._running: anyio.Event | None = None
+
+    @property
+    def paths(self) -> frozenset[str]:
+        """Every path this app answers."""
+        return frozenset(self.routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # nothing to serve on WebSocket or lifespan scopes
+        handler = self.routes.get(scope["path"])
+        if handler is None or (handler == self._status and not self.status_details):
+            await _send_error(scope, send, 404)
+        elif scope["method"] not in ("GET", "HEAD"):
+            await _send_error(scope, send, 405, headers=_ALLOW)
+        else:
+            status, body = await handler()
+            await _send_json(scope, send, status, body)
+
+    async def _live(self) -> tuple[int, dict[str, Any]]:
+        return 200, {"status": "alive"}
+
+    async def _ready(self) -> tuple[int, dict[str, Any]]:
+        ready, body = await self.readiness()
+        return (200 if ready else 503), body
+
+    async def _summary(self) -> tuple[int, dict[str, Any]]:
+        ready, body = await self.readiness()
+        degraded = any(c["status"] == "down" for c in body["checks"].values())
+        summary = "unavailable" if not ready else "degraded" if degraded else "ok"
+        return (200 if ready else 503), {"status": summary, "live": True, "ready": ready}
+
+    async def _status(self) -> tuple[int, dict[str, Any]]:
+        ready, readiness = await self.readiness()
+        details = await self.lifespan.status() if self.lifespan is not None else {}
+        return 200, {"version": self.version, "ready": ready, **details, **readiness}
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the service is ready, and the body ``/health/ready`` answers with."""
+        lifespan = self.lifespan
+        if lifespan is None:
+            return True, {"status": "ready", "checks": {}}
+        if lifespan.state != "ready":
+            # Starting, draining, stopping...: not ready whatever the checks say; skip them.
+            return False, {"status": lifespan.state, "checks": {}}
+        results = await self._check_results(lifespan)
+        ready = all(r.ok for r in results.values() if r.critical)
+        checks = {
+            name: {
+                "status": r.status,
+                "critical": r.critical,
+                "duration_ms": round(r.duration * 1000, 3),
+                **({"error": r.error} if r.error else {}),
+            }
+            for name, r in results.items()
+        }
+        return ready, {"status": "ready" if ready else "not_ready", "checks": checks}
+
+    async def _check_results(self, lifespan: Lifespan) -> dict[str, CheckResult]:
+        while True:
+            cached = self._cached
+            if cached is not None and monotonic() - cached[0] < self.cache_ttl:
+                return cached[1]
+            if self._running is None:
+                break
+            await self._running.wait()  # another probe is running the checks: share its run
+            if self._cached is not None and self._cached is not cached:
+                return self._cached[1]
+        self._running = running = anyio.Event()
+        try:
+            results = await lifespan.run_checks()
+            self._cached = (monotonic(), results)
+        finally:
+            self._running = None
+            running.set()
+        return results
+
+
+async def _send_json(scope: Scope, send: Send, status: int, body: dict[str, Any]) -> None:
+    payload = json.dumps(body, separators=(",", ":"), default=str).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    head = scope["method"] == "HEAD"
+    await send({"type": "http.response.body", "body": b"" if head else payload})
+
+
+async def _send_error(
+    scope: Scope, send: Send, status: int, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    start, body = render_error(RequestContext.current(), scope, status, headers=headers or ())
+    await send(start)
+    await send(body)

@@ -1,0 +1,710 @@
+"""Lifespan: fail-fast startup checks, managed resources, SIGTERM draining, orderly shutdown.
+
+``Lifespan`` is used three ways: as a Starlette/FastAPI lifespan (``Starlette(lifespan=ls)``), as a
+layer around any ASGI app (``ls.wrap(app)``, which ``resilient()`` does), or driven directly
+(``await ls.startup()`` / ``await ls.shutdown()``, as the CLI's ``check`` does).
+
+States: ``idle`` -> ``starting`` -> ``ready`` -> ``draining`` (SIGTERM) -> ``stopping`` ->
+``stopped``; a failed startup ends in ``failed``.
+"""
+
+from __future__ import annotations
+
+import _thread
+import inspect
+import logging
+import re
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from time import monotonic, perf_counter
+from types import FrameType
+from typing import Any, Literal, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from .exceptions import AsgiResilienceError
+from .types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "Check",
+    "CheckResult",
+    "Lifespan",
+    "LifespanState",
+    "ResourceReport",
+    "StartupError",
+]
+
+_logger = logging.getLogger("asgi_resilience.lifespan")
+
+LifespanState = Literal["idle", "starting", "ready", "draining", "stopping", "stopped", "failed"]
+CheckFunction = Callable[[], Any]
+ResourceFactory = Callable[[], AsyncIterator[Any]]
+F = TypeVar("F", bound=Callable[..., Any])
+_MAX_BACKOFF = 2.0
+_MAX_ERROR_CHARS = 300
+
+
+class StartupError(AsgiResilienceError):
+    """Startup failed: a critical check failed or a resource could not be opened.
+
+    Attributes:
+        failures: the failed critical checks (empty when a resource failed).
+    """
+
+    def __init__(self, message: str, failures: tuple[CheckResult, ...] = ()) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+@dataclass(frozen=True)
+class Check:
+    """A dependency check run at startup and, if ``readiness``, by ``/health/ready``."""
+
+    name: str
+    function: CheckFunction
+    timeout: float = 5.0
+    critical: bool = True
+    readiness: bool = True
+    attempts: int = 1
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one check run: ``ok``, how long it took and why it failed."""
+
+    name: str
+    ok: bool
+    duration: float
+    error: str | None = None
+    critical: bool = True
+    attempts: int = 1
+
+    @property
+    def status(self) -> Literal["up", "down"]:
+        return "up" if self.ok else "down"
+
+
+@dataclass(frozen=True)
+class ResourceReport:
+    """How one resource closed: ``ok``, ``error`` or ``timeout`` (abandoned), and how long."""
+
+    name: str
+    outcome: Literal["ok", "error", "timeout"]
+    duration: float
+    error: str | None = None
+
+
+@dataclass
+class _Resource:
+    name: str
+    timeout: float
+    close: Callable[[], Any]
+    factory: Callable[[], AsyncIterator[Any]] | None = None
+
+
+class Lifespan:
+    """Startup checks, resources and draining for one ASGI application.
+
+    Startup: open resources in registration order, run every check concurrently (each under its
+    own timeout, retried ``attempts`` times with exponential backoff), then, when wrapping an
+    app, the app's own lifespan startup. A critical check that fails or a resource that cannot
+    be opened fails startup with a message naming each failure and why (the server gets
+    ``lifespan.startup.failed``; uvicorn exits non-zero), after closing whatever was already
+    opened. Non-critical failures are logged and the application starts degraded.
+
+    SIGTERM (handled when started in the main thread): the state becomes ``draining`` at once,
+    so ``/health/ready`` answers 503, while the server keeps serving for ``drain_delay``
+    seconds; then the server's own SIGTERM handler runs (chained, not replaced) and its shutdown
+    proceeds. A second SIGTERM hands over at once.
+
+    Shutdown: wait up to ``drain_timeout`` seconds for in-flight requests (counted by
+    ``wrap``), run the wrapped app's own lifespan shutdown, then close resources in reverse
+    order, each under its own timeout in a cancel scope shielded from the server's
+    cancellation, failures isolated, the whole bounded by ``shutdown_timeout``.
+    ``shutdown_report`` names each resource with its outcome and duration; the report is also
+    logged. A second shutdown does nothing.
+
+    Args:
+        startup_timeout: seconds for the whole startup (resources and checks).
+        shutdown_timeout: seconds for closing all resources.
+        drain_delay: seconds between SIGTERM and handing over to the server's shutdown; make it
+            as long as your load balancer takes to stop routing to a pod that is not ready.
+        drain_timeout: seconds shutdown waits for in-flight requests.
+        logger: where startup and shutdown are reported (``asgi_resilience.lifespan``).
+    """
+
+    def __init__(
+        self,
+        *,
+        startup_timeout: float = 30,
+        shutdown_timeout: float = 25,
+        drain_delay: float = 0,
+        drain_timeout: float = 20,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        for option, value in (
+            ("startup_timeout", startup_timeout),
+            ("shutdown_timeout", shutdown_timeout),
+            ("drain_timeout", drain_timeout),
+        ):
+            if not value > 0:
+                raise ValueError(f"{option} must be a positive number of seconds, got {value!r}")
+        if not drain_delay >= 0:
+            raise ValueError(f"drain_delay must be >= 0 seconds, got {drain_delay!r}")
+        self.startup_timeout = startup_timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.drain_delay = drain_delay
+        self.drain_timeout = drain_timeout
+        self.logger = logger if logger is not None else _logger
+        self.state: LifespanState = "idle"
+        self.checks: dict[str, Check] = {}
+        self.startup_results: dict[str, CheckResult] = {}
+        self.shutdown_report: list[ResourceReport] = []
+        self.values: dict[str, Any] = {}
+        self.started_at: float | None = None
+        self.in_flight = 0
+        self._resources: list[_Resource] = []
+        self._opened: list[_Resource] = []
+        self._status_providers: dict[str, Callable[[], Any]] = {}
+        self._previous_sigterm: Any = None
+        self._sigterm_installed = False
+        self._handing_over = False
+        self._drain_timer: threading.Timer | None = None
+        self._idle: anyio.Event | None = None
+
+    # -- registration ----------------------------------------------------------------------
+
+    def add_check(
+        self,
+        name: str,
+        function: CheckFunction,
+        *,
+        timeout: float = 5.0,
+        critical: bool = True,
+        readiness: bool = True,
+        attempts: int = 1,
+    ) -> Check:
+        """Register a check: a sync or async callable that raises (or returns ``False``) when
+        its dependency is unusable. Sync callables run in a worker thread.
+
+        Args:
+            name: unique name, shown in errors, logs and ``/health/ready``.
+            function: the check.
+            timeout: seconds for one attempt.
+            critical: a failure fails startup and readiness; otherwise it is only reported.
+            readiness: run it again for ``/health/ready``.
+            attempts: tries at startup, with exponential backoff between them.
+        """
+        if name in self.checks:
+            raise ValueError(f"a check named {name!r} is already registered")
+        if not timeout > 0:
+            raise ValueError(f"check {name!r}: timeout must be > 0 seconds, got {timeout!r}")
+        if attempts < 1:
+            raise ValueError(f"check {name!r}: attempts must be >= 1, got {attempts!r}")
+        check = Check(name, function, timeout, critical, readiness, attempts)
+        self.checks[name] = check
+        return check
+
+    def check(
+        self,
+        name: str,
+        *,
+        timeout: float = 5.0,
+        critical: bool = True,
+        readiness: bool = True,
+        attempts: int = 1,
+    ) -> Callable[[F], F]:
+        """Decorator form of ``add_check``."""
+
+        def register(function: F) -> F:
+            self.add_check(
+                name,
+                function,
+                timeout=timeout,
+                critical=critical,
+                readiness=readiness,
+                attempts=attempts,
+            )
+            return function
+
+        return register
+
+    def resource(
+        self, name: str, *, timeout: float = 5.0
+    ) -> Callable[[ResourceFactory], ResourceFactory]:
+        """Decorate an async generator function: the code before ``yield value`` opens the
+        resource at startup, the code after it closes it at shutdown, under ``timeout``. The
+        value lands in the lifespan state: handlers read it as ``request.state.<name>``.
+        """
+
+        def register(factory: ResourceFactory) -> ResourceFactory:
+            if not inspect.isasyncgenfunction(factory):
+                raise TypeError(f"resource {name!r} must be an async generator function")
+            self._register(_Resource(name, timeout, _not_opened, factory))
+            return factory
+
+        return register
+
+    def add_resource(self, name: str, close: Callable[[], Any], *, timeout: float = 5.0) -> None:
+        """Register an object created elsewhere: ``close`` (sync or async) runs at shutdown."""
+        self._register(_Resource(name, timeout, close))
+
+    def add_status(self, name: str, provider: Callable[[], Any]) -> None:
+        """Add a section to ``/health/status`` (pool statistics, breaker states): ``provider``
+        (sync or async) returns a JSON-serialisable value."""
+        self._status_providers[name] = provider
+
+    def _register(self, resource: _Resource) -> None:
+        if any(r.name == resource.name for r in self._resources):
+            raise ValueError(f"a resource named {resource.name!r} is already registered")
+        if not resource.timeout > 0:
+            raise ValueError(f"resource {resource.name!r}: timeout must be > 0 seconds")
+        self._resources.append(resource)
+
+    # -- startup ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Open resources, run the checks, install the SIGTERM handler; idempotent.
+
+        Raises:
+            StartupError: a critical check failed, a resource could not be opened, or the
+                whole took longer than ``startup_timeout``.
+        """
+        if self.state == "idle":
+            await self._start()
+            self._ready()
+
+    async def _start(self) -> None:
+        self.state = "starting"
+        began = perf_counter()
+        try:
+            with anyio.fail_after(self.startup_timeout):
+                await self._open_resources()
+                results = await self.run_checks(startup=True)
+            self.startup_results = results
+            failures = tuple(r for r in results.values() if not r.ok and r.critical)
+            if failures:
+                reasons = "; ".join(f"check {r.name!r} failed: {r.error}" for r in failures)
+                raise StartupError(f"startup failed: {reasons}", failures)
+        except (StartupError, TimeoutError) as exc:
+            await self._close_resources()
+            self.state = "failed"
+            if isinstance(exc, TimeoutError):
+                message = f"startup failed: timed out after {self.startup_timeout:g}s"
+                self.logger.error("%s", message)
+                raise StartupError(message) from None
+            self.logger.error("%s", exc)
+            raise
+        for result in results.values():
+            if not result.ok:
+                self.logger.warning(
+                    "Non-critical check %r failed: %s; starting degraded", result.name, result.error
+                )
+        self.logger.info(
+            "Startup complete in %.0fms: %d resources, %d checks",
+            (perf_counter() - began) * 1000,
+            len(self._opened),
+            len(results),
+        )
+
+    def _ready(self) -> None:
+        self.state = "ready"
+        self.started_at = monotonic()
+        self._install_sigterm()
+
+    async def _open_resources(self) -> None:
+        for resource in self._resources:
+            if resource.factory is None:
+                self._opened.append(resource)
+                continue
+            generator = resource.factory()
+            try:
+                with anyio.fail_after(resource.timeout):
+                    value = await generator.__anext__()
+            except TimeoutError:
+                raise StartupError(
+                    f"startup failed: resource {resource.name!r} did not open within "
+                    f"{resource.timeout:g}s"
+                ) from None
+            except Exception as exc:
+                raise StartupError(
+                    f"startup failed: resource {resource.name!r} could not be opened: "
+                    f"{_describe(exc)}"
+                ) from exc
+            self.values[resource.name] = value
+            self._opened.append(
+                _Resource(resource.name, resource.timeout, _closer(resource.name, generator))
+            )
+
+    async def run_checks(self, *, startup: bool = False) -> dict[str, CheckResult]:
+        """Run the checks concurrently, each under its own timeout, and return their results.
+
+        Args:
+            startup: run every check with its ``attempts``; otherwise only the readiness
+                checks, once each (what ``/health/ready`` does).
+        """
+        checks = [c for c in self.checks.values() if startup or c.readiness]
+        results: dict[str, CheckResult] = {}
+        async with anyio.create_task_group() as group:
+            for check in checks:
+                group.start_soon(self._run_check, check, check.attempts if startup else 1, results)
+        return {check.name: results[check.name] for check in checks}
+
+    async def _run_check(
+        self, check: Check, attempts: int, results: dict[str, CheckResult]
+    ) -> None:
+        began = perf_counter()
+        error = "not run"
+        for attempt in range(1, attempts + 1):
+            try:
+                with anyio.fail_after(check.timeout):
+                    outcome = await _call(check.function)
+            except TimeoutError:
+                error = f"timed out after {check.timeout:g}s"
+            except Exception as exc:
+                error = _describe(exc)
+            else:
+                if outcome is not False:
+                    results[check.name] = CheckResult(
+                        check.name, True, perf_counter() - began, None, check.critical, attempt
+                    )
+                    return
+                error = "returned False"
+            if attempt < attempts:
+                self.logger.info(
+                    "Check %r attempt %d/%d failed: %s", check.name, attempt, attempts, error
+                )
+                await anyio.sleep(min(0.1 * 2 ** (attempt - 1), _MAX_BACKOFF))
+        results[check.name] = CheckResult(
+            check.name, False, perf_counter() - began, error, check.critical, attempts
+        )
+
+    # -- draining --------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Started, and neither draining nor stopping."""
+        return self.state == "ready"
+
+    def begin_drain(self) -> None:
+        """Answer readiness probes with 503 from now on; what SIGTERM does first."""
+        if self.state in ("idle", "starting", "ready"):
+            self.state = "draining"
+            self.logger.info("Draining: readiness now fails")
+
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            self.logger.debug("Not in the main thread: SIGTERM draining not installed")
+            return
+        self._previous_sigterm = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._sigterm_installed = True
+
+    def _restore_sigterm(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        if not self._sigterm_installed or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+        self._sigterm_installed = False
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self._handing_over or self.state != "ready" or self.drain_delay <= 0:
+            self._handing_over = False
+            self.begin_drain()
+            self._hand_over(signum, frame)
+            return
+        self.begin_drain()
+        self.logger.info("SIGTERM: serving %gs more before shutdown", self.drain_delay)
+        # Signal handlers run in the main thread; a timer brings us back there through
+        # interrupt_main, so the server's handler runs where it expects to.
+        self._drain_timer = threading.Timer(self.drain_delay, self._interrupt, (signum,))
+        self._drain_timer.daemon = True
+        self._drain_timer.start()
+
+    def _interrupt(self, signum: int) -> None:
+        self._handing_over = True
+        _thread.interrupt_main(signal.Signals(signum))
+
+    def _hand_over(self, signum: int, frame: FrameType | None) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        previous = self._previous_sigterm
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    async def shutdown(self) -> list[ResourceReport]:
+        """Wait for in-flight requests, close resources; idempotent. Returns the report."""
+        if await self._begin_shutdown():
+            await self._finish_shutdown()
+        return self.shutdown_report
+
+    async def _begin_shutdown(self) -> bool:
+        if self.state not in ("ready", "draining"):
+            return False
+        self.state = "stopping"
+        self._restore_sigterm()
+        if self.in_flight == 0:
+            return True
+        self._idle = anyio.Event()  # set by LifespanMiddleware when the last request ends
+        with anyio.move_on_after(self.drain_timeout) as waiting:
+            await self._idle.wait()
+        if waiting.cancelled_caught:
+            self.logger.warning(
+                "%d requests still in flight after %gs", self.in_flight, self.drain_timeout
+            )
+        return True
+
+    async def _finish_shutdown(self) -> None:
+        self.shutdown_report = await self._close_resources()
+        self.state = "stopped"
+
+    async def _close_resources(self) -> list[ResourceReport]:
+        deadline = monotonic() + self.shutdown_timeout
+        reports = []
+        while self._opened:
+            resource = self._opened.pop()
+            budget = max(0.0, min(resource.timeout, deadline - monotonic()))
+            reports.append(await self._close_one(resource, budget))
+        if reports:
+            failed = [r for r in reports if r.outcome != "ok"]
+            self.logger.log(
+                logging.WARNING if failed else logging.INFO,
+                "Shutdown: %s",
+                ", ".join(f"{r.name} {r.outcome} {r.duration * 1000:.0f}ms" for r in reports),
+                extra={"resources": [r.__dict__ for r in reports]},
+            )
+        return reports
+
+    async def _close_one(self, resource: _Resource, budget: float) -> ResourceReport:
+        began = perf_counter()
+        outcome: Literal["ok", "error", "timeout"] = "ok"
+        error = None
+        # Shielded: the server cancelling the lifespan task must not cut a close short.
+        with anyio.move_on_after(budget, shield=True) as scope:
+            try:
+                await _call(resource.close)
+            except Exception as exc:
+                outcome, error = "error", _describe(exc)
+        if scope.cancelled_caught:
+            outcome = "timeout"
+            error = f"abandoned after {budget:g}s" if budget else "shutdown_timeout exhausted"
+        return ResourceReport(resource.name, outcome, perf_counter() - began, error)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        """What ``/health/status`` shows: state, uptime, checks, resources and the sections
+        added with ``add_status`` (a failing provider shows its error, never breaks the page)."""
+        uptime = monotonic() - self.started_at if self.started_at is not None else None
+        sections: dict[str, Any] = {}
+        for name, provider in self._status_providers.items():
+            try:
+                sections[name] = await _call(provider)
+            except Exception as exc:
+                sections[name] = {"error": _describe(exc)}
+        return {
+            "state": self.state,
+            "uptime_seconds": round(uptime, 3) if uptime is not None else None,
+            "in_flight": self.in_flight,
+            "checks": {
+                name: {
+                    "status": r.status,
+                    "duration_ms": round(r.duration * 1000, 3),
+                    "error": r.error,
+                }
+                for name, r in self.startup_results.items()
+            },
+            "resources": [r.name for r in self._opened],
+            **sections,
+        }
+
+    # -- ASGI ------------------------------------------------------------------------------
+
+    def __call__(self, app: object) -> AbstractAsyncContextManager[dict[str, Any]]:
+        """The Starlette/FastAPI lifespan protocol: ``Starlette(lifespan=lifespan)``."""
+        return self._context()
+
+    @asynccontextmanager
+    async def _context(self) -> AsyncIterator[dict[str, Any]]:
+        owner = self.state == "idle"  # a wrap() around the app may have started it already
+        await self.startup()
+        try:
+            yield dict(self.values)
+        finally:
+            if owner:
+                await self.shutdown()
+
+    def wrap(self, app: ASGIApp) -> ASGIApp:
+        """A layer around ``app`` that runs this lifespan (and ``app``'s own) and counts
+        in-flight HTTP requests for draining."""
+        return LifespanMiddleware(app, lifespan=self)
+
+
+class LifespanMiddleware:
+    """Run a ``Lifespan`` around any ASGI app, keeping the app's own lifespan.
+
+    Handles the ``lifespan`` scope: our startup (resources, checks) first, then the app's own
+    startup (its state lands in the same state dict, so both are visible to requests); at
+    shutdown, in-flight requests first, then the app's own shutdown, then our resources. An app
+    that does not speak the lifespan protocol (it raises or returns at once) is simply started
+    without it. Counts in-flight ``http`` requests; ``websocket`` passes through. Outermost
+    layer of the stack; ``resilient()`` puts it there.
+
+    Args:
+        app: the ASGI application.
+        lifespan: the lifespan to run.
+    """
+
+    def __init__(self, app: ASGIApp, *, lifespan: Lifespan) -> None:
+        self.app = app
+        self.lifespan = lifespan
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            lifespan = self.lifespan
+            if lifespan.values and "state" not in scope:
+                scope["state"] = dict(lifespan.values)  # a server without lifespan state
+            lifespan.in_flight += 1
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                lifespan.in_flight -= 1
+                if lifespan.in_flight == 0 and lifespan._idle is not None:
+                    lifespan._idle.set()
+        elif scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lifespan = self.lifespan
+        await receive()  # lifespan.startup
+        try:
+            await lifespan._start()
+        except StartupError as exc:
+            # Like Starlette: report the failure, then raise so that servers and test harnesses
+            # that watch for exceptions (asgi-lifespan) see it too.
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            raise
+        state = scope.get("state")
+        if state is not None:
+            state.update(lifespan.values)
+        with _InnerLifespan(self.app, scope, lifespan.logger) as inner:
+            async with anyio.create_task_group() as group:
+                await group.start(inner.run)
+                failure = await inner.exchange("startup")
+                if failure is None:
+                    lifespan._ready()
+                    await send({"type": "lifespan.startup.complete"})
+                    await receive()  # lifespan.shutdown
+                    draining = await lifespan._begin_shutdown()
+                    failure = await inner.exchange("shutdown")
+                    if draining:
+                        await lifespan._finish_shutdown()
+                    phase = "shutdown"
+                else:
+                    await lifespan._close_resources()
+                    lifespan.state = "failed"
+                    phase = "startup"
+                group.cancel_scope.cancel()
+        if failure is None:
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": f"lifespan.{phase}.failed", "message": failure})
+        if phase == "startup":
+            raise StartupError(failure)
+
+
+class _InnerLifespan:
+    """Plays the server for the wrapped app's own lifespan."""
+
+    def __init__(self, app: ASGIApp, scope: Scope, logger: logging.Logger) -> None:
+        self.app = app
+        self.scope = scope
+        self.logger = logger
+        self.supported = True
+        self.to_app, self.app_inbox = anyio.create_memory_object_stream[Message](2)
+        self.app_outbox, self.from_app = anyio.create_memory_object_stream[Message](2)
+
+    def __enter__(self) -> _InnerLifespan:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for stream in (self.to_app, self.app_inbox, self.app_outbox, self.from_app):
+            stream.close()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        task_status.started()
+        try:
+            await self.app(self.scope, self.app_inbox.receive, self.app_outbox.send)
+        except Exception as exc:
+            await self.app_outbox.send({"type": "_raised", "exception": exc})
+        else:
+            await self.app_outbox.send({"type": "_returned"})
+
+    async def exchange(self, phase: Literal["startup", "shutdown"]) -> str | None:
+        """Send ``lifespan.<phase>``; ``None`` when it completed (or is not supported), else
+        the failure message."""
+        if not self.supported:
+            return None
+        await self.to_app.send({"type": f"lifespan.{phase}"})
+        reply = await self.from_app.receive()
+        if reply["type"] == f"lifespan.{phase}.complete":
+            return None
+        if reply["type"] == f"lifespan.{phase}.failed":
+            return f"application {phase} failed: {reply.get('message', '')}".rstrip(": ")
+        if phase == "startup":
+            # Raised or returned before answering: the app does not do lifespan (as uvicorn's
+            # "auto" mode decides). It runs without it.
+            self.supported = False
+            self.logger.debug("The wrapped app does not support the lifespan protocol")
+            return None
+        exception = reply.get("exception")
+        return f"application shutdown failed: {_describe(exception)}" if exception else None
+
+
+async def _not_opened() -> None:
+    """Placeholder close of a resource factory; replaced by ``_closer`` once opened."""
+
+
+def _closer(name: str, generator: AsyncIterator[Any]) -> Callable[[], Any]:
+    async def close() -> None:
+        try:
+            await generator.__anext__()
+        except StopAsyncIteration:
+            return
+        await generator.aclose()  # type: ignore[attr-defined]
+        raise RuntimeError(f"resource {name!r} yielded more than once")
+
+    return close
+
+
+async def _call(function: Callable[[], Any]) -> Any:
+    """Await an async callable; run a sync one in a worker thread (abandoned on timeout)."""
+    if inspect.iscoroutinefunction(function):
+        return await function()
+    result = await anyio.to_thread.run_sync(function, abandon_on_cancel=True)
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+_CREDENTIALS = re.compile(r"(\w[\w+.-]*://[^:/@\s]*:)[^@\s]+@")
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` for reports, credentials in URLs masked, cut to a readable length."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = _CREDENTIALS.sub(r"\1***@", text)
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
