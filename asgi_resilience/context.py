@@ -55,7 +55,8 @@ class RequestContext:
         exception_logged: the exception whose traceback was logged (so it is logged once).
         disconnected: sending failed because the client went away.
         error_format: the error body shape chosen by ``ErrorMiddleware`` for inner layers.
-        error_rendered: the response in flight was rendered by our error renderer.
+        error_rendered: the response in flight was rendered by us (the error renderer, a health
+            endpoint): ``ErrorMiddleware`` leaves it alone.
         envelope_meta: extra ``meta`` members handlers added for the envelope.
         envelope_skip: the handler opted this response out of the envelope.
     """
