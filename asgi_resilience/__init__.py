@@ -33,6 +33,8 @@ from .lifespan import (
     ResourceReport,
     StartupError,
 )
+from .proxies import TrustedProxies
+from .ratelimit import MemoryBackend, Rate, RateLimitMiddleware
 from .request_id import (
     RequestIdLogFilter,
     RequestIdMiddleware,
@@ -60,7 +62,10 @@ __all__ = [
     "JsonFormatter",
     "Lifespan",
     "LifespanMiddleware",
+    "MemoryBackend",
     "NotFound",
+    "Rate",
+    "RateLimitMiddleware",
     "RequestContext",
     "RequestIdLogFilter",
     "RequestIdMiddleware",
@@ -69,6 +74,7 @@ __all__ = [
     "ServiceUnavailable",
     "StartupError",
     "TooManyRequests",
+    "TrustedProxies",
     "Unauthorized",
     "UnprocessableEntity",
     "__version__",

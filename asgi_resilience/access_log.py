@@ -11,6 +11,7 @@ from typing import Any
 from opentelemetry import trace
 
 from .context import ContextMiddleware, RequestContext, format_timestamp
+from .proxies import TrustedProxies
 from .types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["DEFAULT_EXCLUDE_PATHS", "AccessLogMiddleware", "JsonFormatter"]
@@ -44,6 +45,8 @@ class AccessLogMiddleware(ContextMiddleware):
         exclude_paths: paths (and their subpaths) not logged; probes and scrapes by default.
         slow_threshold: seconds after which a successful request is logged as a warning.
         include_query: add the raw query string as ``query``.
+        trusted_proxies: proxies whose ``X-Forwarded-For``/``Forwarded`` name the ``client``
+            (resolved once per request, shared with the rate limiter).
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class AccessLogMiddleware(ContextMiddleware):
         exclude_paths: Iterable[str] = DEFAULT_EXCLUDE_PATHS,
         slow_threshold: float = 1.0,
         include_query: bool = False,
+        trusted_proxies: Iterable[str] | TrustedProxies = (),
     ) -> None:
         if not slow_threshold > 0:
             raise ValueError(
@@ -69,6 +73,11 @@ class AccessLogMiddleware(ContextMiddleware):
         self.exclude_prefixes = tuple(p.rstrip("/") + "/" for p in paths)
         self.slow_threshold_ms = slow_threshold * 1000
         self.include_query = include_query
+        self.proxies = (
+            trusted_proxies
+            if isinstance(trusted_proxies, TrustedProxies)
+            else TrustedProxies(trusted_proxies)
+        )
 
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
@@ -118,7 +127,7 @@ class AccessLogMiddleware(ContextMiddleware):
             "duration_ms": round(duration_ms, 3),
             "ttfb_ms": round((started - context.start) * 1000, 3) if started else None,
             "bytes_sent": context.bytes_sent,
-            "client": context.client,
+            "client": self.proxies.apply(context, scope) if self.proxies else context.client,
             "user_agent": _user_agent(scope),
             "http_version": scope.get("http_version"),
         }

@@ -46,7 +46,8 @@ class RequestContext:
     Attributes:
         start: ``time.perf_counter()`` when the first layer saw the request.
         request_id: set by ``RequestIdMiddleware``; ``None`` without it.
-        client: the client address (``scope["client"]`` host) unless a layer resolved it.
+        client: the client address: the peer (``scope["client"]`` host) until a layer with
+            trusted proxies resolved it (``client_resolved``) from forwarding headers.
         status: the status of the response sent, ``None`` until it starts.
         response_started / response_ended: ``perf_counter()`` at the start message and at the
             last body byte (or the ``pathsend``); ``None`` until then.
@@ -66,6 +67,7 @@ class RequestContext:
         "_start_headers",
         "bytes_sent",
         "client",
+        "client_resolved",
         "debug",
         "disconnected",
         "envelope_meta",
@@ -88,6 +90,7 @@ class RequestContext:
         self.request_id: str | None = None
         client = scope.get("client")
         self.client: str | None = client[0] if client else None
+        self.client_resolved = False
         self.status: int | None = None
         self.response_started: float | None = None
         self.response_ended: float | None = None

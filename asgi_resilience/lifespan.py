@@ -360,20 +360,24 @@ class Lifespan:
         began = perf_counter()
         error = "not run"
         for attempt in range(1, attempts + 1):
+            outcome: Any = False
             try:
-                with anyio.fail_after(check.timeout):
+                # move_on_after, not fail_after: a TimeoutError the check raises itself (a
+                # driver's own timeout) is its error, not ours.
+                with anyio.move_on_after(check.timeout) as deadline:
                     outcome = await _call(check.function)
-            except TimeoutError:
-                error = f"timed out after {check.timeout:g}s"
             except Exception as exc:
                 error = _describe(exc)
             else:
-                if outcome is not False:
+                if deadline.cancelled_caught:
+                    error = f"timed out after {check.timeout:g}s"
+                elif outcome is False:
+                    error = "returned False"
+                else:
                     results[check.name] = CheckResult(
                         check.name, True, perf_counter() - began, None, check.critical, attempt
                     )
                     return
-                error = "returned False"
             if attempt < attempts:
                 self.logger.info(
                     "Check %r attempt %d/%d failed: %s", check.name, attempt, attempts, error

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from .access_log import DEFAULT_EXCLUDE_PATHS, AccessLogMiddleware
 from .envelope import EnvelopeMiddleware
 from .errors import ErrorMiddleware
 from .health import HealthApp
 from .lifespan import Lifespan, LifespanMiddleware
+from .proxies import TrustedProxies
+from .ratelimit import (
+    Backend,
+    KeyFunction,
+    RateLimitMiddleware,
+    StrategyName,
+    backend_from_url,
+)
 from .request_id import RequestIdMiddleware
 from .types import ASGIApp, Receive, Scope, Send
 
@@ -57,13 +65,21 @@ def resilient(
     health_status_details: bool = False,
     health_cache_ttl: float = 1.0,
     version: str | None = None,
+    rate_limit: str | None = None,
+    rate_limit_backend: str | Backend = "memory://",
+    rate_limit_strategy: StrategyName = "gcra",
+    rate_limit_key: str | KeyFunction = "ip",
+    rate_limit_routes: Mapping[str, str] | None = None,
+    rate_limit_exempt_paths: Iterable[str] = (),
+    trusted_proxies: Iterable[str] = (),
 ) -> ResilientApp:
     """Wrap ``app`` in the asgi_resilience stack and return the new ASGI application.
 
     Layers, outermost first: the lifespan (checks, resources, draining; the app's own lifespan
-    kept), request ids, access log, error normalization, the health endpoints, envelopes (only
-    when ``envelope=True``), then ``app``. Errors take the envelope shape when envelopes are
-    on, the RFC 9457 problem shape otherwise. WebSocket scopes pass through every layer.
+    kept), request ids, access log, error normalization, the health endpoints, rate limits
+    (only with ``rate_limit``), envelopes (only when ``envelope=True``), then ``app``. Errors
+    take the envelope shape when envelopes are on, the RFC 9457 problem shape otherwise.
+    WebSocket scopes pass through every layer.
 
     Args:
         app: any ASGI application (Starlette, FastAPI, a raw callable...).
@@ -84,6 +100,16 @@ def resilient(
         health_status_details: serve ``<health_path>/status``.
         health_cache_ttl: seconds readiness check results are reused.
         version: your service's version, shown in the status endpoint.
+        rate_limit: the default limit (``"100/minute"``, ``"10/second;1000/hour"``); ``None``:
+            no limiting.
+        rate_limit_backend: ``"memory://"``, ``"redis://host:6379/0"`` or a ``Backend``; one
+            made from a URL is closed at shutdown.
+        rate_limit_strategy: ``"gcra"``, ``"fixed-window"`` or ``"sliding-window"``.
+        rate_limit_key: ``"ip"``, ``"user"``, ``"header:<name>"`` or a callable.
+        rate_limit_routes: route template or path prefix -> limit.
+        rate_limit_exempt_paths: paths never limited.
+        trusted_proxies: proxy addresses/networks whose forwarding headers name the client,
+            for the rate limiter and the access log alike.
 
     Raises:
         ValueError: an option is invalid, or ``app`` is already wrapped.
@@ -91,9 +117,25 @@ def resilient(
     if isinstance(app, ResilientApp):
         raise ValueError("app is already wrapped by resilient(); wrap the original app once")
     lifespan = lifespan if lifespan is not None else Lifespan()
+    proxies = TrustedProxies(trusted_proxies)
     stack: ASGIApp = app
     if envelope:
         stack = EnvelopeMiddleware(stack, exclude_paths=envelope_exclude_paths)
+    if rate_limit is not None:
+        backend = rate_limit_backend
+        if isinstance(backend, str):
+            backend = backend_from_url(backend)
+            lifespan.add_resource("rate-limit-backend", backend.aclose, timeout=2)
+        stack = RateLimitMiddleware(
+            stack,
+            limit=rate_limit,
+            strategy=rate_limit_strategy,
+            backend=backend,
+            key=rate_limit_key,
+            trusted_proxies=proxies,
+            routes=rate_limit_routes,
+            exempt_paths=rate_limit_exempt_paths,
+        )
     health = None
     if health_path is not None:
         health = HealthApp(
@@ -112,6 +154,7 @@ def resilient(
             logger=access_logger,
             exclude_paths=access_log_exclude_paths,
             slow_threshold=slow_threshold,
+            trusted_proxies=proxies,
         )
     if request_ids:
         stack = RequestIdMiddleware(

@@ -29,6 +29,7 @@ from asgi_resilience import (
     EnvelopeMiddleware,
     ErrorMiddleware,
     JsonFormatter,
+    RateLimitMiddleware,
     RequestIdLogFilter,
     RequestIdMiddleware,
     resilient,
@@ -91,8 +92,12 @@ def variants(access_logger: logging.Logger) -> dict[str, ASGIApp]:
         "AccessLogMiddleware": AccessLogMiddleware(make_app(), logger=access_logger),
         "ErrorMiddleware": ErrorMiddleware(make_app()),
         "EnvelopeMiddleware": EnvelopeMiddleware(make_app()),
+        "RateLimitMiddleware (memory)": RateLimitMiddleware(make_app(), limit="1000000/second"),
         "resilient()": resilient(make_app(), envelope=True, access_logger=access_logger),
         "resilient(access_log=False)": resilient(make_app(), envelope=True, access_log=False),
+        "resilient(rate_limit=...)": resilient(
+            make_app(), envelope=True, access_logger=access_logger, rate_limit="1000000/second"
+        ),
         "logging floor (reference)": LoggingFloor(make_app(), access_logger),
     }
 

@@ -1,0 +1,125 @@
+"""Client addresses behind reverse proxies: ``X-Forwarded-For`` and ``Forwarded`` (RFC 7239).
+
+Forwarding headers are only believed when the peer that sent them is a trusted proxy, and then
+only as far as the chain stays trusted: the chain is walked from the right (the hop nearest to
+us), trusted proxies are skipped, and the first untrusted hop is the client. Anything malformed
+(garbage, obfuscated identifiers, ``unknown``) ends the walk with the peer address, so a spoofed
+or broken header never names an arbitrary client. Python's ``ipaddress`` does the parsing; what
+is written here is only the walk, which no well-kept library offers on its own for ASGI (uvicorn's
+``ProxyHeadersMiddleware`` rewrites ``scope["client"]`` for the whole app and ignores
+``Forwarded``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+from .context import RequestContext
+from .types import Scope
+
+__all__ = ["TrustedProxies"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_MAX_HOPS = 32  # hops examined from the right; a longer chain is not worth walking
+_MAX_HEADER_BYTES = 8192
+
+
+class TrustedProxies:
+    """Which peers may speak for the client, and how to find the client through them.
+
+    Args:
+        proxies: IP addresses and CIDR networks (``"10.0.0.0/8"``, ``"::1"``) of the proxies
+            in front of the service. Empty: forwarding headers are ignored.
+
+    Raises:
+        ValueError: an entry is not an address or network.
+    """
+
+    def __init__(self, proxies: Iterable[str] = ()) -> None:
+        networks: list[IPNetwork] = []
+        for proxy in proxies:
+            try:
+                networks.append(ipaddress.ip_network(proxy.strip(), strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies entries must be IP addresses or CIDR networks, got {proxy!r}"
+                ) from None
+        self.networks: tuple[IPNetwork, ...] = tuple(networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def is_trusted(self, address: IPAddress) -> bool:
+        return any(address in network for network in self.networks)
+
+    def apply(self, context: RequestContext, scope: Scope) -> str | None:
+        """Resolve the client address into ``context.client`` (once per request) and return it."""
+        if not context.client_resolved:
+            context.client = self.client(scope)
+            context.client_resolved = True
+        return context.client
+
+    def client(self, scope: Scope) -> str | None:
+        """The client address of ``scope``: the peer, or the first untrusted forwarded hop."""
+        peer_info = scope.get("client")
+        peer: str | None = str(peer_info[0]) if peer_info else None
+        if not self.networks or peer is None:
+            return peer
+        peer_address = _parse_address(peer)
+        if peer_address is None or not self.is_trusted(peer_address):
+            return peer
+        hops = _forwarded_hops(scope["headers"])
+        if hops is None:
+            return peer
+        for hop in reversed(hops[-_MAX_HOPS:]):
+            address = _parse_address(hop)
+            if address is None:
+                return peer  # malformed: believe nothing further left
+            if not self.is_trusted(address):
+                return str(address)
+        # Every hop is one of ours: the leftmost is as close to the client as we can get.
+        leftmost = _parse_address(hops[0]) if hops else None
+        return str(leftmost) if leftmost is not None else peer
+
+
+def _forwarded_hops(headers: Iterable[tuple[bytes, bytes]]) -> Sequence[str] | None:
+    """The hops named by ``Forwarded`` (preferred, it is standard) or ``X-Forwarded-For``;
+    repeated headers are joined in order. ``None`` when neither is present."""
+    forwarded: list[bytes] = []
+    x_forwarded_for: list[bytes] = []
+    for name, value in headers:
+        if name == b"forwarded":
+            forwarded.append(value)
+        elif name == b"x-forwarded-for":
+            x_forwarded_for.append(value)
+    if forwarded:
+        joined = b",".join(forwarded)[-_MAX_HEADER_BYTES:].decode("latin-1")
+        return [_forwarded_for(element) for element in joined.split(",")]
+    if x_forwarded_for:
+        joined = b",".join(x_forwarded_for)[-_MAX_HEADER_BYTES:].decode("latin-1")
+        return [hop.strip() for hop in joined.split(",")]
+    return None
+
+
+def _forwarded_for(element: str) -> str:
+    """The ``for=`` node of one ``Forwarded`` element (RFC 7239 §4), or ``""``."""
+    for pair in element.split(";"):
+        name, _, value = pair.strip().partition("=")
+        if name.strip().lower() == "for":
+            return value.strip().strip('"')
+    return ""
+
+
+def _parse_address(node: str) -> IPAddress | None:
+    """An address from ``1.2.3.4``, ``1.2.3.4:80``, ``2001:db8::1``, ``[2001:db8::1]:80``."""
+    node = node.strip()
+    if node.startswith("["):
+        node = node[1:].partition("]")[0]
+    elif node.count(":") == 1:
+        node = node.partition(":")[0]  # IPv4 with a port
+    try:
+        return ipaddress.ip_address(node)
+    except ValueError:
+        return None

@@ -1,0 +1,303 @@
+"""``RateLimitMiddleware``: decide each request before the app sees it; IETF and legacy headers."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from time import monotonic
+from typing import Any, Literal
+
+import anyio
+from starlette.routing import compile_path
+
+from ..context import ContextMiddleware, RequestContext
+from ..errors import render_error
+from ..proxies import TrustedProxies
+from ..types import ASGIApp, Message, Receive, Scope, Send
+from .backends import Backend, MemoryBackend, backend_from_url
+from .rates import Rate, parse_rates
+from .strategies import Decision, StrategyName, strategy_for
+
+__all__ = ["KeyFunction", "RateLimitMiddleware"]
+
+_logger = logging.getLogger("asgi_resilience.ratelimit")
+KeyFunction = Callable[[Scope], "str | None"]
+_ERROR_LOG_INTERVAL = 10.0  # seconds between two logs of a failing backend
+
+
+@dataclass(frozen=True)
+class _Policy:
+    """The rates that apply to a set of paths, and the header parts that announce them."""
+
+    bucket: str
+    rates: tuple[Rate, ...]
+    match: Callable[[str], bool]
+    policy_header: bytes
+    state_prefixes: tuple[bytes, ...]
+
+    @classmethod
+    def build(cls, bucket: str, limit: str, match: Callable[[str], bool]) -> _Policy:
+        rates = parse_rates(limit)
+        header = ", ".join(f'"{r.name}";q={r.amount};w={r.period:g}' for r in rates)
+        prefixes = tuple(f'"{r.name}";r='.encode() for r in rates)
+        return cls(f"{bucket}|", rates, match, header.encode(), prefixes)
+
+    def headers(self, decision: Decision) -> list[tuple[bytes, bytes]]:
+        """``RateLimit-Policy``, ``RateLimit`` and the legacy headers for ``decision``."""
+        statuses = decision.statuses
+        if len(statuses) == 1:  # one rate, the common case: no joins, no search
+            rate, remaining, reset_after = statuses[0]
+            reset = math.ceil(reset_after)
+            return [
+                (b"ratelimit-policy", self.policy_header),
+                (b"ratelimit", b"%s%d;t=%d" % (self.state_prefixes[0], remaining, reset)),
+                (b"x-ratelimit-limit", b"%d" % rate.amount),
+                (b"x-ratelimit-remaining", b"%d" % remaining),
+                (b"x-ratelimit-reset", b"%d" % reset),
+            ]
+        state = b", ".join(
+            b"%s%d;t=%d" % (prefix, status.remaining, math.ceil(status.reset_after))
+            for prefix, status in zip(self.state_prefixes, statuses, strict=True)
+        )
+        tightest = decision.tightest
+        return [
+            (b"ratelimit-policy", self.policy_header),
+            (b"ratelimit", state),
+            (b"x-ratelimit-limit", b"%d" % tightest.rate.amount),
+            (b"x-ratelimit-remaining", b"%d" % tightest.remaining),
+            (b"x-ratelimit-reset", b"%d" % math.ceil(tightest.reset_after)),
+        ]
+
+
+class RateLimitMiddleware(ContextMiddleware):
+    """Limit request rates per client before the application runs.
+
+    Handles ``http`` scopes; WebSocket and lifespan pass through (so do streaming responses of
+    admitted requests, untouched but for the added headers). Limits such as
+    ``"10/second;1000/hour"`` must all pass; a denied request consumes nothing. ``routes`` gives
+    other limits to route templates (``"/items/{item_id}"``: every item shares one budget) or
+    path prefixes (``"/admin"``), first match wins; ``exempt_paths`` are never limited.
+
+    Writes on every limited response ``RateLimit-Policy`` (``"100-per-60s";q=100;w=60``) and
+    ``RateLimit`` (``"100-per-60s";r=42;t=17``) per the IETF draft, the legacy
+    ``X-RateLimit-Limit/-Remaining/-Reset`` (seconds) of the tightest rate and, on 429, a
+    ``Retry-After`` of at least the real wait (and at least 1 s). The 429 body is in the stack's
+    error shape. Reads ``X-Forwarded-For``/``Forwarded`` only from ``trusted_proxies`` (the
+    resolved address is stored in the request context, shared with the access log). Sets
+    ``rate_limited`` on the request context. Place it inside the error layer and the built-in
+    endpoints, outside envelopes.
+
+    Args:
+        app: the ASGI application.
+        limit: the default limit for every path.
+        strategy: ``"gcra"`` (smooth), ``"fixed-window"`` or ``"sliding-window"``.
+        backend: a ``Backend``, or a URL (``"memory://"``, ``"redis://host:6379/0"``).
+        key: who is limited: ``"ip"`` (the client address), ``"user"`` (``scope["user"]``, as
+            set by authentication middleware), ``"header:<name>"`` (an API key), or a callable
+            ``(scope) -> str | None``. A missing header, anonymous user, ``None`` or a failing
+            callable fall back to the client address.
+        trusted_proxies: proxy addresses/networks whose forwarding headers are believed.
+        routes: route template or path prefix -> limit.
+        exempt_paths: paths (and their subpaths) never limited.
+        cost: units each request consumes, or a callable ``(scope) -> int``.
+        on_backend_error: ``"allow"`` (admit, logged and counted) or ``"deny"`` (503) when the
+            backend fails or exceeds ``backend_timeout``.
+        backend_timeout: seconds a decision may take.
+        logger: where backend failures are reported (``asgi_resilience.ratelimit``).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limit: str = "100/minute",
+        strategy: StrategyName = "gcra",
+        backend: Backend | str = "memory://",
+        key: str | KeyFunction = "ip",
+        trusted_proxies: Iterable[str] | TrustedProxies = (),
+        routes: Mapping[str, str] | None = None,
+        exempt_paths: Iterable[str] = (),
+        cost: int | Callable[[Scope], int] = 1,
+        on_backend_error: Literal["allow", "deny"] = "allow",
+        backend_timeout: float = 0.05,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if on_backend_error not in ("allow", "deny"):
+            raise ValueError(
+                f"on_backend_error must be 'allow' or 'deny', got {on_backend_error!r}"
+            )
+        if not backend_timeout > 0:
+            raise ValueError(f"backend_timeout must be > 0 seconds, got {backend_timeout!r}")
+        if isinstance(cost, int) and cost < 1:
+            raise ValueError(f"cost must be >= 1, got {cost!r}")
+        self.app = app
+        self.strategy = strategy_for(strategy)
+        self.backend = backend_from_url(backend) if isinstance(backend, str) else backend
+        self.memory = self.backend if isinstance(self.backend, MemoryBackend) else None
+        self.key = _key_function(key)
+        self.proxies = (
+            trusted_proxies
+            if isinstance(trusted_proxies, TrustedProxies)
+            else TrustedProxies(trusted_proxies)
+        )
+        self.policies = tuple(
+            _Policy.build(route, route_limit, _route_matcher(route))
+            for route, route_limit in (routes or {}).items()
+        )
+        self.default_policy = _Policy.build("*", limit, lambda path: True)
+        paths = tuple(exempt_paths)
+        self.exempt_exact = frozenset(p.rstrip("/") or "/" for p in paths)
+        self.exempt_prefixes = tuple(p.rstrip("/") + "/" for p in paths)
+        self.cost = cost
+        self.deny_on_error = on_backend_error == "deny"
+        self.backend_timeout = backend_timeout
+        self.logger = logger if logger is not None else _logger
+        self.backend_errors = 0
+        self._last_error_log = -math.inf
+
+    async def handle(
+        self, context: RequestContext, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        path = scope["path"]
+        if path in self.exempt_exact or path.startswith(self.exempt_prefixes):
+            await self.app(scope, receive, send)
+            return
+        policy = self._policy_for(path) if self.policies else self.default_policy
+        client = self.proxies.apply(context, scope) if self.proxies.networks else context.client
+        identity = self._identity(scope, client) if self.key is not None else f"ip:{client}"
+        cost = self.cost if isinstance(self.cost, int) else self._cost(scope)
+        try:
+            if self.memory is not None:  # nothing to wait for: no coroutine, no timeout scope
+                decision = self.memory.decide_now(
+                    self.strategy, policy.bucket + identity, policy.rates, cost
+                )
+            else:
+                with anyio.fail_after(self.backend_timeout):
+                    decision = await self.backend.decide(
+                        self.strategy, policy.bucket + identity, policy.rates, cost
+                    )
+        except Exception as exc:
+            self._report_backend_error(exc)
+            if self.deny_on_error:
+                await _send_problem(context, scope, send, 503, "Rate limiting is unavailable")
+            else:
+                await self.app(scope, receive, send)
+            return
+        context.rate_limited = not decision.allowed
+        headers = policy.headers(decision)
+        if not decision.allowed:
+            await self._send_429(context, scope, send, decision, headers)
+            return
+
+        async def send_with_rate_limit_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_rate_limit_headers)
+
+    async def _send_429(
+        self,
+        context: RequestContext,
+        scope: Scope,
+        send: Send,
+        decision: Decision,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        if math.isfinite(decision.retry_after):
+            retry_after = max(1, math.ceil(decision.retry_after))
+            headers.append((b"retry-after", b"%d" % retry_after))
+            detail = f"Rate limit exceeded; retry in {retry_after} s"
+        else:
+            detail = "This request costs more than the rate limit allows"
+        await _send_problem(context, scope, send, 429, detail, headers)
+
+    def _policy_for(self, path: str) -> _Policy:
+        for policy in self.policies:
+            if policy.match(path):
+                return policy
+        return self.default_policy
+
+    def _identity(self, scope: Scope, client: str | None) -> str:
+        assert self.key is not None
+        try:
+            identity = self.key(scope)
+        except Exception:
+            self.logger.exception("Rate limit key function failed; limiting by client address")
+            identity = None
+        return identity if identity else f"ip:{client}"
+
+    def _cost(self, scope: Scope) -> int:
+        assert callable(self.cost)
+        try:
+            cost = int(self.cost(scope))
+        except Exception:
+            self.logger.exception("Rate limit cost function failed; counting 1")
+            return 1
+        return max(1, cost)
+
+    def _report_backend_error(self, exc: Exception) -> None:
+        self.backend_errors += 1
+        now = monotonic()
+        if now - self._last_error_log >= _ERROR_LOG_INTERVAL:
+            self._last_error_log = now
+            self.logger.warning(
+                "Rate limit backend failed (%d failures so far), %s: %s",
+                self.backend_errors,
+                "denying" if self.deny_on_error else "allowing",
+                "timed out" if isinstance(exc, TimeoutError) else repr(exc),
+            )
+
+
+async def _send_problem(
+    context: RequestContext,
+    scope: Scope,
+    send: Send,
+    status: int,
+    detail: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    start, body = render_error(context, scope, status, detail=detail, headers=headers or ())
+    await send(start)
+    await send(body)
+
+
+def _route_matcher(route: str) -> Callable[[str], bool]:
+    if not route.startswith("/"):
+        raise ValueError(f"routes keys must start with '/', got {route!r}")
+    if "{" in route:
+        regex = compile_path(route)[0]  # Starlette's own template syntax, converters included
+        return lambda path: regex.match(path) is not None
+    prefix = route.rstrip("/")
+    return lambda path: path == prefix or path.startswith(prefix + "/") or not prefix
+
+
+def _key_function(key: str | KeyFunction) -> KeyFunction | None:
+    """The key callable; ``None`` for the client address (the fast, common case)."""
+    if callable(key):
+        return key
+    if key == "ip":
+        return None
+    if key == "user":
+        return _user_key
+    if key.lower().startswith("header:") and key[7:].strip():
+        name = key[7:].strip().lower().encode("latin-1")
+        return lambda scope: _header_key(scope, name)
+    raise ValueError(f"key must be 'ip', 'user', 'header:<name>' or a callable, got {key!r}")
+
+
+def _header_key(scope: Scope, name: bytes) -> str | None:
+    for header, value in scope["headers"]:
+        if header == name and value:
+            return "key:" + bytes(value).decode("latin-1")
+    return None
+
+
+def _user_key(scope: Scope) -> str | None:
+    user: Any = scope.get("user")
+    if user is None or not getattr(user, "is_authenticated", True):
+        return None
+    identity = getattr(user, "identity", None) or getattr(user, "username", None) or str(user)
+    return f"user:{identity}"
