@@ -36,6 +36,7 @@ __all__ = [
     "LifespanState",
     "ResourceReport",
     "StartupError",
+    "describe_error",
 ]
 
 _logger = logging.getLogger("asgi_resilience.lifespan")
@@ -281,10 +282,11 @@ class Lifespan:
     async def _start(self) -> None:
         self.state = "starting"
         began = perf_counter()
+        finished: dict[str, CheckResult] = {}
         try:
             with anyio.fail_after(self.startup_timeout):
                 await self._open_resources()
-                results = await self.run_checks(startup=True)
+                results = await self.run_checks(startup=True, into=finished)
             self.startup_results = results
             failures = tuple(r for r in results.values() if not r.ok and r.critical)
             if failures:
@@ -294,7 +296,9 @@ class Lifespan:
             await self._close_resources()
             self.state = "failed"
             if isinstance(exc, TimeoutError):
-                message = f"startup failed: timed out after {self.startup_timeout:g}s"
+                pending = [repr(name) for name in self.checks if name not in finished]
+                waiting_for = f" waiting for check {', '.join(pending)}" if pending else ""
+                message = f"startup failed: timed out after {self.startup_timeout:g}s{waiting_for}"
                 self.logger.error("%s", message)
                 raise StartupError(message) from None
             self.logger.error("%s", exc)
@@ -333,22 +337,26 @@ class Lifespan:
             except Exception as exc:
                 raise StartupError(
                     f"startup failed: resource {resource.name!r} could not be opened: "
-                    f"{_describe(exc)}"
+                    f"{describe_error(exc)}"
                 ) from exc
             self.values[resource.name] = value
             self._opened.append(
                 _Resource(resource.name, resource.timeout, _closer(resource.name, generator))
             )
 
-    async def run_checks(self, *, startup: bool = False) -> dict[str, CheckResult]:
+    async def run_checks(
+        self, *, startup: bool = False, into: dict[str, CheckResult] | None = None
+    ) -> dict[str, CheckResult]:
         """Run the checks concurrently, each under its own timeout, and return their results.
 
         Args:
             startup: run every check with its ``attempts``; otherwise only the readiness
                 checks, once each (what ``/health/ready`` does).
+            into: a dict to fill as checks finish (to know which were still running if the
+                caller's deadline cut them short).
         """
         checks = [c for c in self.checks.values() if startup or c.readiness]
-        results: dict[str, CheckResult] = {}
+        results: dict[str, CheckResult] = {} if into is None else into
         async with anyio.create_task_group() as group:
             for check in checks:
                 group.start_soon(self._run_check, check, check.attempts if startup else 1, results)
@@ -367,7 +375,7 @@ class Lifespan:
                 with anyio.move_on_after(check.timeout) as deadline:
                     outcome = await _call(check.function)
             except Exception as exc:
-                error = _describe(exc)
+                error = describe_error(exc)
             else:
                 if deadline.cancelled_caught:
                     error = f"timed out after {check.timeout:g}s"
@@ -499,7 +507,7 @@ class Lifespan:
             try:
                 await _call(resource.close)
             except Exception as exc:
-                outcome, error = "error", _describe(exc)
+                outcome, error = "error", describe_error(exc)
         if scope.cancelled_caught:
             outcome = "timeout"
             error = f"abandoned after {budget:g}s" if budget else "shutdown_timeout exhausted"
@@ -516,7 +524,7 @@ class Lifespan:
             try:
                 sections[name] = await _call(provider)
             except Exception as exc:
-                sections[name] = {"error": _describe(exc)}
+                sections[name] = {"error": describe_error(exc)}
         return {
             "state": self.state,
             "uptime_seconds": round(uptime, 3) if uptime is not None else None,
@@ -675,7 +683,7 @@ class _InnerLifespan:
             self.logger.debug("The wrapped app does not support the lifespan protocol")
             return None
         exception = reply.get("exception")
-        return f"application shutdown failed: {_describe(exception)}" if exception else None
+        return f"application shutdown failed: {describe_error(exception)}" if exception else None
 
 
 async def _not_opened() -> None:
@@ -707,8 +715,9 @@ async def _call(function: Callable[[], Any]) -> Any:
 _CREDENTIALS = re.compile(r"(\w[\w+.-]*://[^:/@\s]*:)[^@\s]+@")
 
 
-def _describe(exc: BaseException) -> str:
-    """``Type: message`` for reports, credentials in URLs masked, cut to a readable length."""
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` for reports operators and probes see: credentials in URLs masked
+    (``postgresql://user:***@db``), cut to a readable length."""
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     text = _CREDENTIALS.sub(r"\1***@", text)
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
