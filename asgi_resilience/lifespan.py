@@ -326,19 +326,21 @@ class Lifespan:
                 self._opened.append(resource)
                 continue
             generator = resource.factory()
+            value: Any = None
             try:
-                with anyio.fail_after(resource.timeout):
+                # move_on_after: a TimeoutError the setup raises itself is its own error.
+                with anyio.move_on_after(resource.timeout) as deadline:
                     value = await generator.__anext__()
-            except TimeoutError:
-                raise StartupError(
-                    f"startup failed: resource {resource.name!r} did not open within "
-                    f"{resource.timeout:g}s"
-                ) from None
             except Exception as exc:
                 raise StartupError(
                     f"startup failed: resource {resource.name!r} could not be opened: "
                     f"{describe_error(exc)}"
                 ) from exc
+            if deadline.cancelled_caught:
+                raise StartupError(
+                    f"startup failed: resource {resource.name!r} did not open within "
+                    f"{resource.timeout:g}s"
+                )
             self.values[resource.name] = value
             self._opened.append(
                 _Resource(resource.name, resource.timeout, _closer(resource.name, generator))
@@ -646,6 +648,7 @@ class _InnerLifespan:
         self.scope = scope
         self.logger = logger
         self.supported = True
+        self.received = False  # the app called receive(): it speaks the lifespan protocol
         self.to_app, self.app_inbox = anyio.create_memory_object_stream[Message](2)
         self.app_outbox, self.from_app = anyio.create_memory_object_stream[Message](2)
 
@@ -658,8 +661,13 @@ class _InnerLifespan:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         task_status.started()
+
+        async def receive() -> Message:
+            self.received = True
+            return await self.app_inbox.receive()
+
         try:
-            await self.app(self.scope, self.app_inbox.receive, self.app_outbox.send)
+            await self.app(self.scope, receive, self.app_outbox.send)
         except Exception as exc:
             await self.app_outbox.send({"type": "_raised", "exception": exc})
         else:
@@ -676,13 +684,15 @@ class _InnerLifespan:
             return None
         if reply["type"] == f"lifespan.{phase}.failed":
             return f"application {phase} failed: {reply.get('message', '')}".rstrip(": ")
+        exception = reply.get("exception")
+        if phase == "startup" and exception is not None and self.received:
+            return f"application startup failed: {describe_error(exception)}"
         if phase == "startup":
-            # Raised or returned before answering: the app does not do lifespan (as uvicorn's
-            # "auto" mode decides). It runs without it.
+            # Raised before receiving, or returned: the app does not do lifespan (as uvicorn's
+            # "auto" mode and asgi-lifespan decide). It runs without it.
             self.supported = False
             self.logger.debug("The wrapped app does not support the lifespan protocol")
             return None
-        exception = reply.get("exception")
         return f"application shutdown failed: {describe_error(exception)}" if exception else None
 
 
