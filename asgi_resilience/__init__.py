@@ -33,6 +33,7 @@ from .lifespan import (
     ResourceReport,
     StartupError,
 )
+from .metrics import Metrics, MetricsMiddleware, metrics_app
 from .proxies import TrustedProxies
 from .ratelimit import MemoryBackend, Rate, RateLimitMiddleware
 from .request_id import (
@@ -42,6 +43,7 @@ from .request_id import (
     get_request_id,
 )
 from .stack import BuiltinEndpoints, ResilientApp, resilient
+from .tracing import TracingMiddleware
 
 __version__ = "0.1.0"
 
@@ -63,6 +65,8 @@ __all__ = [
     "Lifespan",
     "LifespanMiddleware",
     "MemoryBackend",
+    "Metrics",
+    "MetricsMiddleware",
     "NotFound",
     "Rate",
     "RateLimitMiddleware",
@@ -74,6 +78,7 @@ __all__ = [
     "ServiceUnavailable",
     "StartupError",
     "TooManyRequests",
+    "TracingMiddleware",
     "TrustedProxies",
     "Unauthorized",
     "UnprocessableEntity",
@@ -81,6 +86,7 @@ __all__ = [
     "add_envelope_meta",
     "generate_request_id",
     "get_request_id",
+    "metrics_app",
     "render_error",
     "resilient",
     "skip_envelope",

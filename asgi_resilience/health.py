@@ -148,6 +148,9 @@ class HealthApp:
         try:
             results = await lifespan.run_checks()
             self._cached = (monotonic(), results)
+            metrics = lifespan.metrics
+            for name, result in results.items():
+                metrics.child(metrics.health_check_up, name).set(1 if result.ok else 0)
         finally:
             self._running = None
             running.set()

@@ -25,8 +25,10 @@ from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
+from prometheus_client import CollectorRegistry
 
 from .exceptions import AsgiResilienceError
+from .metrics import Metrics
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
@@ -83,10 +85,16 @@ class CheckResult:
     error: str | None = None
     critical: bool = True
     attempts: int = 1
+    timed_out: bool = False
 
     @property
     def status(self) -> Literal["up", "down"]:
         return "up" if self.ok else "down"
+
+    @property
+    def outcome(self) -> Literal["ok", "error", "timeout"]:
+        """The ``outcome`` label of the check duration metric."""
+        return "ok" if self.ok else "timeout" if self.timed_out else "error"
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,8 @@ class Lifespan:
             as long as your load balancer takes to stop routing to a pod that is not ready.
         drain_timeout: seconds shutdown waits for in-flight requests.
         logger: where startup and shutdown are reported (``asgi_resilience.lifespan``).
+        registry: the Prometheus registry for check and shutdown durations (the global one
+            by default; ``resilient(registry=...)`` sets it when left unset).
     """
 
     def __init__(
@@ -146,6 +156,7 @@ class Lifespan:
         drain_delay: float = 0,
         drain_timeout: float = 20,
         logger: logging.Logger | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         for option, value in (
             ("startup_timeout", startup_timeout),
@@ -161,6 +172,7 @@ class Lifespan:
         self.drain_delay = drain_delay
         self.drain_timeout = drain_timeout
         self.logger = logger if logger is not None else _logger
+        self.registry = registry
         self.state: LifespanState = "idle"
         self.checks: dict[str, Check] = {}
         self.startup_results: dict[str, CheckResult] = {}
@@ -176,6 +188,11 @@ class Lifespan:
         self._handing_over = False
         self._drain_timer: threading.Timer | None = None
         self._idle: anyio.Event | None = None
+
+    @property
+    def metrics(self) -> Metrics:
+        """The Prometheus collectors this lifespan (and its health endpoints) report to."""
+        return Metrics.for_registry(self.registry)
 
     # -- registration ----------------------------------------------------------------------
 
@@ -304,6 +321,9 @@ class Lifespan:
             self.logger.error("%s", exc)
             raise
         for result in results.values():
+            self.metrics.child(self.metrics.startup_checks, result.name, result.outcome).observe(
+                result.duration
+            )
             if not result.ok:
                 self.logger.warning(
                     "Non-critical check %r failed: %s; starting degraded", result.name, result.error
@@ -369,6 +389,7 @@ class Lifespan:
     ) -> None:
         began = perf_counter()
         error = "not run"
+        timed_out = False
         for attempt in range(1, attempts + 1):
             outcome: Any = False
             try:
@@ -377,9 +398,10 @@ class Lifespan:
                 with anyio.move_on_after(check.timeout) as deadline:
                     outcome = await _call(check.function)
             except Exception as exc:
-                error = describe_error(exc)
+                error, timed_out = describe_error(exc), False
             else:
-                if deadline.cancelled_caught:
+                timed_out = deadline.cancelled_caught
+                if timed_out:
                     error = f"timed out after {check.timeout:g}s"
                 elif outcome is False:
                     error = "returned False"
@@ -394,7 +416,7 @@ class Lifespan:
                 )
                 await anyio.sleep(min(0.1 * 2 ** (attempt - 1), _MAX_BACKOFF))
         results[check.name] = CheckResult(
-            check.name, False, perf_counter() - began, error, check.critical, attempts
+            check.name, False, perf_counter() - began, error, check.critical, attempts, timed_out
         )
 
     # -- draining --------------------------------------------------------------------------
@@ -489,7 +511,10 @@ class Lifespan:
         while self._opened:
             resource = self._opened.pop()
             budget = max(0.0, min(resource.timeout, deadline - monotonic()))
-            reports.append(await self._close_one(resource, budget))
+            report = await self._close_one(resource, budget)
+            reports.append(report)
+            histogram = self.metrics.shutdown_resources
+            self.metrics.child(histogram, report.name, report.outcome).observe(report.duration)
         if reports:
             failed = [r for r in reports if r.outcome != "ok"]
             self.logger.log(

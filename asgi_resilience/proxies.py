@@ -22,8 +22,9 @@ __all__ = ["TrustedProxies"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-_MAX_HOPS = 32  # hops examined from the right; a longer chain is not worth walking
+_MAX_HOPS = 32  # hops examined from the right
 _MAX_HEADER_BYTES = 8192
+_CUT = "(cut)"  # stands for the part of an oversized header that was not read
 
 
 class TrustedProxies:
@@ -71,7 +72,7 @@ class TrustedProxies:
         if peer_address is None or not self.is_trusted(peer_address):
             return peer
         hops = _forwarded_hops(scope["headers"])
-        if hops is None:
+        if not hops:
             return peer
         for hop in reversed(hops[-_MAX_HOPS:]):
             address = _parse_address(hop)
@@ -79,9 +80,10 @@ class TrustedProxies:
                 return peer  # malformed: believe nothing further left
             if not self.is_trusted(address):
                 return str(address)
+        if len(hops) > _MAX_HOPS or hops[0] is _CUT:
+            return peer  # ours as far as we looked; beyond that we did not look
         # Every hop is one of ours: the leftmost is as close to the client as we can get.
-        leftmost = _parse_address(hops[0]) if hops else None
-        return str(leftmost) if leftmost is not None else peer
+        return str(_parse_address(hops[0]))
 
 
 def _forwarded_hops(headers: Iterable[tuple[bytes, bytes]]) -> Sequence[str] | None:
@@ -95,12 +97,20 @@ def _forwarded_hops(headers: Iterable[tuple[bytes, bytes]]) -> Sequence[str] | N
         elif name == b"x-forwarded-for":
             x_forwarded_for.append(value)
     if forwarded:
-        joined = b",".join(forwarded)[-_MAX_HEADER_BYTES:].decode("latin-1")
-        return [_forwarded_for(element) for element in joined.split(",")]
+        return [_forwarded_for(element) for element in _right_end(forwarded)]
     if x_forwarded_for:
-        joined = b",".join(x_forwarded_for)[-_MAX_HEADER_BYTES:].decode("latin-1")
-        return [hop.strip() for hop in joined.split(",")]
+        return [hop.strip() for hop in _right_end(x_forwarded_for)]
     return None
+
+
+def _right_end(values: list[bytes]) -> list[str]:
+    """The comma-separated elements of the joined header values; of an oversized header only
+    the right end (what our own proxies wrote), without the element the cut went through."""
+    joined = b",".join(values)
+    if len(joined) <= _MAX_HEADER_BYTES:
+        return joined.decode("latin-1").split(",")
+    # The element the cut went through is replaced by a mark the walk stops at.
+    return [_CUT, *joined[-_MAX_HEADER_BYTES:].decode("latin-1").split(",")[1:]]
 
 
 def _forwarded_for(element: str) -> str:

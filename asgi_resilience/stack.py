@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
+from typing import Literal
+
+from opentelemetry.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 
 from .access_log import DEFAULT_EXCLUDE_PATHS, AccessLogMiddleware
 from .envelope import EnvelopeMiddleware
 from .errors import ErrorMiddleware
 from .health import HealthApp
 from .lifespan import Lifespan, LifespanMiddleware
+from .metrics import MetricsMiddleware, metrics_app
 from .proxies import TrustedProxies
 from .ratelimit import (
     Backend,
@@ -19,6 +25,7 @@ from .ratelimit import (
     backend_from_url,
 )
 from .request_id import RequestIdMiddleware
+from .tracing import TracingMiddleware
 from .types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["BuiltinEndpoints", "ResilientApp", "resilient"]
@@ -71,13 +78,21 @@ def resilient(
     rate_limit_key: str | KeyFunction = "ip",
     rate_limit_routes: Mapping[str, str] | None = None,
     rate_limit_exempt_paths: Iterable[str] = (),
+    rate_limit_on_backend_error: Literal["allow", "deny"] = "allow",
+    rate_limit_backend_timeout: float = 0.05,
     trusted_proxies: Iterable[str] = (),
+    metrics: bool = True,
+    metrics_path: str | None = "/metrics",
+    registry: CollectorRegistry | None = None,
+    tracing: bool = True,
+    tracer_provider: TracerProvider | None = None,
 ) -> ResilientApp:
     """Wrap ``app`` in the asgi_resilience stack and return the new ASGI application.
 
     Layers, outermost first: the lifespan (checks, resources, draining; the app's own lifespan
-    kept), request ids, access log, error normalization, the health endpoints, rate limits
-    (only with ``rate_limit``), envelopes (only when ``envelope=True``), then ``app``. Errors
+    kept), request ids, tracing, metrics, access log, error normalization, the built-in
+    endpoints (``/metrics``, health), rate limits (only with ``rate_limit``), envelopes (only
+    when ``envelope=True``), then ``app``. Errors
     take the envelope shape when envelopes are on, the RFC 9457 problem shape otherwise.
     WebSocket scopes pass through every layer.
 
@@ -108,15 +123,25 @@ def resilient(
         rate_limit_key: ``"ip"``, ``"user"``, ``"header:<name>"`` or a callable.
         rate_limit_routes: route template or path prefix -> limit.
         rate_limit_exempt_paths: paths never limited.
+        rate_limit_on_backend_error: ``"allow"`` or ``"deny"`` (503) when the backend fails.
+        rate_limit_backend_timeout: seconds a rate limit decision may take.
         trusted_proxies: proxy addresses/networks whose forwarding headers name the client,
             for the rate limiter and the access log alike.
+        metrics: record Prometheus request metrics.
+        metrics_path: where the metrics are served (``None``: not served).
+        registry: the Prometheus registry for every metric of the stack (the global one by
+            default; inject one per test).
+        tracing: open an OpenTelemetry SERVER span per request (a pass-through without SDK).
+        tracer_provider: the provider for those spans (the global one by default).
 
     Raises:
         ValueError: an option is invalid, or ``app`` is already wrapped.
     """
     if isinstance(app, ResilientApp):
         raise ValueError("app is already wrapped by resilient(); wrap the original app once")
-    lifespan = lifespan if lifespan is not None else Lifespan()
+    lifespan = lifespan if lifespan is not None else Lifespan(registry=registry)
+    if lifespan.registry is None:
+        lifespan.registry = registry
     proxies = TrustedProxies(trusted_proxies)
     stack: ASGIApp = app
     if envelope:
@@ -135,7 +160,11 @@ def resilient(
             trusted_proxies=proxies,
             routes=rate_limit_routes,
             exempt_paths=rate_limit_exempt_paths,
+            on_backend_error=rate_limit_on_backend_error,
+            backend_timeout=rate_limit_backend_timeout,
+            registry=registry,
         )
+    endpoints: dict[str, ASGIApp] = {}
     health = None
     if health_path is not None:
         health = HealthApp(
@@ -145,7 +174,13 @@ def resilient(
             status_details=health_status_details,
             version=version,
         )
-        stack = BuiltinEndpoints(stack, endpoints=dict.fromkeys(health.paths, health))
+        endpoints.update(dict.fromkeys(health.paths, health))
+    if metrics_path is not None:
+        endpoints[metrics_path] = metrics_app(registry)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            lifespan.add_resource("prometheus-multiprocess", _mark_process_dead, timeout=2)
+    if endpoints:
+        stack = BuiltinEndpoints(stack, endpoints=endpoints)
     if errors:
         stack = ErrorMiddleware(stack, debug=debug, format="envelope" if envelope else "problem")
     if access_log:
@@ -156,12 +191,24 @@ def resilient(
             slow_threshold=slow_threshold,
             trusted_proxies=proxies,
         )
+    if metrics:
+        excluded = [p for p in (metrics_path, health_path, "/livez", "/readyz") if p]
+        stack = MetricsMiddleware(stack, registry=registry, exclude_paths=excluded)
+    if tracing:
+        stack = TracingMiddleware(stack, tracer_provider=tracer_provider)
     if request_ids:
         stack = RequestIdMiddleware(
             stack, header_name=request_id_header, trust_incoming=trust_incoming_request_id
         )
     stack = LifespanMiddleware(stack, lifespan=lifespan)
     return ResilientApp(app, stack, lifespan, health)
+
+
+def _mark_process_dead() -> None:
+    """Tell prometheus_client's multiprocess mode this worker is gone (its live gauges too)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
 
 class BuiltinEndpoints:

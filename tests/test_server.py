@@ -99,7 +99,8 @@ async def test_sigterm_drains_in_flight_requests_before_resources_close(
             for _ in range(50):
                 group.start_soon(slow_request)
             with anyio.fail_after(10):
-                while (await client.get("/in-flight")).json()["in_flight"] < 51:
+                # Polling another process: no event to wait on.
+                while (await client.get("/in-flight")).json()["in_flight"] < 51:  # noqa: ASYNC110
                     await anyio.sleep(0.02)  # 50 slow ones and this probe itself
             process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
@@ -116,7 +117,8 @@ async def test_sigterm_drains_in_flight_requests_before_resources_close(
     assert statuses == [200] * 50
     output, _ = process.communicate(timeout=20)
     assert process.returncode in (0, -signal.SIGTERM), output
-    events = [line.split(" ", 1) for line in events_file.read_text().splitlines()]
+    text = await anyio.Path(events_file).read_text()
+    events = [line.split(" ", 1) for line in text.splitlines()]
     names = [name for _, name in events]
     assert names.count("request-end") == 50
     last_request_end = max(float(t) for t, name in events if name == "request-end")

@@ -18,8 +18,10 @@ from starlette.websockets import WebSocket
 from asgi_resilience import (
     BuiltinEndpoints,
     LifespanMiddleware,
+    MetricsMiddleware,
     NotFound,
     ResilientApp,
+    TracingMiddleware,
     get_request_id,
     resilient,
 )
@@ -157,13 +159,22 @@ async def test_stack_order_and_switches() -> None:
     assert layers == [
         LifespanMiddleware,
         RequestIdMiddleware,
+        TracingMiddleware,
+        MetricsMiddleware,
         AccessLogMiddleware,
         ErrorMiddleware,
         BuiltinEndpoints,
         EnvelopeMiddleware,
     ]
     bare = resilient(
-        raw_app, request_ids=False, access_log=False, errors=False, health_path=None
+        raw_app,
+        request_ids=False,
+        access_log=False,
+        errors=False,
+        health_path=None,
+        metrics=False,
+        metrics_path=None,
+        tracing=False,
     )
     assert isinstance(bare.stack, LifespanMiddleware) and bare.stack.app is raw_app
     assert bare.health is None

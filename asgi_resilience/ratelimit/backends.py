@@ -77,7 +77,13 @@ class MemoryBackend:
         now = self.clock()
         entries = self._entries
         entry = entries.get(key)
-        state = entry[0] if entry is not None and entry[1] > now else None
+        state = None
+        if entry is not None:
+            if entry[1] > now:
+                state = entry[0]
+                entries.move_to_end(key)  # a refused client is in use too: keep its state
+            else:
+                del entries[key]  # expired: dropped as soon as it is looked at
         decision, new_state, ttl = strategy.decide(state, now, rates, cost)
         if new_state is not None:
             entries[key] = (new_state, now + ttl)

@@ -10,10 +10,12 @@ from time import monotonic
 from typing import Any, Literal
 
 import anyio
+from prometheus_client import CollectorRegistry
 from starlette.routing import compile_path
 
 from ..context import ContextMiddleware, RequestContext
 from ..errors import render_error
+from ..metrics import Metrics
 from ..proxies import TrustedProxies
 from ..types import ASGIApp, Message, Receive, Scope, Send
 from .backends import Backend, MemoryBackend, backend_from_url
@@ -31,6 +33,7 @@ _ERROR_LOG_INTERVAL = 10.0  # seconds between two logs of a failing backend
 class _Policy:
     """The rates that apply to a set of paths, and the header parts that announce them."""
 
+    name: str
     bucket: str
     rates: tuple[Rate, ...]
     match: Callable[[str], bool]
@@ -40,9 +43,11 @@ class _Policy:
     @classmethod
     def build(cls, bucket: str, limit: str, match: Callable[[str], bool]) -> _Policy:
         rates = parse_rates(limit)
-        header = ", ".join(f'"{r.name}";q={r.amount};w={r.period:g}' for r in rates)
+        # The draft's window is whole seconds: a fractional period is announced rounded up.
+        header = ", ".join(f'"{r.name}";q={r.amount};w={math.ceil(r.period)}' for r in rates)
         prefixes = tuple(f'"{r.name}";r='.encode() for r in rates)
-        return cls(f"{bucket}|", rates, match, header.encode(), prefixes)
+        name = "default" if bucket == "*" else bucket
+        return cls(name, f"{bucket}|", rates, match, header.encode(), prefixes)
 
     def headers(self, decision: Decision) -> list[tuple[bytes, bytes]]:
         """``RateLimit-Policy``, ``RateLimit`` and the legacy headers for ``decision``."""
@@ -106,6 +111,9 @@ class RateLimitMiddleware(ContextMiddleware):
             backend fails or exceeds ``backend_timeout``.
         backend_timeout: seconds a decision may take.
         logger: where backend failures are reported (``asgi_resilience.ratelimit``).
+        registry: the Prometheus registry for
+            ``asgi_resilience_rate_limit_decisions_total{policy, outcome}`` (policy: the route
+            key, ``default`` for the default limit).
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class RateLimitMiddleware(ContextMiddleware):
         on_backend_error: Literal["allow", "deny"] = "allow",
         backend_timeout: float = 0.05,
         logger: logging.Logger | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         if on_backend_error not in ("allow", "deny"):
             raise ValueError(
@@ -130,8 +139,8 @@ class RateLimitMiddleware(ContextMiddleware):
             )
         if not backend_timeout > 0:
             raise ValueError(f"backend_timeout must be > 0 seconds, got {backend_timeout!r}")
-        if isinstance(cost, int) and cost < 1:
-            raise ValueError(f"cost must be >= 1, got {cost!r}")
+        if not callable(cost) and (not isinstance(cost, int) or isinstance(cost, bool) or cost < 1):
+            raise ValueError(f"cost must be an integer >= 1 or a callable, got {cost!r}")
         self.app = app
         self.strategy = strategy_for(strategy)
         self.backend = backend_from_url(backend) if isinstance(backend, str) else backend
@@ -154,6 +163,15 @@ class RateLimitMiddleware(ContextMiddleware):
         self.deny_on_error = on_backend_error == "deny"
         self.backend_timeout = backend_timeout
         self.logger = logger if logger is not None else _logger
+        self.metrics = Metrics.for_registry(registry)
+        decisions = self.metrics.rate_limit_decisions
+        self._outcomes = {
+            policy.bucket: tuple(
+                decisions.labels(policy.name, outcome)
+                for outcome in ("allowed", "limited", "error")
+            )
+            for policy in (*self.policies, self.default_policy)
+        }
         self.backend_errors = 0
         self._last_error_log = -math.inf
 
@@ -179,6 +197,7 @@ class RateLimitMiddleware(ContextMiddleware):
                         self.strategy, policy.bucket + identity, policy.rates, cost
                     )
         except Exception as exc:
+            self._outcomes[policy.bucket][2].inc()
             self._report_backend_error(exc)
             if self.deny_on_error:
                 await _send_problem(context, scope, send, 503, "Rate limiting is unavailable")
@@ -186,6 +205,7 @@ class RateLimitMiddleware(ContextMiddleware):
                 await self.app(scope, receive, send)
             return
         context.rate_limited = not decision.allowed
+        self._outcomes[policy.bucket][0 if decision.allowed else 1].inc()
         headers = policy.headers(decision)
         if not decision.allowed:
             await self._send_429(context, scope, send, decision, headers)

@@ -49,6 +49,14 @@ class Rate:
         object.__setattr__(self, "interval", self.period / self.amount)  # read per decision
 
 
+def seconds_text(seconds: float) -> str:
+    """``2592000`` for 30 days, ``0.5`` for half a second: never an exponent, which structured
+    header fields do not allow."""
+    if seconds == int(seconds):
+        return str(int(seconds))
+    return f"{seconds:.6f}".rstrip("0").rstrip(".")
+
+
 def _unit_seconds(unit: str) -> int | None:
     unit = unit.lower()
     if unit not in _UNITS and len(unit) > 2 and unit.endswith("s"):
@@ -79,7 +87,7 @@ def parse_rates(text: str) -> tuple[Rate, ...]:
         multiple = float(match.group("multiple") or 1)
         period = multiple * unit
         amount = int(match.group("amount"))
-        rates.append(Rate(amount, period, f"{amount}-per-{period:g}s"))
+        rates.append(Rate(amount, period, f"{amount}-per-{seconds_text(period)}s"))
     if not rates:
         raise ValueError(f"no rate in {text!r}: expected e.g. '100/minute'")
     return tuple(rates)

@@ -47,9 +47,16 @@ class RedisBackend:
         self._scripts: dict[str, Any] = {}
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> RedisBackend:
-        """A backend with its own client for ``url`` (``redis://host:6379/0``)."""
-        return cls(redis_asyncio.from_url(url), **options)
+    def from_url(cls, url: str, *, max_connections: int = 100, **options: Any) -> RedisBackend:
+        """A backend with its own client for ``url`` (``redis://host:6379/0``).
+
+        Its pool blocks when all ``max_connections`` are busy instead of failing at once (a
+        burst would otherwise turn into backend errors, and with ``on_backend_error="allow"``
+        into admitted requests); the middleware's ``backend_timeout`` bounds the wait. Give
+        your own client a ``BlockingConnectionPool`` for the same reason.
+        """
+        pool = redis_asyncio.BlockingConnectionPool.from_url(url, max_connections=max_connections)
+        return cls(redis_asyncio.Redis.from_pool(pool), **options)
 
     async def decide(
         self, strategy: Strategy, key: str, rates: Sequence[Rate], cost: int

@@ -1,0 +1,260 @@
+"""Prometheus metrics: per-request histograms labelled by route template, and ``/metrics``.
+
+Built on ``prometheus_client`` (its collectors, exposition and multiprocess mode); what is ours
+is the labelling (route templates from the request context, never raw paths; unknown methods
+collapsed), the cached label children (``labels()`` costs more than an observation), and one
+set of collectors per registry, so two apps or the same test twice never register twice.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Iterable
+from time import perf_counter
+from typing import Any
+
+from opentelemetry import trace
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+from .context import ContextMiddleware, RequestContext
+from .types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["Metrics", "MetricsMiddleware", "metrics_app"]
+
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"}
+)
+OTHER_METHOD = "_OTHER"  # as OpenTelemetry's HTTP conventions name unknown methods
+DISCONNECTED_STATUS = "499"  # nginx's "client closed request": no status was sent
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+
+_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
+
+
+class Metrics:
+    """Every collector asgi_resilience exports, registered once per registry.
+
+    ``Metrics.for_registry(registry)`` returns the same object for the same registry, so any
+    number of middlewares, lifespans and apps share it. Attributes are the collectors named in
+    the design (``request_duration``, ``time_to_first_byte``, ``active_requests``,
+    ``response_body_bytes``, ``exceptions``, ``rate_limit_decisions``, ``startup_checks``,
+    ``shutdown_resources``, ``health_check_up``, ``breaker_state``, ``breaker_calls``).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.request_duration = Histogram(
+            "http_server_request_duration_seconds",
+            "Duration of HTTP server requests, to the last body byte sent.",
+            ["method", "route", "status_code"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.time_to_first_byte = Histogram(
+            "http_server_time_to_first_byte_seconds",
+            "Time from the request to the start of its response.",
+            ["method", "route"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.active_requests = Gauge(
+            "http_server_active_requests",
+            "HTTP server requests in flight.",
+            ["method"],
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.response_body_bytes = Histogram(
+            "http_server_response_body_bytes",
+            "Response body bytes actually sent.",
+            ["method", "route", "status_code"],
+            buckets=SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.exceptions = Counter(
+            "http_server_exceptions",
+            "Exceptions raised while handling HTTP requests.",
+            ["route", "exception_type"],
+            registry=registry,
+        )
+        self.rate_limit_decisions = Counter(
+            "asgi_resilience_rate_limit_decisions",
+            "Rate limit decisions.",
+            ["policy", "outcome"],
+            registry=registry,
+        )
+        self.startup_checks = Histogram(
+            "asgi_resilience_startup_check_duration_seconds",
+            "Duration of startup checks.",
+            ["check", "outcome"],
+            registry=registry,
+        )
+        self.shutdown_resources = Histogram(
+            "asgi_resilience_shutdown_resource_duration_seconds",
+            "Duration of closing each resource at shutdown.",
+            ["resource", "outcome"],
+            registry=registry,
+        )
+        self.health_check_up = Gauge(
+            "asgi_resilience_health_check_up",
+            "1 when the readiness check passed at its last run, else 0.",
+            ["check"],
+            multiprocess_mode="livemin",
+            registry=registry,
+        )
+        self.breaker_state = Gauge(
+            "asgi_resilience_circuit_breaker_state",
+            "1 for the state each circuit breaker is in, 0 for the others.",
+            ["breaker", "state"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.breaker_calls = Counter(
+            "asgi_resilience_circuit_breaker_calls",
+            "Calls through circuit breakers by outcome.",
+            ["breaker", "outcome"],
+            registry=registry,
+        )
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    @classmethod
+    def for_registry(cls, registry: CollectorRegistry | None = None) -> Metrics:
+        """The collectors of ``registry`` (the global ``REGISTRY`` by default), made once."""
+        registry = registry if registry is not None else REGISTRY
+        metrics = _by_registry.get(registry)
+        if metrics is None:
+            metrics = _by_registry[registry] = cls(registry)
+        return metrics
+
+    def child(self, collector: Any, *labels: str) -> Any:
+        """``collector.labels(*labels)``, cached: the lookup is most of an observation's cost."""
+        key = (id(collector), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = collector.labels(*labels)
+        return child
+
+
+class MetricsMiddleware(ContextMiddleware):
+    """Record Prometheus metrics for every HTTP request.
+
+    Handles ``http`` scopes; others pass through. Observes, per request, the duration (to the
+    last body byte: background tasks excluded), the time to first byte, the body bytes really
+    sent, the requests in flight and the exceptions raised, labelled by method (unknown methods
+    as ``_OTHER``), route template (``/items/{item_id}``, unmatched paths as ``<unmatched>``, so
+    random paths add no series) and status code (``499`` when the client went away before a
+    status was sent). With an active span and OpenMetrics scrapes, the duration carries the
+    trace id as an exemplar. Reads and writes no headers; shares the request context's
+    recording. Place it inside tracing and outside the access log.
+
+    Args:
+        app: the ASGI application.
+        registry: the Prometheus registry (the global one by default; inject one per test).
+        exclude_paths: paths (and their subpaths) not measured (the scrape endpoint).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        registry: CollectorRegistry | None = None,
+        exclude_paths: Iterable[str] = ("/metrics",),
+    ) -> None:
+        self.app = app
+        self.metrics = Metrics.for_registry(registry)
+        paths = tuple(exclude_paths)
+        self.exclude_exact = frozenset(p.rstrip("/") or "/" for p in paths)
+        self.exclude_prefixes = tuple(p.rstrip("/") + "/" for p in paths)
+
+    async def handle(
+        self, context: RequestContext, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        path = scope["path"]
+        if path in self.exclude_exact or path.startswith(self.exclude_prefixes):
+            await self.app(scope, receive, send)
+            return
+        metrics = self.metrics
+        method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
+        active = metrics.child(metrics.active_requests, method)
+        active.inc()
+        try:
+            await self.app(scope, receive, context.record(send))
+        except BaseException as exc:
+            if context.exception is None:
+                context.exception = exc
+            raise
+        finally:
+            active.dec()
+            self._observe(context, scope, method)
+
+    def _observe(self, context: RequestContext, scope: Scope, method: str) -> None:
+        metrics = self.metrics
+        route = context.route(scope)
+        if context.status is not None:
+            status = str(context.status)
+        elif context.exception is not None and isinstance(context.exception, Exception):
+            status = "500"  # what the server answers for it
+        else:
+            status = DISCONNECTED_STATUS
+        ended = context.response_ended
+        duration = (ended if ended is not None else perf_counter()) - context.start
+        span_context = trace.get_current_span().get_span_context()
+        exemplar = (
+            {"trace_id": format(span_context.trace_id, "032x")} if span_context.is_valid else None
+        )
+        metrics.child(metrics.request_duration, method, route, status).observe(duration, exemplar)
+        if context.response_started is not None:
+            ttfb = context.response_started - context.start
+            metrics.child(metrics.time_to_first_byte, method, route).observe(ttfb)
+        body_bytes = metrics.child(metrics.response_body_bytes, method, route, status)
+        body_bytes.observe(context.bytes_sent)
+        if context.exception is not None:
+            exception_type = type(context.exception).__name__
+            metrics.child(metrics.exceptions, route, exception_type).inc()
+
+
+def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
+    """An ASGI app serving the registry's metrics (``/metrics``).
+
+    Content negotiation as Prometheus does it: OpenMetrics (with exemplars) when the scraper
+    accepts ``application/openmetrics-text``, the text format 0.0.4 otherwise. With
+    ``PROMETHEUS_MULTIPROC_DIR`` set, every worker's files are aggregated at each scrape.
+    """
+    target = registry if registry is not None else REGISTRY
+
+    async def serve_metrics(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        accept = ""
+        for name, value in scope["headers"]:
+            if name == b"accept":
+                accept = value.decode("latin-1")
+        encoder, content_type = choose_encoder(accept)
+        payload = encoder(_scrape_registry(target))
+        context = RequestContext.current()
+        if context is not None:
+            context.error_rendered = True  # ours: not an error response to rewrite
+        headers = [
+            (b"content-type", content_type.encode("latin-1")),
+            (b"content-length", str(len(payload)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        body = b"" if scope["method"] == "HEAD" else payload
+        await send({"type": "http.response.body", "body": body})
+
+    return serve_metrics
+
+
+def _scrape_registry(registry: CollectorRegistry) -> CollectorRegistry:
+    """In multiprocess mode, a fresh registry reading every worker's files; else ``registry``."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return registry
+    from prometheus_client import multiprocess
+
+    aggregated = CollectorRegistry()
+    multiprocess.MultiProcessCollector(aggregated)  # type: ignore[no-untyped-call]
+    return aggregated

@@ -1,0 +1,177 @@
+"""OpenTelemetry tracing: one SERVER span per request, named by route template, API only.
+
+Only ``opentelemetry-api`` is needed: without an SDK (no real tracer provider configured) the
+middleware does nothing but one provider check per request. With one, each request gets a span
+``"GET /items/{item_id}"`` whose parent comes from the incoming W3C ``traceparent``, with the
+stable HTTP semantic-convention attributes. Under ``opentelemetry-instrumentation-asgi`` (or
+any instrumentation that already opened a SERVER span), that span is enriched instead of a
+second one being made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import (
+    NoOpTracerProvider,
+    ProxyTracerProvider,
+    SpanKind,
+    Status,
+    StatusCode,
+)
+
+from .context import ContextMiddleware, RequestContext
+from .metrics import KNOWN_METHODS, OTHER_METHOD
+from .types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["REQUEST_ID_ATTRIBUTE", "TracingMiddleware"]
+
+REQUEST_ID_ATTRIBUTE = "asgi_resilience.request_id"
+
+
+class _HeaderGetter(Getter[Scope]):
+    """Reads propagation headers (``traceparent``, ``tracestate``, ``baggage``) from a scope."""
+
+    def get(self, carrier: Scope, key: str) -> list[str] | None:
+        name = key.lower().encode("latin-1")
+        values = [v.decode("latin-1") for k, v in carrier["headers"] if k == name]
+        return values or None
+
+    def keys(self, carrier: Scope) -> list[str]:
+        return [k.decode("latin-1") for k, _ in carrier["headers"]]
+
+
+_getter = _HeaderGetter()
+
+
+class TracingMiddleware(ContextMiddleware):
+    """One OpenTelemetry SERVER span per HTTP request.
+
+    Handles ``http`` scopes; others pass through. Reads ``traceparent``/``tracestate`` (through
+    the globally configured propagator) for the parent; writes no headers. The span is named
+    ``"{method} {route}"`` once routing is known, and carries ``http.request.method``,
+    ``url.path``, ``url.scheme``, ``url.query`` (when present), ``client.address``,
+    ``server.address``/``server.port``, ``network.protocol.version``,
+    ``user_agent.original``, ``http.route``, ``http.response.status_code``,
+    ``http.response.body.size`` and the request id (``asgi_resilience.request_id``). Exceptions
+    are recorded as events; 5xx responses and exceptions set status ERROR (4xx do not: on a
+    server they are the client's error). Place it inside the request id layer (so the id is
+    known) and outside metrics and the access log (so their records carry the trace id).
+
+    Args:
+        app: the ASGI application.
+        tracer_provider: the provider to use; the global one by default. With no SDK
+            configured the middleware is a pass-through.
+        exclude_paths: paths (and their subpaths) never traced (probes, scrapes).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+        exclude_paths: Iterable[str] = ("/health", "/livez", "/readyz", "/metrics"),
+    ) -> None:
+        self.app = app
+        self.tracer_provider = tracer_provider
+        self.tracer = trace.get_tracer("asgi_resilience", tracer_provider=tracer_provider)
+        paths = tuple(exclude_paths)
+        self.exclude_exact = frozenset(p.rstrip("/") or "/" for p in paths)
+        self.exclude_prefixes = tuple(p.rstrip("/") + "/" for p in paths)
+
+    def _enabled(self) -> bool:
+        provider = self.tracer_provider or trace.get_tracer_provider()
+        return not isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider))
+
+    async def handle(
+        self, context: RequestContext, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        path = scope["path"]
+        if (
+            not self._enabled()
+            or path in self.exclude_exact
+            or path.startswith(self.exclude_prefixes)
+        ):
+            await self.app(scope, receive, send)
+            return
+        current = trace.get_current_span()
+        if current.is_recording() and getattr(current, "kind", None) is SpanKind.SERVER:
+            await self._traced(current, context, scope, receive, send)  # enrich, do not nest
+            return
+        method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
+        with self.tracer.start_as_current_span(
+            method,
+            context=propagate.extract(scope, getter=_getter),
+            kind=SpanKind.SERVER,
+            attributes=_request_attributes(scope, method, context),
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            await self._traced(span, context, scope, receive, send)
+
+    async def _traced(
+        self,
+        span: trace.Span,
+        context: RequestContext,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        try:
+            await self.app(scope, receive, context.record(send))
+        except BaseException as exc:
+            if context.exception is None:
+                context.exception = exc
+            raise
+        finally:
+            _finish(span, context, scope)
+
+
+def _request_attributes(scope: Scope, method: str, context: RequestContext) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "http.request.method": method,
+        "url.path": scope["path"],
+        "url.scheme": scope.get("scheme", "http"),
+        "network.protocol.version": scope.get("http_version", "1.1"),
+    }
+    if method == OTHER_METHOD:
+        attributes["http.request.method_original"] = scope["method"]
+    query = scope.get("query_string")
+    if query:
+        attributes["url.query"] = query.decode("latin-1")
+    if context.client:
+        attributes["client.address"] = context.client
+    server = scope.get("server")
+    if server:
+        attributes["server.address"] = server[0]
+        if server[1] is not None:
+            attributes["server.port"] = server[1]
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            attributes["user_agent.original"] = value.decode("latin-1")
+    if context.request_id:
+        attributes[REQUEST_ID_ATTRIBUTE] = context.request_id
+    return attributes
+
+
+def _finish(span: trace.Span, context: RequestContext, scope: Scope) -> None:
+    route = context.route(scope)
+    method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
+    span.update_name(f"{method} {route}")
+    span.set_attribute("http.route", route)
+    if context.request_id:
+        span.set_attribute(REQUEST_ID_ATTRIBUTE, context.request_id)
+    if context.status is not None:
+        span.set_attribute("http.response.status_code", context.status)
+    span.set_attribute("http.response.body.size", context.bytes_sent)
+    exception = context.exception
+    if exception is not None:
+        span.record_exception(exception)
+        span.set_attribute("error.type", type(exception).__qualname__)
+    if (context.status is not None and context.status >= 500) or (
+        exception is not None and (context.status is None or not context.complete)
+    ):
+        span.set_status(Status(StatusCode.ERROR))

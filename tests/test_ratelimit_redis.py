@@ -1,0 +1,517 @@
+"""RedisBackend against a real Redis: round trips, NOSCRIPT, keys, processes, outages.
+
+RedisBackend wraps redis-py's asyncio client, which runs on asyncio only: every async test here
+is pinned to asyncio (``anyio_backend``) instead of running on trio too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+import re
+import selectors
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import redis.asyncio as redis_asyncio
+from redis.asyncio.connection import Connection
+
+from asgi_resilience import resilient
+from asgi_resilience.ratelimit import (
+    RateLimitMiddleware,
+    StrategyName,
+    backend_from_url,
+    parse_rates,
+    strategy_for,
+)
+from asgi_resilience.ratelimit.redis import RedisBackend
+from asgi_resilience.types import ASGIApp, Receive, Scope, Send
+from tests.asgi import Response, call, http_scope
+
+pytestmark = [pytest.mark.redis, pytest.mark.anyio]
+ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis.asyncio: asyncio only
+
+ROOT = Path(__file__).resolve().parent.parent
+STRATEGIES: list[StrategyName] = ["gcra", "fixed-window", "sliding-window"]
+T0 = 1_080_000.0
+
+
+class FakeClock:
+    """A mutable float, passed to the Lua scripts instead of Redis' own clock."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def delete_keys(url: str, prefix: str) -> None:
+    with redis.Redis.from_url(url) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own (the server is shared); its keys are deleted after."""
+    prefix = f"test:asgi_resilience:{uuid.uuid4().hex}:"
+    yield prefix
+    delete_keys(redis_url, prefix)
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[redis_asyncio.Redis]:
+    client = redis_asyncio.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def request(app: ASGIApp, peer: str = "203.0.113.5", **headers: str) -> Response:
+    scope = http_scope(
+        headers=[(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+    )
+    scope["client"] = (peer, 50000)
+    return await call(app, scope)
+
+
+# --- one round trip, NOSCRIPT ---------------------------------------------------------------------
+
+
+class Wire:
+    """Every command our connections send, by name, and every reply they read."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.commands: list[str] = []
+        self.replies = 0
+        send_packed_command = Connection.send_packed_command
+        read_response = Connection.read_response
+
+        async def counting_send(
+            connection: Connection, command: bytes | str | Iterable[bytes], *args: Any, **kw: Any
+        ) -> None:
+            packed = command.encode() if isinstance(command, str) else command
+            data = packed if isinstance(packed, bytes) else b"".join(packed)
+            self.commands.append(data.split(b"\r\n")[2].decode().upper())
+            await send_packed_command(connection, command, *args, **kw)
+
+        async def counting_read(connection: Connection, *args: Any, **kw: Any) -> Any:
+            self.replies += 1
+            return await read_response(connection, *args, **kw)
+
+        monkeypatch.setattr(Connection, "send_packed_command", counting_send)
+        monkeypatch.setattr(Connection, "read_response", counting_read)
+
+    def reset(self) -> None:
+        self.commands.clear()
+        self.replies = 0
+
+
+@ASYNCIO_ONLY
+async def test_one_round_trip_per_decision(
+    client: redis_asyncio.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wire = Wire(monkeypatch)
+    backends = [
+        RedisBackend(client, prefix=prefix, clock=FakeClock()),
+        RedisBackend(client, prefix=prefix),  # Redis' own clock: TIME inside the script
+    ]
+    rates = parse_rates("10/second;1000/hour")
+    for backend in backends:
+        for name in STRATEGIES:  # the first decision connects and may load the script
+            assert (await backend.decide(strategy_for(name), "warm-up", rates, 1)).allowed
+    wire.reset()
+    decisions = 0
+    for index, backend in enumerate(backends):
+        for name in STRATEGIES:
+            for n in range(5):
+                await backend.decide(strategy_for(name), f"{index}-client-{n % 2}", rates, 1 + n)
+                decisions += 1
+    assert wire.commands == ["EVALSHA"] * decisions
+    assert wire.replies == decisions
+
+
+@ASYNCIO_ONLY
+async def test_noscript_is_reloaded(
+    client: redis_asyncio.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wire = Wire(monkeypatch)
+    backend = RedisBackend(client, prefix=prefix, clock=FakeClock())
+    gcra, rates = strategy_for("gcra"), parse_rates("3/minute")
+    assert (await backend.decide(gcra, "client", rates, 1)).statuses[0].remaining == 2
+    await client.script_flush()  # the server forgets every script (a restart, a failover)
+    wire.reset()
+    decision = await backend.decide(gcra, "client", rates, 1)
+    assert decision.allowed and decision.statuses[0].remaining == 1  # state kept, script back
+    assert wire.commands == ["EVALSHA", "SCRIPT", "EVALSHA"]  # NOSCRIPT, SCRIPT LOAD, again
+    wire.reset()
+    assert (await backend.decide(gcra, "client", rates, 1)).statuses[0].remaining == 0
+    assert wire.commands == ["EVALSHA"]
+
+
+# --- keys ----------------------------------------------------------------------------------------
+
+
+@ASYNCIO_ONLY
+async def test_keys_are_prefixed_hashed_and_expire(
+    client: redis_asyncio.Redis, prefix: str
+) -> None:
+    address = f"198.18.{random.randrange(256)}.{random.randrange(1, 255)}"
+    api_key = f"sk_live_{uuid.uuid4().hex}"
+    backend = RedisBackend(client, prefix=prefix)
+    by_ip = RateLimitMiddleware(ok_app, limit="5/minute", backend=backend)
+    by_key = RateLimitMiddleware(
+        ok_app, limit="5/minute;100/day", backend=backend, key="header:X-API-Key"
+    )
+    assert (await request(by_ip, peer=address)).headers["ratelimit"] == '"5-per-60s";r=4;t=12'
+    assert (await request(by_key, peer=address, x_api_key=api_key)).status == 200
+    keys = [key.decode() async for key in client.scan_iter(match=f"{prefix}*")]
+    assert len(keys) == 2
+    for key in keys:
+        assert re.fullmatch(re.escape(prefix) + r"\{[0-9a-f]{40}\}", key)  # a cluster hash tag
+        assert 0 < await client.pttl(key) <= 86_400_000
+        value = await client.get(key)
+        assert isinstance(value, bytes)
+        assert re.fullmatch(rb"[0-9.e+\- ]+", value), value  # numbers only
+    for secret in (address, api_key, api_key[8:]):
+        assert not [key async for key in client.scan_iter(match=f"*{secret}*", count=1000)]
+    assert backend.key_for(strategy_for("gcra"), address, parse_rates("5/minute")).startswith(
+        prefix
+    )
+
+
+@ASYNCIO_ONLY
+async def test_default_prefix_and_backend_urls(redis_url: str) -> None:
+    backend = backend_from_url(redis_url)
+    assert isinstance(backend, RedisBackend)
+    assert backend.prefix == "asgi_resilience:rl:"
+    key = backend.key_for(strategy_for("gcra"), "ip:203.0.113.5", parse_rates("1/second"))
+    assert re.fullmatch(r"asgi_resilience:rl:\{[0-9a-f]{40}\}", key)
+    await backend.aclose()
+
+
+@ASYNCIO_ONLY
+async def test_redis_time_is_used_without_a_clock(client: redis_asyncio.Redis, prefix: str) -> None:
+    backend = RedisBackend(client, prefix=prefix)
+    gcra, rates = strategy_for("gcra"), parse_rates("3/minute")
+    decisions = [await backend.decide(gcra, "client", rates, 1) for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert [d.statuses[0].remaining for d in decisions] == [2, 1, 0, 0]
+    assert decisions[3].retry_after == pytest.approx(20, abs=1)  # seconds on Redis' clock
+    assert decisions[0].statuses[0].reset_after == pytest.approx(20, abs=1)
+
+
+# --- N means N across processes ------------------------------------------------------------------
+
+DECIDING_PROCESS = textwrap.dedent(
+    """
+    import asyncio, sys
+    import redis.asyncio as redis_asyncio
+    from asgi_resilience.ratelimit import parse_rates, strategy_for
+    from asgi_resilience.ratelimit.redis import RedisBackend
+
+    async def main(url, prefix, strategy):
+        client = redis_asyncio.from_url(url)
+        backend = RedisBackend(client, prefix=prefix, clock=lambda: 1_080_000.5)
+        rates, algorithm = parse_rates("100/hour"), strategy_for(strategy)
+        await client.ping()
+        print("ready", flush=True)
+        sys.stdin.readline()  # everyone starts together
+        decisions = await asyncio.gather(
+            *(backend.decide(algorithm, "everyone", rates, 1) for _ in range(100))
+        )
+        print(sum(decision.allowed for decision in decisions), flush=True)
+        await client.aclose()
+
+    asyncio.run(main(*sys.argv[1:4]))
+    """
+)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_four_processes_sharing_a_limit_of_100_admit_exactly_100(
+    redis_url: str, prefix: str, strategy: StrategyName
+) -> None:
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", DECIDING_PROCESS, redis_url, prefix, strategy],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == "ready"
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        admitted = [int(process.communicate(timeout=30)[0]) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert sum(admitted) == 100
+    assert [process.returncode for process in processes] == [0, 0, 0, 0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_four_uvicorn_workers_admit_exactly_100_of_400(
+    redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    port, log_path = free_port(), tmp_path / "uvicorn.log"
+    env = {**os.environ, "REDIS_URL": redis_url, "RATE_LIMIT_PREFIX": prefix}
+    env["RATE_LIMIT"] = "100/day"  # GCRA: one more only after 864 s
+    command = [sys.executable, "-m", "uvicorn", "tests.apps.ratelimited:app", "--workers", "4"]
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [*command, "--port", str(port), "--no-access-log"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while log_path.read_text().count("Application startup complete") < 4:
+            assert server.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+
+        async def fire(count: int) -> list[httpx.Response]:
+            limits = httpx.Limits(max_connections=count)
+            async with httpx.AsyncClient(limits=limits, timeout=30) as http:
+                url = f"http://127.0.0.1:{port}/"
+                return await asyncio.gather(*(http.get(url) for _ in range(count)))
+
+        async def fire_all() -> list[httpx.Response]:
+            # 400 requests in flight together, from 8 clients: one httpx pool handing out 400
+            # connections at once takes seconds.
+            batches = await asyncio.gather(*(fire(50) for _ in range(8)))
+            return [response for batch in batches for response in batch]
+
+        responses = asyncio.run(fire_all())
+    finally:
+        server.terminate()
+        server.wait(10)
+    statuses = collections.Counter(response.status_code for response in responses)
+    assert statuses == {200: 100, 429: 300}, log_path.read_text()[-2000:]
+    assert len({response.headers["x-worker-pid"] for response in responses}) >= 2
+
+
+@ASYNCIO_ONLY
+async def test_a_burst_larger_than_the_connection_pool_never_admits_more(
+    redis_url: str, prefix: str
+) -> None:
+    """150 concurrent requests on one process, a limit of 100, a generous timeout: 100 pass.
+
+    Nothing is wrong with Redis here; only the client's pool is too small for the burst.
+    """
+    backend = RedisBackend.from_url(redis_url, prefix=prefix)
+    app = RateLimitMiddleware(ok_app, limit="100/day", backend=backend, backend_timeout=5)
+    try:
+        responses = await asyncio.gather(*(request(app) for _ in range(150)))
+    finally:
+        await backend.aclose()
+    assert collections.Counter(r.status for r in responses) == {200: 100, 429: 50}
+    assert app.backend_errors == 0
+
+
+# --- when Redis goes away ------------------------------------------------------------------------
+
+
+class TcpProxy:
+    """127.0.0.1:<port> forwarded to Redis, in a thread of its own.
+
+    ``stop()`` is Redis going away (connections closed, then refused), ``start()`` its return on
+    the same port, ``hanging`` a network that swallows every byte.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self.hanging = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._serve, args=(listener,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def _serve(self, listener: socket.socket) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(listener, selectors.EVENT_READ)
+        other_end: dict[socket.socket, socket.socket] = {}
+
+        def close(sock: socket.socket) -> None:
+            for end in (sock, other_end.pop(sock, None)):
+                if end is not None:
+                    other_end.pop(end, None)
+                    selector.unregister(end)
+                    end.close()
+
+        try:
+            while not self._stopping.is_set():
+                for key, _ in selector.select(timeout=0.01):
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if sock is listener:
+                        downstream, _ = listener.accept()
+                        upstream = socket.create_connection(self.target)
+                        other_end[downstream], other_end[upstream] = upstream, downstream
+                        selector.register(downstream, selectors.EVENT_READ)
+                        selector.register(upstream, selectors.EVENT_READ)
+                        continue
+                    if sock not in other_end:
+                        continue  # closed with its other end in this round
+                    try:
+                        data = sock.recv(65536)
+                        if data and not self.hanging:
+                            other_end[sock].sendall(data)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        close(sock)
+        finally:
+            for sock in list(other_end):
+                if sock in other_end:
+                    close(sock)
+            selector.close()
+            listener.close()
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[TcpProxy]:
+    parsed = httpx.URL(redis_url)
+    proxy = TcpProxy((parsed.host or "127.0.0.1", parsed.port or 6379))
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+def timed(started: float) -> float:
+    return time.perf_counter() - started
+
+
+TIMEOUT = 0.05
+SLACK = 0.025  # what "a few ms" over the timeout may take on a busy test machine
+
+
+@ASYNCIO_ONLY
+async def test_unreachable_redis_allow_admits_within_the_timeout_deny_answers_503() -> None:
+    backend = RedisBackend.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nobody listens
+    allow = RateLimitMiddleware(ok_app, backend=backend, backend_timeout=TIMEOUT)
+    deny = resilient(
+        RateLimitMiddleware(
+            ok_app, backend=backend, backend_timeout=TIMEOUT, on_backend_error="deny"
+        )
+    )
+    try:
+        for attempt in (1, 2, 3):
+            started = time.perf_counter()
+            response = await request(allow)
+            assert timed(started) < TIMEOUT + SLACK
+            assert (response.status, response.body) == (200, b"ok")
+            assert "ratelimit" not in response.headers
+            assert allow.backend_errors == attempt
+        started = time.perf_counter()
+        refused = await request(deny)
+        assert timed(started) < TIMEOUT + SLACK
+    finally:
+        await backend.aclose()
+    assert refused.status == 503
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["request_id"] == refused.headers["x-request-id"]
+
+
+async def until_decided(app: RateLimitMiddleware, attempts: int = 40) -> Response:
+    """Requests until one is decided by Redis again (the client may back off once)."""
+    for _ in range(attempts):
+        response = await request(app)
+        if "ratelimit" in response.headers:
+            return response
+        await asyncio.sleep(0.05)
+    raise AssertionError("Redis decisions did not come back")
+
+
+@ASYNCIO_ONLY
+@pytest.mark.parametrize("outage", ["stopped", "hanging"])
+async def test_redis_going_away_and_coming_back(proxy: TcpProxy, prefix: str, outage: str) -> None:
+    backend = RedisBackend(
+        redis_asyncio.Redis(host="127.0.0.1", port=proxy.port),
+        prefix=prefix,
+        clock=FakeClock(),
+    )
+    allow = RateLimitMiddleware(ok_app, limit="5/minute", backend=backend, backend_timeout=TIMEOUT)
+    deny = resilient(
+        RateLimitMiddleware(
+            ok_app,
+            limit="5/minute",
+            backend=backend,
+            backend_timeout=TIMEOUT,
+            on_backend_error="deny",
+        )
+    )
+    try:
+        assert (await request(allow)).headers["ratelimit"] == '"5-per-60s";r=4;t=12'
+        if outage == "stopped":
+            proxy.stop()
+        else:
+            proxy.hanging = True
+        for attempt in (1, 2, 3):
+            started = time.perf_counter()
+            response = await request(allow)
+            assert timed(started) < TIMEOUT + SLACK
+            assert response.status == 200 and "ratelimit" not in response.headers
+            assert allow.backend_errors == attempt
+        started = time.perf_counter()
+        assert (await request(deny)).status == 503
+        assert timed(started) < TIMEOUT + SLACK
+
+        if outage == "stopped":
+            proxy.start()
+        else:
+            proxy.hanging = False
+        back = await until_decided(allow)
+        # The same state as before the outage: nothing was counted, or counted twice, meanwhile.
+        assert back.headers["ratelimit"] == '"5-per-60s";r=3;t=24'
+        assert (await request(deny)).headers["ratelimit"] == '"5-per-60s";r=2;t=36'
+    finally:
+        await backend.aclose()
