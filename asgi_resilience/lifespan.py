@@ -10,7 +10,6 @@ States: ``idle`` -> ``starting`` -> ``ready`` -> ``draining`` (SIGTERM) -> ``sto
 
 from __future__ import annotations
 
-import _thread
 import inspect
 import logging
 import re
@@ -24,6 +23,8 @@ from types import FrameType
 from typing import Any, Literal, TypeVar
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 from prometheus_client import CollectorRegistry
 
@@ -185,7 +186,7 @@ class Lifespan:
         self._status_providers: dict[str, Callable[[], Any]] = {}
         self._previous_sigterm: Any = None
         self._sigterm_installed = False
-        self._handing_over = False
+        self._loop_token: Any = None
         self._drain_timer: threading.Timer | None = None
         self._idle: anyio.Event | None = None
 
@@ -437,6 +438,7 @@ class Lifespan:
             self.logger.debug("Not in the main thread: SIGTERM draining not installed")
             return
         self._previous_sigterm = signal.getsignal(signal.SIGTERM)
+        self._loop_token = anyio.lowlevel.current_token()
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self._sigterm_installed = True
 
@@ -450,22 +452,23 @@ class Lifespan:
         self._sigterm_installed = False
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if self._handing_over or self.state != "ready" or self.drain_delay <= 0:
-            self._handing_over = False
-            self.begin_drain()
+        if self.state != "ready" or self.drain_delay <= 0:
+            self.begin_drain()  # a second SIGTERM, or no delay wanted: hand over now
             self._hand_over(signum, frame)
             return
         self.begin_drain()
         self.logger.info("SIGTERM: serving %gs more before shutdown", self.drain_delay)
-        # Signal handlers run in the main thread; a timer brings us back there through
-        # interrupt_main, so the server's handler runs where it expects to.
-        self._drain_timer = threading.Timer(self.drain_delay, self._interrupt, (signum,))
+        self._drain_timer = threading.Timer(self.drain_delay, self._hand_over_later, (signum,))
         self._drain_timer.daemon = True
         self._drain_timer.start()
 
-    def _interrupt(self, signum: int) -> None:
-        self._handing_over = True
-        _thread.interrupt_main(signal.Signals(signum))
+    def _hand_over_later(self, signum: int) -> None:
+        # The timer's thread asks the event loop (in the main thread, where the handler was
+        # installed) to run the server's handler, waking it if it is idle.
+        try:
+            anyio.from_thread.run_sync(self._hand_over, signum, None, token=self._loop_token)
+        except RuntimeError:
+            self.logger.debug("Event loop gone before the drain delay ended")
 
     def _hand_over(self, signum: int, frame: FrameType | None) -> None:
         if self._drain_timer is not None:
