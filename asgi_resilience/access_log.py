@@ -8,8 +8,6 @@ from collections.abc import Iterable
 from time import perf_counter
 from typing import Any
 
-from opentelemetry import trace
-
 from .context import ContextMiddleware, RequestContext, format_timestamp
 from .proxies import TrustedProxies
 from .types import ASGIApp, Receive, Scope, Send
@@ -131,9 +129,9 @@ class AccessLogMiddleware(ContextMiddleware):
             "user_agent": _user_agent(scope),
             "http_version": scope.get("http_version"),
         }
-        span_context = trace.get_current_span().get_span_context()
-        if span_context.is_valid:
-            extra["trace_id"] = format(span_context.trace_id, "032x")
+        trace_id = context.current_trace_id()
+        if trace_id is not None:
+            extra["trace_id"] = trace_id
         if context.rate_limited is not None:
             extra["rate_limited"] = context.rate_limited
         if context.exception is not None:

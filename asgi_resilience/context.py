@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from time import gmtime, perf_counter, strftime, time
 from typing import Any, Literal
 
+from opentelemetry import trace
+
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
@@ -60,6 +62,8 @@ class RequestContext:
             endpoint): ``ErrorMiddleware`` leaves it alone.
         envelope_meta: extra ``meta`` members handlers added for the envelope.
         envelope_skip: the handler opted this response out of the envelope.
+        traced / trace_id: ``TracingMiddleware`` looked up the request's span once; inner
+            layers take the trace id (``None``: no valid span) from here.
     """
 
     __slots__ = (
@@ -83,6 +87,8 @@ class RequestContext:
         "response_started",
         "start",
         "status",
+        "trace_id",
+        "traced",
     )
 
     def __init__(self, scope: Scope) -> None:
@@ -105,6 +111,8 @@ class RequestContext:
         self.envelope_meta: dict[str, Any] | None = None
         self.envelope_skip = False
         self.recording = False
+        self.traced = False
+        self.trace_id: str | None = None
         self._route: str | None = None
         self._start_headers: Iterable[tuple[bytes, bytes]] = ()
 
@@ -117,6 +125,13 @@ class RequestContext:
     def complete(self) -> bool:
         """The whole response (start and last body message) went out."""
         return self.response_ended is not None
+
+    def current_trace_id(self) -> str | None:
+        """The trace id of the request's span (32 hex), looked up once per request."""
+        if not self.traced:
+            self.traced = True
+            self.trace_id = current_trace_id()
+        return self.trace_id
 
     def route(self, scope: Scope) -> str:
         """The route template that handled the request (``/users/{user_id}``), computed once.
@@ -188,6 +203,12 @@ class ContextMiddleware:
 
 
 _timestamp_cache: tuple[int, str] = (0, "")
+
+
+def current_trace_id() -> str | None:
+    """The trace id (32 hex) of the active OpenTelemetry span, if there is a valid one."""
+    span_context = trace.get_current_span().get_span_context()
+    return format(span_context.trace_id, "032x") if span_context.is_valid else None
 
 
 def utc_timestamp() -> str:

@@ -18,9 +18,13 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from opentelemetry import trace
-
-from .context import ContextMiddleware, ErrorFormat, RequestContext, utc_timestamp
+from .context import (
+    ContextMiddleware,
+    ErrorFormat,
+    RequestContext,
+    current_trace_id,
+    utc_timestamp,
+)
 from .exceptions import AppError, CircuitOpenError, snake_case, status_phrase
 from .types import ASGIApp, Message, Receive, Scope, Send
 
@@ -98,7 +102,7 @@ def render_error(
         body["instance"] = scope.get("path", "")
         body["code"] = code
         body["request_id"] = request_id
-        trace_id = _current_trace_id()
+        trace_id = context.current_trace_id() if context is not None else current_trace_id()
         if trace_id:
             body["trace_id"] = trace_id
         if errors is not None:
@@ -450,8 +454,3 @@ def _exception_info(exc: BaseException) -> dict[str, Any]:
         "message": str(exc),
         "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__),
     }
-
-
-def _current_trace_id() -> str | None:
-    span_context = trace.get_current_span().get_span_context()
-    return format(span_context.trace_id, "032x") if span_context.is_valid else None

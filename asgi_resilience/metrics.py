@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from time import perf_counter
 from typing import Any
 
-from opentelemetry import trace
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
@@ -168,6 +167,9 @@ class MetricsMiddleware(ContextMiddleware):
         paths = tuple(exclude_paths)
         self.exclude_exact = frozenset(p.rstrip("/") or "/" for p in paths)
         self.exclude_prefixes = tuple(p.rstrip("/") + "/" for p in paths)
+        # Label children per (method, route, status): one lookup per request for all three.
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._active: dict[str, Any] = {}
 
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
@@ -176,9 +178,10 @@ class MetricsMiddleware(ContextMiddleware):
         if path in self.exclude_exact or path.startswith(self.exclude_prefixes):
             await self.app(scope, receive, send)
             return
-        metrics = self.metrics
         method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
-        active = metrics.child(metrics.active_requests, method)
+        active = self._active.get(method)
+        if active is None:
+            active = self._active[method] = self.metrics.active_requests.labels(method)
         active.inc()
         try:
             await self.app(scope, receive, context.record(send))
@@ -191,7 +194,6 @@ class MetricsMiddleware(ContextMiddleware):
             self._observe(context, scope, method)
 
     def _observe(self, context: RequestContext, scope: Scope, method: str) -> None:
-        metrics = self.metrics
         route = context.route(scope)
         if context.status is not None:
             status = str(context.status)
@@ -199,21 +201,27 @@ class MetricsMiddleware(ContextMiddleware):
             status = "500"  # what the server answers for it
         else:
             status = DISCONNECTED_STATUS
+        children = self._children.get((method, route, status))
+        if children is None:
+            metrics = self.metrics
+            children = self._children[(method, route, status)] = (
+                metrics.request_duration.labels(method, route, status),
+                metrics.time_to_first_byte.labels(method, route),
+                metrics.response_body_bytes.labels(method, route, status),
+            )
+        duration, first_byte, body_bytes = children
         ended = context.response_ended
-        duration = (ended if ended is not None else perf_counter()) - context.start
-        span_context = trace.get_current_span().get_span_context()
-        exemplar = (
-            {"trace_id": format(span_context.trace_id, "032x")} if span_context.is_valid else None
+        trace_id = context.current_trace_id()
+        duration.observe(
+            (ended if ended is not None else perf_counter()) - context.start,
+            {"trace_id": trace_id} if trace_id is not None else None,
         )
-        metrics.child(metrics.request_duration, method, route, status).observe(duration, exemplar)
         if context.response_started is not None:
-            ttfb = context.response_started - context.start
-            metrics.child(metrics.time_to_first_byte, method, route).observe(ttfb)
-        body_bytes = metrics.child(metrics.response_body_bytes, method, route, status)
+            first_byte.observe(context.response_started - context.start)
         body_bytes.observe(context.bytes_sent)
         if context.exception is not None:
             exception_type = type(context.exception).__name__
-            metrics.child(metrics.exceptions, route, exception_type).inc()
+            self.metrics.child(self.metrics.exceptions, route, exception_type).inc()
 
 
 def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:

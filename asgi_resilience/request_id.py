@@ -107,10 +107,16 @@ class RequestIdMiddleware(ContextMiddleware):
             scope["state"] = state = {}
         state["request_id"] = request_id
         header = (self.header_name, request_id.encode())
+        name_length = len(self.header_name)
 
         async def send_with_request_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = [h for h in message.get("headers", ()) if h[0].lower() != header[0]]
+                # Drop an id header the app set (any case): compare lengths before lowering.
+                headers = [
+                    h
+                    for h in message.get("headers", ())
+                    if len(h[0]) != name_length or h[0].lower() != header[0]
+                ]
                 headers.append(header)
                 message = {**message, "headers": headers}
             await send(message)

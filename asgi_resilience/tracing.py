@@ -90,15 +90,17 @@ class TracingMiddleware(ContextMiddleware):
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
         path = scope["path"]
+        current = trace.get_current_span()
         if (
             not self._enabled()
             or path in self.exclude_exact
             or path.startswith(self.exclude_prefixes)
         ):
+            _remember_trace_id(context, current)  # inner layers need not look it up again
             await self.app(scope, receive, send)
             return
-        current = trace.get_current_span()
         if current.is_recording() and getattr(current, "kind", None) is SpanKind.SERVER:
+            _remember_trace_id(context, current)
             await self._traced(current, context, scope, receive, send)  # enrich, do not nest
             return
         method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
@@ -110,6 +112,7 @@ class TracingMiddleware(ContextMiddleware):
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
+            _remember_trace_id(context, span)
             await self._traced(span, context, scope, receive, send)
 
     async def _traced(
@@ -128,6 +131,12 @@ class TracingMiddleware(ContextMiddleware):
             raise
         finally:
             _finish(span, context, scope)
+
+
+def _remember_trace_id(context: RequestContext, span: trace.Span) -> None:
+    span_context = span.get_span_context()
+    context.traced = True
+    context.trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else None
 
 
 def _request_attributes(scope: Scope, method: str, context: RequestContext) -> dict[str, Any]:
