@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from time import perf_counter
 from typing import Any
 
@@ -201,7 +202,7 @@ class JsonFormatter(logging.Formatter):
             payload["stack_info"] = self.formatStack(record.stack_info)
         try:
             return _encode(payload)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             # Non-string dict keys, circular references: keep the line, lose only the detail.
             return _encode({key: _encodable(value) for key, value in payload.items()})
 
@@ -209,10 +210,20 @@ class JsonFormatter(logging.Formatter):
 def _encodable(value: Any) -> Any:
     try:
         _encode(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return str(value)
     return value
 
 
-# One encoder for every line: json.dumps() with options builds a new one per call.
-_encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+def _make_encoder() -> Callable[[Any], str]:
+    """One encoder for every line. ``json.dumps()`` with options builds an encoder per call,
+    and ``JSONEncoder.encode`` still builds its C encoder per call: build that once (where the
+    C accelerator exists). No circular-reference check; a cycle raises ``RecursionError``,
+    which ``format`` handles like any value JSON cannot take."""
+    if c_make_encoder is None:  # pragma: no cover - CPython always has the accelerator
+        return json.JSONEncoder(ensure_ascii=False, default=str).encode
+    encoder = c_make_encoder(None, str, encode_basestring, None, ": ", ", ", False, False, True)
+    return lambda value: "".join(encoder(value, 0))
+
+
+_encode = _make_encoder()
