@@ -753,3 +753,12 @@ def test_nan_slow_threshold_is_rejected() -> None:
 def test_exclude_path_without_leading_slash_is_rejected(path: str) -> None:
     with pytest.raises(ValueError, match="start with '/'"):
         AccessLogMiddleware(raw_app(), exclude_paths=["/livez", path])
+
+
+def test_formatter_renders_circular_values_with_str() -> None:
+    cycle: dict[str, object] = {}
+    cycle["self"] = cycle
+    record = logging.makeLogRecord({"name": "app", "levelname": "INFO", "msg": "x", "cycle": cycle})
+    line = json.loads(JsonFormatter().format(record))
+    assert line["cycle"] == "{'self': {...}}"
+    assert line["message"] == "x"
