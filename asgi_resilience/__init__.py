@@ -8,6 +8,7 @@ response envelopes; each middleware also works alone.
 from __future__ import annotations
 
 from .access_log import AccessLogMiddleware, JsonFormatter
+from .config import ConfigurationError
 from .context import RequestContext
 from .envelope import EnvelopeMiddleware, add_envelope_meta, skip_envelope
 from .errors import ErrorMiddleware, render_error
@@ -56,6 +57,7 @@ __all__ = [
     "Check",
     "CheckResult",
     "CircuitOpenError",
+    "ConfigurationError",
     "Conflict",
     "EnvelopeMiddleware",
     "ErrorMiddleware",

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from .access_log import DEFAULT_EXCLUDE_PATHS, AccessLogMiddleware
+from .config import options_from_env
 from .envelope import EnvelopeMiddleware
 from .errors import ErrorMiddleware
 from .health import HealthApp
@@ -28,7 +29,17 @@ from .request_id import RequestIdMiddleware
 from .tracing import TracingMiddleware
 from .types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["BuiltinEndpoints", "ResilientApp", "resilient"]
+__all__ = ["DEFAULT", "BuiltinEndpoints", "ResilientApp", "resilient"]
+
+
+class _Default:
+    """Marks an option not given: the environment, then the documented default, decide."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+DEFAULT: Any = _Default()
 
 
 class ResilientApp:
@@ -53,48 +64,81 @@ class ResilientApp:
         await self.stack(scope, receive, send)
 
 
+_DEFAULTS: dict[str, Any] = {
+    "debug": None,
+    "envelope": False,
+    "request_ids": True,
+    "request_id_header": "X-Request-ID",
+    "trust_incoming_request_id": True,
+    "access_log": True,
+    "access_log_exclude_paths": DEFAULT_EXCLUDE_PATHS,
+    "slow_threshold": 1.0,
+    "errors": True,
+    "envelope_exclude_paths": (),
+    "health_path": "/health",
+    "health_status_details": False,
+    "health_cache_ttl": 1.0,
+    "version": None,
+    "rate_limit": None,
+    "rate_limit_backend": "memory://",
+    "rate_limit_strategy": "gcra",
+    "rate_limit_key": "ip",
+    "rate_limit_exempt_paths": (),
+    "rate_limit_on_backend_error": "allow",
+    "rate_limit_backend_timeout": 0.05,
+    "trusted_proxies": (),
+    "metrics": True,
+    "metrics_path": "/metrics",
+    "tracing": True,
+}
+
+
 def resilient(
     app: ASGIApp,
     *,
-    debug: bool | None = None,
-    envelope: bool = False,
-    request_ids: bool = True,
-    request_id_header: str = "X-Request-ID",
-    trust_incoming_request_id: bool = True,
-    access_log: bool = True,
+    debug: bool | None = DEFAULT,
+    envelope: bool = DEFAULT,
+    request_ids: bool = DEFAULT,
+    request_id_header: str = DEFAULT,
+    trust_incoming_request_id: bool = DEFAULT,
+    access_log: bool = DEFAULT,
     access_logger: logging.Logger | None = None,
-    access_log_exclude_paths: Iterable[str] = DEFAULT_EXCLUDE_PATHS,
-    slow_threshold: float = 1.0,
-    errors: bool = True,
-    envelope_exclude_paths: Iterable[str] = (),
+    access_log_exclude_paths: Iterable[str] = DEFAULT,
+    slow_threshold: float = DEFAULT,
+    errors: bool = DEFAULT,
+    envelope_exclude_paths: Iterable[str] = DEFAULT,
     lifespan: Lifespan | None = None,
-    health_path: str | None = "/health",
-    health_status_details: bool = False,
-    health_cache_ttl: float = 1.0,
-    version: str | None = None,
-    rate_limit: str | None = None,
-    rate_limit_backend: str | Backend = "memory://",
-    rate_limit_strategy: StrategyName = "gcra",
-    rate_limit_key: str | KeyFunction = "ip",
+    health_path: str | None = DEFAULT,
+    health_status_details: bool = DEFAULT,
+    health_cache_ttl: float = DEFAULT,
+    version: str | None = DEFAULT,
+    rate_limit: str | None = DEFAULT,
+    rate_limit_backend: str | Backend = DEFAULT,
+    rate_limit_strategy: StrategyName = DEFAULT,
+    rate_limit_key: str | KeyFunction = DEFAULT,
     rate_limit_routes: Mapping[str, str] | None = None,
-    rate_limit_exempt_paths: Iterable[str] = (),
-    rate_limit_on_backend_error: Literal["allow", "deny"] = "allow",
-    rate_limit_backend_timeout: float = 0.05,
-    trusted_proxies: Iterable[str] = (),
-    metrics: bool = True,
-    metrics_path: str | None = "/metrics",
+    rate_limit_exempt_paths: Iterable[str] = DEFAULT,
+    rate_limit_on_backend_error: Literal["allow", "deny"] = DEFAULT,
+    rate_limit_backend_timeout: float = DEFAULT,
+    trusted_proxies: Iterable[str] = DEFAULT,
+    metrics: bool = DEFAULT,
+    metrics_path: str | None = DEFAULT,
     registry: CollectorRegistry | None = None,
-    tracing: bool = True,
+    tracing: bool = DEFAULT,
     tracer_provider: TracerProvider | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> ResilientApp:
     """Wrap ``app`` in the asgi_resilience stack and return the new ASGI application.
 
     Layers, outermost first: the lifespan (checks, resources, draining; the app's own lifespan
     kept), request ids, tracing, metrics, access log, error normalization, the built-in
     endpoints (``/metrics``, health), rate limits (only with ``rate_limit``), envelopes (only
-    when ``envelope=True``), then ``app``. Errors
-    take the envelope shape when envelopes are on, the RFC 9457 problem shape otherwise.
-    WebSocket scopes pass through every layer.
+    when ``envelope=True``), then ``app``. Errors take the envelope shape when envelopes are
+    on, the RFC 9457 problem shape otherwise. WebSocket scopes pass through every layer.
+
+    Every option that is a plain value can also come from the environment:
+    ``ASGI_RESILIENCE_<OPTION>`` (``ASGI_RESILIENCE_RATE_LIMIT=100/minute``); see
+    ``asgi_resilience.config``. The defaults below apply when neither gives a value.
 
     Args:
         app: any ASGI application (Starlette, FastAPI, a raw callable...).
@@ -134,11 +178,60 @@ def resilient(
         tracing: open an OpenTelemetry SERVER span per request (a pass-through without SDK).
         tracer_provider: the provider for those spans (the global one by default).
 
+        environ: where ``ASGI_RESILIENCE_<OPTION>`` variables are read (``os.environ`` by
+            default; ``{}`` to ignore the environment). Keyword arguments win over them.
+
     Raises:
         ValueError: an option is invalid, or ``app`` is already wrapped.
+        ConfigurationError: an environment variable has a bad value (its name and value are
+            in the message).
     """
     if isinstance(app, ResilientApp):
         raise ValueError("app is already wrapped by resilient(); wrap the original app once")
+    given = {
+        name: value
+        for name, value in locals().items()
+        if name not in ("app", "environ") and value is not DEFAULT
+    }
+    from_env = options_from_env(os.environ if environ is None else environ)
+    return _build(app, **{**_DEFAULTS, **from_env, **given})
+
+
+def _build(
+    app: ASGIApp,
+    *,
+    debug: bool | None,
+    envelope: bool,
+    request_ids: bool,
+    request_id_header: str,
+    trust_incoming_request_id: bool,
+    access_log: bool,
+    access_logger: logging.Logger | None,
+    access_log_exclude_paths: Iterable[str],
+    slow_threshold: float,
+    errors: bool,
+    envelope_exclude_paths: Iterable[str],
+    lifespan: Lifespan | None,
+    health_path: str | None,
+    health_status_details: bool,
+    health_cache_ttl: float,
+    version: str | None,
+    rate_limit: str | None,
+    rate_limit_backend: str | Backend,
+    rate_limit_strategy: StrategyName,
+    rate_limit_key: str | KeyFunction,
+    rate_limit_routes: Mapping[str, str] | None,
+    rate_limit_exempt_paths: Iterable[str],
+    rate_limit_on_backend_error: Literal["allow", "deny"],
+    rate_limit_backend_timeout: float,
+    trusted_proxies: Iterable[str],
+    metrics: bool,
+    metrics_path: str | None,
+    registry: CollectorRegistry | None,
+    tracing: bool,
+    tracer_provider: TracerProvider | None,
+) -> ResilientApp:
+    """``resilient()`` once every option is known."""
     lifespan = lifespan if lifespan is not None else Lifespan(registry=registry)
     if lifespan.registry is None:
         lifespan.registry = registry
@@ -151,6 +244,13 @@ def resilient(
         if isinstance(backend, str):
             backend = backend_from_url(backend)
             lifespan.add_resource("rate-limit-backend", backend.aclose, timeout=2)
+            ping = getattr(backend, "ping", None)
+            if ping is not None:
+                # A backend that cannot be reached at startup is a configuration error: fail
+                # fast rather than run unlimited (or refuse everything) from the first request.
+                lifespan.add_check(
+                    "rate-limit-backend", ping, timeout=2, attempts=3, readiness=False
+                )
         stack = RateLimitMiddleware(
             stack,
             limit=rate_limit,

@@ -79,6 +79,13 @@ class RedisBackend:
         digest = hashlib.sha256(f"{strategy.name}|{spec}|{key}".encode()).hexdigest()
         return f"{self.prefix}{{{digest[:40]}}}"
 
+    async def ping(self) -> None:
+        """Check that Redis answers (the startup check ``resilient()`` registers)."""
+        try:
+            await self.client.ping()
+        except (RedisError, OSError) as exc:
+            raise BackendError(f"Redis is not reachable: {exc}") from exc
+
     async def aclose(self) -> None:
         await self.client.aclose()
 

@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from asgi_resilience import StartupError, resilient
+from asgi_resilience.config import (
+    ENV_PREFIX,
+    PARSERS,
+    ConfigurationError,
+    options_from_env,
+    variable_for,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def hello(request: Request) -> JSONResponse:
+    return JSONResponse({"hello": "world"})
+
+
+def app() -> Starlette:
+    return Starlette(routes=[Route("/hello", hello)])
+
+
+def env(**values: str) -> dict[str, str]:
+    return {variable_for(name): value for name, value in values.items()}
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "parsed"),
+    [
+        ("debug", "true", True),
+        ("debug", "Off", False),
+        ("debug", "auto", None),
+        ("envelope", "1", True),
+        ("request_id_header", " X-Correlation-ID ", "X-Correlation-ID"),
+        ("access_log_exclude_paths", "/health, /internal", ("/health", "/internal")),
+        ("slow_threshold", "0.25", 0.25),
+        ("health_path", "/status", "/status"),
+        ("health_path", "none", None),
+        ("health_cache_ttl", "0", 0.0),
+        ("version", " 1.4.2 ", "1.4.2"),
+        ("rate_limit", "10/second;1000/hour", "10/second;1000/hour"),
+        ("rate_limit", "off", None),
+        ("rate_limit_backend", "redis://cache:6379/0", "redis://cache:6379/0"),
+        ("rate_limit_strategy", "sliding-window", "sliding-window"),
+        ("rate_limit_key", "header:X-API-Key", "header:X-API-Key"),
+        ("rate_limit_on_backend_error", "deny", "deny"),
+        ("rate_limit_backend_timeout", "0.1", 0.1),
+        ("trusted_proxies", "10.0.0.0/8, ::1", ("10.0.0.0/8", "::1")),
+        ("metrics_path", "/internal/metrics", "/internal/metrics"),
+        ("tracing", "no", False),
+    ],
+)
+def test_each_variable_is_parsed(option: str, value: str, parsed: Any) -> None:
+    assert options_from_env(env(**{option: value})) == {option: parsed}
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "reason"),
+    [
+        ("rate_limit", "ten", "expected '<count>/<unit>'"),
+        ("rate_limit", "5/fortnight", "expected '<count>/<unit>'"),
+        ("envelope", "maybe", "expected true or false"),
+        ("slow_threshold", "fast", "number of seconds"),
+        ("slow_threshold", "-1", "positive"),
+        ("slow_threshold", "nan", "positive"),
+        ("health_path", "health", "starting with '/'"),
+        ("metrics_path", "/metrics/", "not ending"),
+        ("rate_limit_backend", "memcached://x", "redis://"),
+        ("rate_limit_strategy", "leaky-bucket", "one of gcra"),
+        ("rate_limit_key", "cookie:session", "ip, user or header"),
+        ("trusted_proxies", "10.0.0.0/8,proxy.local", "proxy.local"),
+        ("request_id_header", "X Request", "header name"),
+    ],
+)
+def test_a_bad_value_names_the_variable_and_the_value(option: str, value: str, reason: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        options_from_env(env(**{option: value}))
+    message = str(raised.value)
+    assert message.startswith(f"{variable_for(option)}={value!r}: ")
+    assert reason in message
+    assert isinstance(raised.value, ValueError)
+
+
+def test_an_unknown_variable_is_an_error_not_ignored() -> None:
+    with pytest.raises(ConfigurationError, match="unknown setting ASGI_RESILIENCE_RATELIMIT"):
+        options_from_env({"ASGI_RESILIENCE_RATELIMIT": "5/second"})
+
+
+def test_other_variables_are_ignored() -> None:
+    assert options_from_env({"PATH": "/bin", "RATE_LIMIT": "ten"}) == {}
+
+
+def test_every_option_has_one_documented_variable() -> None:
+    assert all(variable_for(option).startswith(ENV_PREFIX) for option in PARSERS)
+    import asgi_resilience.stack as stack
+
+    documented = stack.resilient.__doc__ or ""
+    for option in PARSERS:
+        assert f"{option}:" in documented, option
+
+
+async def test_resilient_reads_the_environment() -> None:
+    environ = env(envelope="true", rate_limit="2/minute", request_id_header="X-Trace")
+    wrapped = resilient(app(), environ=environ, registry=CollectorRegistry())
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=wrapped), base_url="http://testserver"
+    ) as client:
+        responses = [await client.get("/hello") for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 429]
+    assert responses[0].json()["data"] == {"hello": "world"}
+    assert responses[0].headers["x-ratelimit-limit"] == "2"
+    assert "x-trace" in responses[0].headers
+
+
+async def test_keyword_arguments_win_over_the_environment() -> None:
+    environ = env(envelope="true", rate_limit="1/minute")
+    wrapped = resilient(
+        app(), environ=environ, envelope=False, rate_limit=None, registry=CollectorRegistry()
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=wrapped), base_url="http://testserver"
+    ) as client:
+        responses = [await client.get("/hello") for _ in range(3)]
+    assert [r.json() for r in responses] == [{"hello": "world"}] * 3
+    assert "x-ratelimit-limit" not in responses[0].headers
+
+
+def test_resilient_fails_at_once_on_a_bad_variable() -> None:
+    with pytest.raises(ConfigurationError, match=r"ASGI_RESILIENCE_RATE_LIMIT='ten'"):
+        resilient(app(), environ=env(rate_limit="ten"))
+
+
+def test_os_environ_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ASGI_RESILIENCE_SLOW_THRESHOLD", "soon")
+    with pytest.raises(ConfigurationError, match="ASGI_RESILIENCE_SLOW_THRESHOLD='soon'"):
+        resilient(app())
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py's client is asyncio-only
+async def test_an_unreachable_redis_url_fails_startup_clearly() -> None:
+    url = f"redis://127.0.0.1:{closed_port()}/0"
+    wrapped = resilient(
+        app(),
+        environ=env(rate_limit="5/second", rate_limit_backend=url),
+        registry=CollectorRegistry(),
+    )
+    with pytest.raises(StartupError) as raised:
+        async with LifespanManager(wrapped):
+            pass  # pragma: no cover - startup must fail
+    message = str(raised.value)
+    assert "check 'rate-limit-backend' failed" in message
+    assert "Redis is not reachable" in message
