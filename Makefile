@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m asgi_resilience.demo --host 127.0.0.1 --port 8000
+	$(BIN)/asgi-resilience demo --host 127.0.0.1 --port 8000
 
 lint: $(STAMP)
 	$(BIN)/ruff check asgi_resilience tests benchmarks

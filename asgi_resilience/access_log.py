@@ -165,7 +165,12 @@ def _user_agent(scope: Scope) -> str | None:
 
 
 # Attributes every LogRecord has; anything else on a record came from ``extra`` or a filter.
-_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# uvicorn's ``color_message`` is its message again with terminal colours: noise in JSON.
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):

@@ -1,19 +1,22 @@
 """A small Starlette service wrapped with ``resilient()``, to try the toolkit by hand.
 
-    python -m asgi_resilience.demo [--host 127.0.0.1] [--port 8000]
+    asgi-resilience demo [--host 127.0.0.1] [--port 8000]      (or: make demo)
 
-Routes: ``GET /items/{item_id}`` (JSON; 404 problem for unknown ids), ``GET /boom`` (raises: a
-500 problem that hides the message), ``GET /slow?seconds=1.5`` (logged as slow past 1 s),
-``GET /stream`` (a JSON list streamed in chunks, enveloped on the fly). Needs the ``server`` extra
-(uvicorn).
+Items live in SQLite (through ``asgi_resilience.sqlalchemy.Database``: a startup check, pool
+stats at ``/health/status``, dispose at shutdown); rate limits use the memory backend. Routes:
+``GET /items/{item_id}`` (JSON; a 404 problem for unknown ids), ``GET /boom`` (raises: a 500
+problem that hides the message), ``GET /slow?seconds=1.5`` (logged as slow past 1 s),
+``GET /stream`` (a JSON list streamed in chunks, enveloped on the fly), plus ``/health/*`` and
+``/metrics``. Needs the ``sqlalchemy`` and ``server`` extras.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
+import os
+import tempfile
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -21,21 +24,71 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from .access_log import JsonFormatter
 from .envelope import add_envelope_meta
 from .exceptions import BadRequest, NotFound
-from .request_id import RequestIdLogFilter
+from .lifespan import Lifespan
 from .stack import ResilientApp, resilient
 
 ITEMS = {1: "anvil", 2: "rocket skates", 3: "giant magnet"}
 MAX_SLOW_SECONDS = 10.0
 
 
-async def read_item(request: Request) -> JSONResponse:
-    item_id = request.path_params["item_id"]
-    if item_id not in ITEMS:
-        raise NotFound(f"No item {item_id}", code="item_not_found")
-    return JSONResponse({"id": item_id, "name": ITEMS[item_id]})
+def create_app(database_url: str | None = None) -> ResilientApp:
+    """The demo service on SQLite (a file in the temp directory unless ``database_url``)."""
+    try:
+        from sqlalchemy import text
+
+        from .sqlalchemy import Database
+    except ImportError:
+        raise ImportError(
+            "the demo needs SQLAlchemy: pip install 'asgi-resilience[sqlalchemy,server]'"
+        ) from None
+    path = os.path.join(tempfile.gettempdir(), f"asgi-resilience-demo-{os.getpid()}.db")
+    db: Database[Any] = Database(database_url or f"sqlite+aiosqlite:///{path}", name="sqlite")
+    lifespan = Lifespan()
+    db.install(lifespan)
+
+    @lifespan.resource("items", timeout=5)
+    async def items_table() -> AsyncIterator[str]:
+        async with db.transaction() as session:
+            await session.execute(text("DROP TABLE IF EXISTS items"))
+            await session.execute(text("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)"))
+            for item_id, name in ITEMS.items():
+                await session.execute(
+                    text("INSERT INTO items (id, name) VALUES (:id, :name)"),
+                    {"id": item_id, "name": name},
+                )
+        yield "items"
+        if database_url is None:
+            os.unlink(path)
+
+    async def read_item(request: Request) -> JSONResponse:
+        item_id = request.path_params["item_id"]
+        async with db.session() as session:
+            result = await session.execute(
+                text("SELECT name FROM items WHERE id = :id"), {"id": item_id}
+            )
+            name = result.scalar()
+        if name is None:
+            raise NotFound(f"No item {item_id}", code="item_not_found")
+        return JSONResponse({"id": item_id, "name": name})
+
+    app = Starlette(
+        routes=[
+            Route("/items/{item_id:int}", read_item),
+            Route("/boom", boom),
+            Route("/slow", slow),
+            Route("/stream", stream),
+        ]
+    )
+    return resilient(
+        app,
+        lifespan=lifespan,
+        envelope=True,
+        rate_limit="50/second",
+        health_status_details=True,
+        version="demo",
+    )
 
 
 async def boom(request: Request) -> JSONResponse:
@@ -67,40 +120,15 @@ async def stream(request: Request) -> StreamingResponse:
     return StreamingResponse(items(), media_type="application/json")
 
 
-def create_app() -> ResilientApp:
-    """The demo service: a Starlette app wrapped with request ids, logs, errors, envelopes."""
-    app = Starlette(
-        routes=[
-            Route("/items/{item_id:int}", read_item),
-            Route("/boom", boom),
-            Route("/slow", slow),
-            Route("/stream", stream),
-        ]
-    )
-    return resilient(app, envelope=True)
-
-
-def configure_logging() -> None:
-    """JSON lines on stdout, each with the request id: what the demo shows off."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(RequestIdLogFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-
-
 def main(argv: list[str] | None = None) -> None:
+    """``python -m asgi_resilience.demo``: the same as ``asgi-resilience demo``."""
+    from .cli import main as cli_main
+
     parser = argparse.ArgumentParser(prog="python -m asgi_resilience.demo", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
-    try:
-        import uvicorn
-    except ImportError:
-        parser.exit(2, "the demo needs uvicorn: pip install 'asgi-resilience[server]'\n")
-    configure_logging()
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_config=None, access_log=False)
+    raise SystemExit(cli_main(["demo", "--host", args.host, "--port", str(args.port)]))
 
 
 if __name__ == "__main__":

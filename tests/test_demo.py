@@ -8,11 +8,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 
-from asgi_resilience import ResilientApp, demo
 from asgi_resilience.demo import create_app, main
 
 pytestmark = pytest.mark.anyio
@@ -86,15 +87,22 @@ def test_demo_serves_over_http_and_stops_on_sigterm(
     assert len(errors) == 1 and "hunter2" in errors[0]["exc_info"]
 
 
-async def test_demo_routes_in_process() -> None:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=create_app()), base_url="http://testserver"
-    ) as client:
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # aiosqlite needs asyncio
+async def test_demo_routes_in_process(tmp_path: Path) -> None:
+    app = create_app(f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}")
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app), base_url="http://testserver"
+        ) as client,
+    ):
         item = await client.get("/items/3")
         missing = await client.get("/items/7")
         boom = await client.get("/boom")
         stream = await client.get("/stream")
         slow = await client.get("/slow", params={"seconds": "0.01"})
+        bad = [await client.get("/slow", params={"seconds": v}) for v in ("abc", "-1", "11")]
+        status = await client.get("/health/status")
     assert item.json()["data"] == {"id": 3, "name": "giant magnet"}
     assert missing.json()["error"] == {
         "code": "item_not_found",
@@ -105,52 +113,22 @@ async def test_demo_routes_in_process() -> None:
     assert boom.status_code == 500 and "hunter2" not in boom.text
     assert [entry["id"] for entry in stream.json()["data"]] == [1, 2, 3]
     assert slow.json()["data"] == {"slept": 0.01}
+    assert [r.status_code for r in bad] == [400, 400, 400]
+    assert status.json()["sqlite"]["pool"] is not None
+    assert item.headers["x-ratelimit-limit"] == "50"
 
 
-def test_main_without_uvicorn_exits_with_a_message(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setitem(sys.modules, "uvicorn", None)
+def test_python_m_demo_runs_the_cli_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    from asgi_resilience import cli
+
+    calls: list[list[str]] = []
+
+    def fake_main(argv: list[str]) -> int:
+        calls.append(list(argv))
+        return 0
+
+    monkeypatch.setattr(cli, "main", fake_main)
     with pytest.raises(SystemExit) as exited:
-        main([])
-    assert exited.value.code == 2
-    assert "pip install 'asgi-resilience[server]'" in capsys.readouterr().err
-
-
-async def test_slow_rejects_bad_durations() -> None:
-    app = create_app()
-    assert isinstance(app, ResilientApp)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
-    ) as client:
-        for value in ("abc", "-1", "11"):
-            response = await client.get("/slow", params={"seconds": value})
-            assert response.status_code == 400
-            assert response.json()["error"]["code"] == "bad_request"
-
-
-def test_main_runs_uvicorn_with_the_wrapped_app(monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
-
-    calls: list[tuple[object, dict[str, object]]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
-    monkeypatch.setattr(demo, "configure_logging", lambda: None)
-    main(["--port", "8123"])
-    [(app, options)] = calls
-    assert isinstance(app, ResilientApp)
-    assert options["port"] == 8123 and options["host"] == "127.0.0.1"
-
-
-def test_configure_logging_writes_json_lines(capsys: pytest.CaptureFixture[str]) -> None:
-    import logging
-
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        demo.configure_logging()
-        logging.getLogger("tests.demo").info("hello %s", "there")
-    finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["message"] == "hello there" and line["request_id"] == "-"
+        main(["--port", "8123"])
+    assert exited.value.code == 0
+    assert calls == [["demo", "--host", "127.0.0.1", "--port", "8123"]]

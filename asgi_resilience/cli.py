@@ -1,0 +1,280 @@
+"""``asgi-resilience``: run a service with the stack, check its dependencies, or try the demo.
+
+    asgi-resilience run module:app [--host 127.0.0.1] [--port 8000] [--workers 1]
+                                   [--env-file .env] [--log-level info] [--plain-logs]
+    asgi-resilience check module:app [--env-file .env]
+    asgi-resilience demo [--host 127.0.0.1] [--port 8000]
+
+``run`` wraps the app with ``resilient()`` (not twice: an app that already is one is served as
+it is), configured from ``ASGI_RESILIENCE_*`` variables, and serves it with uvicorn: JSON log
+lines on stdout, SIGTERM draining, exit code 0 after a graceful stop. With ``--workers`` above 1
+it runs uvicorn's worker processes with Prometheus multiprocess mode in a directory of its own,
+removed at the end. ``check`` runs the startup (resources and checks) once, prints a table and
+exits 0 when startup succeeds, 1 when it fails. Bad arguments exit 2 with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .access_log import JsonFormatter
+from .config import ConfigurationError
+from .lifespan import Lifespan, StartupError
+from .request_id import RequestIdLogFilter
+from .stack import ResilientApp, resilient
+from .types import ASGIApp
+
+__all__ = ["main"]
+
+_TARGET_VARIABLE = "_ASGI_RESILIENCE_CLI_TARGET"  # how worker processes learn the app to serve
+_PLAIN_VARIABLE = "_ASGI_RESILIENCE_CLI_PLAIN_LOGS"
+
+
+class UsageError(Exception):
+    """A bad argument: reported on one line, exit code 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``asgi-resilience`` command; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.env_file is not None:
+            load_env_file(args.env_file)
+        if args.command == "run":
+            return run(
+                args.target, args.host, args.port, args.workers, args.log_level, args.plain_logs
+            )
+        if args.command == "check":
+            return check(args.target)
+        return demo(args.host, args.port, args.log_level)
+    except (UsageError, ConfigurationError) as exc:
+        print(f"asgi-resilience: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asgi-resilience", description="Run an ASGI service with asgi_resilience."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="serve module:app wrapped with resilient()")
+    check_parser = commands.add_parser("check", help="run the startup checks of module:app")
+    demo_parser = commands.add_parser("demo", help="serve the bundled demo service")
+    for sub in (run_parser, check_parser):
+        sub.add_argument("target", help="the app to load, as module:attribute")
+    for sub in (run_parser, demo_parser):
+        sub.add_argument("--host", default="127.0.0.1")
+        sub.add_argument("--port", type=int, default=8000)
+        sub.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    run_parser.add_argument("--workers", type=int, default=1)
+    run_parser.add_argument(
+        "--plain-logs", action="store_true", help="human-readable log lines instead of JSON"
+    )
+    for sub in (run_parser, check_parser, demo_parser):
+        sub.add_argument("--env-file", type=Path, help="KEY=VALUE lines to add to the environment")
+    return parser
+
+
+def load_env_file(path: Path) -> None:
+    """Add ``KEY=VALUE`` lines to ``os.environ`` (variables already set win; ``#`` comments,
+    blank lines, ``export`` and quotes allowed). Written here to keep the runtime dependencies
+    at four; python-dotenv does more than this needs."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read --env-file {str(path)!r}: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, equals, value = line.removeprefix("export ").partition("=")
+        name, value = name.strip(), value.strip()
+        if not equals or not name.isidentifier():
+            raise UsageError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        os.environ.setdefault(name, value)
+
+
+def load_app(target: str) -> ASGIApp:
+    """Import ``module:attribute`` and return the ASGI app it names."""
+    module_name, colon, attribute = target.partition(":")
+    if not colon or not module_name or not attribute:
+        raise UsageError(f"expected module:attribute, got {target!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as uvicorn does: modules next to you are found
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise UsageError(f"no module named {module_name!r}") from None
+        raise
+    app: Any = module
+    for part in attribute.split("."):
+        try:
+            app = getattr(app, part)
+        except AttributeError:
+            raise UsageError(f"module {module_name!r} has no attribute {attribute!r}") from None
+    if not callable(app):
+        raise UsageError(f"{target} is not an ASGI app: a {type(app).__name__} is not callable")
+    return app  # type: ignore[no-any-return]
+
+
+def _wrapped(target: str) -> ResilientApp:
+    app = load_app(target)
+    return app if isinstance(app, ResilientApp) else resilient(app)
+
+
+def configure_logging(level: str = "info", *, plain: bool = False) -> None:
+    """Root logging to stdout: JSON lines with request and trace ids, or plain lines."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(RequestIdLogFilter())
+    if plain:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        )
+    else:
+        handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def worker_app() -> ResilientApp:
+    """The app of one uvicorn worker process (``--workers`` above 1): uvicorn's factory."""
+    configure_logging(plain=os.environ.get(_PLAIN_VARIABLE) == "1")
+    return _wrapped(os.environ[_TARGET_VARIABLE])
+
+
+def run(target: str, host: str, port: int, workers: int, log_level: str, plain: bool) -> int:
+    """Serve ``target`` with uvicorn until SIGTERM or SIGINT; 0 after a graceful stop."""
+    uvicorn = _uvicorn()
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    _ensure_port_free(host, port)
+    configure_logging(log_level, plain=plain)
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_config": None,
+        "access_log": False,  # ours is better: one structured record per request
+        "log_level": log_level,
+    }
+    # uvicorn re-raises the SIGTERM it handled once it has stopped gracefully; a handler of
+    # our own receives it, so the process can report a clean stop with exit code 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    if workers == 1:
+        uvicorn.run(_wrapped(target), **options)
+        return 0
+    _wrapped(target)  # fail here, once, rather than in every worker
+    metrics_dir = tempfile.mkdtemp(prefix="asgi-resilience-metrics-")
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
+    os.environ[_TARGET_VARIABLE] = target
+    os.environ[_PLAIN_VARIABLE] = "1" if plain else "0"
+    try:
+        uvicorn.run("asgi_resilience.cli:worker_app", factory=True, workers=workers, **options)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def check(target: str) -> int:
+    """Run ``target``'s startup once and print a table; 0 if it succeeded, 1 if not."""
+    lifespan = _lifespan_of(load_app(target))
+    try:
+        asyncio.run(_startup_and_shutdown(lifespan))
+        failed = False
+    except StartupError as exc:
+        failed = True
+        reason = str(exc)
+    rows = [
+        (
+            r.name,
+            r.outcome + ("" if r.critical else " (non-critical)"),
+            f"{r.duration * 1000:.0f} ms",
+            r.error or "",
+        )
+        for r in lifespan.startup_results.values()
+    ]
+    _print_table(("check", "outcome", "duration", "error"), rows)
+    if failed:
+        print(reason)
+        return 1
+    print(f"startup ok: {len(rows)} checks")
+    return 0
+
+
+async def _startup_and_shutdown(lifespan: Lifespan) -> None:
+    await lifespan.startup()
+    await lifespan.shutdown()
+
+
+def _lifespan_of(app: Any) -> Lifespan:
+    if isinstance(app, ResilientApp):
+        return app.lifespan
+    context = getattr(getattr(app, "router", None), "lifespan_context", None)
+    if isinstance(context, Lifespan):  # Starlette(lifespan=lifespan) / FastAPI(lifespan=...)
+        return context
+    return resilient(app).lifespan
+
+
+def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
+    for row in (header, tuple("-" * width for width in widths), *rows):
+        print(
+            "  ".join(
+                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
+            ).rstrip()
+        )
+
+
+def demo(host: str, port: int, log_level: str) -> int:
+    """Serve the bundled demo (SQLite, memory rate limits) until stopped."""
+    from . import demo as demo_module
+
+    uvicorn = _uvicorn()
+    _ensure_port_free(host, port)
+    configure_logging(log_level)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(demo_module.create_app(), host=host, port=port, log_config=None, access_log=False)
+    return 0
+
+
+def _uvicorn() -> Any:
+    try:
+        import uvicorn
+    except ImportError:
+        raise UsageError("serving needs uvicorn: pip install 'asgi-resilience[server]'") from None
+    return uvicorn
+
+
+def _ensure_port_free(host: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, got {port}")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _main() -> NoReturn:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _main()
