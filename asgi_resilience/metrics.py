@@ -197,7 +197,7 @@ class MetricsMiddleware(ContextMiddleware):
         route = context.route(scope)
         if context.status is not None:
             status = str(context.status)
-        elif context.exception is not None and isinstance(context.exception, Exception):
+        elif isinstance(context.exception, Exception) and not context.disconnected:
             status = "500"  # what the server answers for it
         else:
             status = DISCONNECTED_STATUS

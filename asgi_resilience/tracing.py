@@ -23,9 +23,9 @@ from opentelemetry.trace import (
     StatusCode,
 )
 
-from .context import ContextMiddleware, RequestContext
+from .context import UNMATCHED_ROUTE, ContextMiddleware, RequestContext
 from .metrics import KNOWN_METHODS, OTHER_METHOD
-from .types import ASGIApp, Receive, Scope, Send
+from .types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["REQUEST_ID_ATTRIBUTE", "TracingMiddleware"]
 
@@ -101,7 +101,7 @@ class TracingMiddleware(ContextMiddleware):
             return
         if current.is_recording() and getattr(current, "kind", None) is SpanKind.SERVER:
             _remember_trace_id(context, current)
-            await self._traced(current, context, scope, receive, send)  # enrich, do not nest
+            await self._enrich(current, context, scope, receive, send)
             return
         method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
         with self.tracer.start_as_current_span(
@@ -131,6 +131,43 @@ class TracingMiddleware(ContextMiddleware):
             raise
         finally:
             _finish(span, context, scope)
+
+    async def _enrich(
+        self,
+        span: trace.Span,
+        context: RequestContext,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """Add our attributes to an instrumentation's span instead of nesting a second one.
+
+        Such instrumentations (opentelemetry-instrumentation-asgi) end their span when the
+        last body message goes out, before the app returns: ours are set just before it.
+        """
+        if context.request_id:
+            span.set_attribute(REQUEST_ID_ATTRIBUTE, context.request_id)
+        finished = False
+
+        async def send_and_enrich(message: Message) -> None:
+            nonlocal finished
+            last = message["type"] == "http.response.pathsend" or (
+                message["type"] == "http.response.body" and not message.get("more_body", False)
+            )
+            if last and not finished:
+                finished = True
+                _finish(span, context, scope, pending=len(message.get("body", b"")))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, context.record(send_and_enrich))
+        except BaseException as exc:
+            if context.exception is None:
+                context.exception = exc
+            raise
+        finally:
+            if not finished:
+                _finish(span, context, scope)
 
 
 def _remember_trace_id(context: RequestContext, span: trace.Span) -> None:
@@ -166,16 +203,25 @@ def _request_attributes(scope: Scope, method: str, context: RequestContext) -> d
     return attributes
 
 
-def _finish(span: trace.Span, context: RequestContext, scope: Scope) -> None:
+def _finish(span: trace.Span, context: RequestContext, scope: Scope, pending: int = 0) -> None:
+    """Name the span and add what is known once the response is (about to be) complete.
+
+    ``pending``: body bytes of the final message, not yet counted as sent.
+    """
     route = context.route(scope)
     method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
-    span.update_name(f"{method} {route}")
-    span.set_attribute("http.route", route)
+    if route == UNMATCHED_ROUTE:
+        span.update_name(method)  # as the HTTP conventions ask when no route matched
+    else:
+        span.update_name(f"{method} {route}")
+        span.set_attribute("http.route", route)
     if context.request_id:
         span.set_attribute(REQUEST_ID_ATTRIBUTE, context.request_id)
+    if context.client_resolved and context.client:
+        span.set_attribute("client.address", context.client)  # behind trusted proxies
     if context.status is not None:
         span.set_attribute("http.response.status_code", context.status)
-    span.set_attribute("http.response.body.size", context.bytes_sent)
+    span.set_attribute("http.response.body.size", context.bytes_sent + pending)
     exception = context.exception
     if exception is not None:
         span.record_exception(exception)
