@@ -8,6 +8,7 @@ response envelopes; each middleware also works alone.
 from __future__ import annotations
 
 from .access_log import AccessLogMiddleware, JsonFormatter
+from .circuit_breaker import CircuitBreaker, Retry, retry
 from .config import ConfigurationError
 from .context import RequestContext
 from .envelope import EnvelopeMiddleware, add_envelope_meta, skip_envelope
@@ -56,6 +57,7 @@ __all__ = [
     "BuiltinEndpoints",
     "Check",
     "CheckResult",
+    "CircuitBreaker",
     "CircuitOpenError",
     "ConfigurationError",
     "Conflict",
@@ -77,6 +79,7 @@ __all__ = [
     "RequestIdMiddleware",
     "ResilientApp",
     "ResourceReport",
+    "Retry",
     "ServiceUnavailable",
     "StartupError",
     "TooManyRequests",
@@ -91,5 +94,6 @@ __all__ = [
     "metrics_app",
     "render_error",
     "resilient",
+    "retry",
     "skip_envelope",
 ]

@@ -69,7 +69,11 @@ class CircuitOpenError(AsgiResilienceError):
     """
 
     def __init__(self, breaker: str, retry_after: float) -> None:
-        super().__init__(f"circuit breaker {breaker!r} is open; retry in {retry_after:.1f}s")
+        if retry_after > 0:
+            message = f"circuit breaker {breaker!r} is open; retry in {retry_after:.1f}s"
+        else:
+            message = f"circuit breaker {breaker!r} is busy with its trial calls; retry shortly"
+        super().__init__(message)
         self.breaker = breaker
         self.retry_after = retry_after
 
