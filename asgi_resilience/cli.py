@@ -119,7 +119,9 @@ def load_app(target: str) -> ASGIApp:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):
+        if exc.name is not None and (
+            module_name == exc.name or module_name.startswith(exc.name + ".")
+        ):
             raise UsageError(f"no module named {module_name!r}") from None
         raise
     app: Any = module
@@ -194,6 +196,9 @@ def run(target: str, host: str, port: int, workers: int, log_level: str, plain: 
 def check(target: str) -> int:
     """Run ``target``'s startup once and print a table; 0 if it succeeded, 1 if not."""
     lifespan = _lifespan_of(load_app(target))
+    # The table is the report: the lifespan's own log lines would only repeat it.
+    lifespan.logger = logging.getLogger("asgi_resilience.cli.check")
+    lifespan.logger.disabled = True
     try:
         asyncio.run(_startup_and_shutdown(lifespan))
         failed = False
@@ -213,7 +218,7 @@ def check(target: str) -> int:
     if failed:
         print(reason)
         return 1
-    print(f"startup ok: {len(rows)} checks")
+    print(f"startup ok: {len(rows)} check{'' if len(rows) == 1 else 's'}")
     return 0
 
 

@@ -741,13 +741,43 @@ def _closer(name: str, generator: AsyncIterator[Any]) -> Callable[[], Any]:
 
 
 async def _call(function: Callable[[], Any]) -> Any:
-    """Await an async callable; run a sync one in a worker thread (abandoned on timeout)."""
+    """Await an async callable; run a sync one in a daemon thread (abandoned on timeout)."""
     if inspect.iscoroutinefunction(function):
         return await function()
-    result = await anyio.to_thread.run_sync(function, abandon_on_cancel=True)
+    result = await _in_daemon_thread(function)
     if inspect.isawaitable(result):
         return await result
     return result
+
+
+async def _in_daemon_thread(function: Callable[[], Any]) -> Any:
+    """Run a blocking callable in a thread of its own and wait for it, cancellably.
+
+    Not anyio's worker threads: a check that hangs in a blocking call is abandoned at its
+    timeout, but a worker thread (not a daemon) would still keep the process from exiting, so a
+    failed startup would hang instead of exiting non-zero. A daemon thread does not.
+    """
+    await anyio.lowlevel.checkpoint()  # already cancelled (no time left): do not start it
+    done = anyio.Event()
+    token = anyio.lowlevel.current_token()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = function()
+        except BaseException as exc:  # handed to the waiting task, raised there
+            outcome["error"] = exc
+        try:
+            anyio.from_thread.run_sync(done.set, token=token)
+        except RuntimeError:
+            pass  # the event loop is gone: nobody is waiting any more
+
+    name = f"asgi-resilience {getattr(function, '__qualname__', 'call')}"
+    threading.Thread(target=target, name=name, daemon=True).start()
+    await done.wait()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 _CREDENTIALS = re.compile(r"(\w[\w+.-]*://[^:/@\s]*:)[^@\s]+@")

@@ -284,6 +284,11 @@ def _build(
     if errors:
         stack = ErrorMiddleware(stack, debug=debug, format="envelope" if envelope else "problem")
     if access_log:
+        if access_log_exclude_paths is DEFAULT_EXCLUDE_PATHS:
+            # Probes and scrapes, wherever health_path and metrics_path put them.
+            access_log_exclude_paths = [
+                p for p in (health_path, "/livez", "/readyz", metrics_path) if p
+            ]
         stack = AccessLogMiddleware(
             stack,
             logger=access_logger,
