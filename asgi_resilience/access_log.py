@@ -9,7 +9,7 @@ from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-
 from time import perf_counter
 from typing import Any
 
-from .context import ContextMiddleware, RequestContext, format_timestamp
+from .context import ContextMiddleware, PathSet, RequestContext, format_timestamp
 from .proxies import TrustedProxies
 from .types import ASGIApp, Receive, Scope, Send
 
@@ -62,14 +62,9 @@ class AccessLogMiddleware(ContextMiddleware):
             raise ValueError(
                 f"slow_threshold must be a positive number of seconds, got {slow_threshold!r}"
             )
-        paths = tuple(exclude_paths)
-        for path in paths:
-            if not path.startswith("/"):
-                raise ValueError(f"exclude_paths entries must start with '/', got {path!r}")
         self.app = app
+        self.excluded = PathSet(exclude_paths, option="exclude_paths")
         self.logger = logger if logger is not None else _logger
-        self.exclude_exact = frozenset(p.rstrip("/") or "/" for p in paths)
-        self.exclude_prefixes = tuple(p.rstrip("/") + "/" for p in paths)
         self.slow_threshold_ms = slow_threshold * 1000
         self.include_query = include_query
         self.proxies = (
@@ -82,7 +77,7 @@ class AccessLogMiddleware(ContextMiddleware):
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
         path = scope["path"]
-        if path in self.exclude_exact or path.startswith(self.exclude_prefixes):
+        if path in self.excluded:
             await self.app(scope, receive, send)
             return
         try:

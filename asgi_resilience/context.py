@@ -26,6 +26,7 @@ __all__ = [
     "CONTEXT_KEY",
     "UNMATCHED_ROUTE",
     "ContextMiddleware",
+    "PathSet",
     "RequestContext",
     "format_timestamp",
     "route_template",
@@ -203,6 +204,29 @@ class ContextMiddleware:
 
 
 _timestamp_cache: tuple[int, str] = (0, "")
+
+
+class PathSet:
+    """Paths and everything below them: ``"/health"`` covers ``/health`` and ``/health/ready``,
+    not ``/healthz``. What every ``exclude_paths``/``exempt_paths`` option means.
+
+    Args:
+        paths: the paths, each starting with ``/``.
+        option: the option's name, for the error message.
+    """
+
+    __slots__ = ("exact", "prefixes")
+
+    def __init__(self, paths: Iterable[str], *, option: str = "exclude_paths") -> None:
+        paths = tuple(paths)
+        for path in paths:
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ValueError(f"{option} entries must start with '/', got {path!r}")
+        self.exact = frozenset(path.rstrip("/") or "/" for path in paths)
+        self.prefixes = tuple(path.rstrip("/") + "/" for path in paths)
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str) and (path in self.exact or path.startswith(self.prefixes))
 
 
 def current_trace_id() -> str | None:

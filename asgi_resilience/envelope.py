@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 
-from .context import ContextMiddleware, RequestContext, utc_timestamp
+from .context import ContextMiddleware, PathSet, RequestContext, utc_timestamp
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["EnvelopeMiddleware", "add_envelope_meta", "skip_envelope"]
@@ -66,12 +66,7 @@ class EnvelopeMiddleware(ContextMiddleware):
         content_types: Iterable[str] = ("application/json",),
     ) -> None:
         self.app = app
-        paths = tuple(exclude_paths)
-        for path in paths:
-            if not path.startswith("/"):
-                raise ValueError(f"exclude_paths entries must start with '/', got {path!r}")
-        self.exclude_exact = frozenset(p.rstrip("/") or "/" for p in paths)
-        self.exclude_prefixes = tuple(p.rstrip("/") + "/" for p in paths)
+        self.excluded = PathSet(exclude_paths, option="exclude_paths")
         self.content_types = frozenset(t.strip().lower().encode("latin-1") for t in content_types)
         if not self.content_types:
             raise ValueError("content_types must name at least one media type")
@@ -80,11 +75,7 @@ class EnvelopeMiddleware(ContextMiddleware):
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
         path = scope["path"]
-        if (
-            scope["method"] == "HEAD"
-            or path in self.exclude_exact
-            or path.startswith(self.exclude_prefixes)
-        ):
+        if scope["method"] == "HEAD" or path in self.excluded:
             await self.app(scope, receive, send)
             return
         await self.app(scope, receive, _EnvelopeResponder(self, context, send).send)

@@ -17,7 +17,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
-from .context import ContextMiddleware, RequestContext
+from .context import ContextMiddleware, PathSet, RequestContext
 from .types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["Metrics", "MetricsMiddleware", "metrics_app"]
@@ -164,9 +164,7 @@ class MetricsMiddleware(ContextMiddleware):
     ) -> None:
         self.app = app
         self.metrics = Metrics.for_registry(registry)
-        paths = tuple(exclude_paths)
-        self.exclude_exact = frozenset(p.rstrip("/") or "/" for p in paths)
-        self.exclude_prefixes = tuple(p.rstrip("/") + "/" for p in paths)
+        self.excluded = PathSet(exclude_paths, option="exclude_paths")
         # Label children per (method, route, status): one lookup per request for all three.
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self._active: dict[str, Any] = {}
@@ -175,7 +173,7 @@ class MetricsMiddleware(ContextMiddleware):
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
         path = scope["path"]
-        if path in self.exclude_exact or path.startswith(self.exclude_prefixes):
+        if path in self.excluded:
             await self.app(scope, receive, send)
             return
         method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD

@@ -23,7 +23,7 @@ from opentelemetry.trace import (
     StatusCode,
 )
 
-from .context import UNMATCHED_ROUTE, ContextMiddleware, RequestContext
+from .context import UNMATCHED_ROUTE, ContextMiddleware, PathSet, RequestContext
 from .metrics import KNOWN_METHODS, OTHER_METHOD
 from .types import ASGIApp, Message, Receive, Scope, Send
 
@@ -78,9 +78,7 @@ class TracingMiddleware(ContextMiddleware):
         self.app = app
         self.tracer_provider = tracer_provider
         self.tracer = trace.get_tracer("asgi_resilience", tracer_provider=tracer_provider)
-        paths = tuple(exclude_paths)
-        self.exclude_exact = frozenset(p.rstrip("/") or "/" for p in paths)
-        self.exclude_prefixes = tuple(p.rstrip("/") + "/" for p in paths)
+        self.excluded = PathSet(exclude_paths, option="exclude_paths")
 
     def _enabled(self) -> bool:
         provider = self.tracer_provider or trace.get_tracer_provider()
@@ -91,11 +89,7 @@ class TracingMiddleware(ContextMiddleware):
     ) -> None:
         path = scope["path"]
         current = trace.get_current_span()
-        if (
-            not self._enabled()
-            or path in self.exclude_exact
-            or path.startswith(self.exclude_prefixes)
-        ):
+        if not self._enabled() or path in self.excluded:
             _remember_trace_id(context, current)  # inner layers need not look it up again
             await self.app(scope, receive, send)
             return

@@ -13,7 +13,7 @@ import anyio
 from prometheus_client import CollectorRegistry
 from starlette.routing import compile_path
 
-from ..context import ContextMiddleware, RequestContext
+from ..context import ContextMiddleware, PathSet, RequestContext
 from ..errors import render_error
 from ..metrics import Metrics
 from ..proxies import TrustedProxies
@@ -156,9 +156,7 @@ class RateLimitMiddleware(ContextMiddleware):
             for route, route_limit in (routes or {}).items()
         )
         self.default_policy = _Policy.build("*", limit, lambda path: True)
-        paths = tuple(exempt_paths)
-        self.exempt_exact = frozenset(p.rstrip("/") or "/" for p in paths)
-        self.exempt_prefixes = tuple(p.rstrip("/") + "/" for p in paths)
+        self.exempt = PathSet(exempt_paths, option="exempt_paths")
         self.cost = cost
         self.deny_on_error = on_backend_error == "deny"
         self.backend_timeout = backend_timeout
@@ -179,7 +177,7 @@ class RateLimitMiddleware(ContextMiddleware):
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
         path = scope["path"]
-        if path in self.exempt_exact or path.startswith(self.exempt_prefixes):
+        if path in self.exempt:
             await self.app(scope, receive, send)
             return
         policy = self._policy_for(path) if self.policies else self.default_policy

@@ -68,6 +68,41 @@ class Decision(NamedTuple):
         return min(statuses, key=lambda s: (s.remaining, -s.reset_after))
 
 
+# What every script starts with (the time: Redis' own unless the caller passes one; the cost;
+# the number of rates; the stored state) and ends with (store the new state if admitted, and
+# reply: allowed, retry_after, then remaining and reset_after per rate). Floats travel as
+# strings: Redis would truncate Lua numbers in replies to integers.
+_LUA_PRELUDE = """
+local now = tonumber(ARGV[1])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local cost = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local eps = 0.000001
+local stored = redis.call('GET', KEYS[1])
+local state = {}
+if stored then
+  for value in string.gmatch(stored, '%S+') do state[#state + 1] = tonumber(value) end
+end
+"""
+_LUA_REPLY = """
+local chosen = after
+if allowed == 1 then
+  redis.call('SET', KEYS[1], table.concat(new_state, ' '), 'PX', math.ceil(ttl * 1000) + 1)
+else
+  chosen = before
+end
+local reply = {allowed, string.format('%.17g', retry_after)}
+for i = 1, n do
+  reply[#reply + 1] = chosen[i][1]
+  reply[#reply + 1] = string.format('%.17g', chosen[i][2])
+end
+return reply
+"""
+
+
 class Strategy(ABC):
     """An algorithm: ``decide`` in Python, ``lua`` for Redis (same inputs, same answers)."""
 
@@ -128,20 +163,9 @@ class GCRA(Strategy):
             return Decision(False, statuses, retry_after), None, 0.0
         return Decision(True, statuses), new_state, max(new_state) - now
 
-    lua = """
-local now = tonumber(ARGV[1])
-if now == nil then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local cost = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local eps = 0.000001
-local stored = redis.call('GET', KEYS[1])
-local state = {}
-if stored then
-  for value in string.gmatch(stored, '%S+') do state[#state + 1] = tonumber(value) end
-end
+    lua = (
+        _LUA_PRELUDE
+        + """
 local allowed, retry_after, ttl = 1, 0, 0
 local new_state, before, after = {}, {}, {}
 for i = 1, n do
@@ -163,19 +187,9 @@ for i = 1, n do
   new_state[i] = string.format('%.17g', new_tat)
   if new_tat - now > ttl then ttl = new_tat - now end
 end
-local chosen = after
-if allowed == 1 then
-  redis.call('SET', KEYS[1], table.concat(new_state, ' '), 'PX', math.ceil(ttl * 1000) + 1)
-else
-  chosen = before
-end
-local reply = {allowed, string.format('%.17g', retry_after)}
-for i = 1, n do
-  reply[#reply + 1] = chosen[i][1]
-  reply[#reply + 1] = string.format('%.17g', chosen[i][2])
-end
-return reply
 """
+        + _LUA_REPLY
+    )
 
 
 class FixedWindow(Strategy):
@@ -207,19 +221,9 @@ class FixedWindow(Strategy):
             return Decision(False, tuple(before), retry_after), None, 0.0
         return Decision(True, tuple(after)), new_state, ttl
 
-    lua = """
-local now = tonumber(ARGV[1])
-if now == nil then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local cost = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local stored = redis.call('GET', KEYS[1])
-local state = {}
-if stored then
-  for value in string.gmatch(stored, '%S+') do state[#state + 1] = tonumber(value) end
-end
+    lua = (
+        _LUA_PRELUDE
+        + """
 local allowed, retry_after, ttl = 1, 0, 0
 local new_state, before, after = {}, {}, {}
 for i = 1, n do
@@ -241,19 +245,9 @@ for i = 1, n do
   new_state[2 * i] = string.format('%.17g', count + cost)
   if reset_after > ttl then ttl = reset_after end
 end
-local chosen = after
-if allowed == 1 then
-  redis.call('SET', KEYS[1], table.concat(new_state, ' '), 'PX', math.ceil(ttl * 1000) + 1)
-else
-  chosen = before
-end
-local reply = {allowed, string.format('%.17g', retry_after)}
-for i = 1, n do
-  reply[#reply + 1] = chosen[i][1]
-  reply[#reply + 1] = string.format('%.17g', chosen[i][2])
-end
-return reply
 """
+        + _LUA_REPLY
+    )
 
 
 class SlidingWindow(Strategy):
@@ -296,20 +290,9 @@ class SlidingWindow(Strategy):
             return Decision(False, tuple(before), retry_after), None, 0.0
         return Decision(True, tuple(after)), new_state, ttl
 
-    lua = """
-local now = tonumber(ARGV[1])
-if now == nil then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local cost = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local eps = 0.000001
-local stored = redis.call('GET', KEYS[1])
-local state = {}
-if stored then
-  for value in string.gmatch(stored, '%S+') do state[#state + 1] = tonumber(value) end
-end
+    lua = (
+        _LUA_PRELUDE
+        + """
 local function wait_for(amount, period, elapsed, previous, current)
   if cost > amount then return -1 end
   if previous > 0 and current + cost <= amount then
@@ -351,19 +334,9 @@ for i = 1, n do
   new_state[3 * i] = string.format('%.17g', current + cost)
   if 2 * period - elapsed > ttl then ttl = 2 * period - elapsed end
 end
-local chosen = after
-if allowed == 1 then
-  redis.call('SET', KEYS[1], table.concat(new_state, ' '), 'PX', math.ceil(ttl * 1000) + 1)
-else
-  chosen = before
-end
-local reply = {allowed, string.format('%.17g', retry_after)}
-for i = 1, n do
-  reply[#reply + 1] = chosen[i][1]
-  reply[#reply + 1] = string.format('%.17g', chosen[i][2])
-end
-return reply
 """
+        + _LUA_REPLY
+    )
 
 
 def _sliding_wait(rate: Rate, elapsed: float, previous: float, current: float, cost: int) -> float:
