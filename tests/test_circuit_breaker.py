@@ -350,13 +350,18 @@ async def test_no_lock_is_held_across_the_call() -> None:
     async def call_dependency() -> None:
         results.append(await breaker.call(_sleep_then, 0.1))
 
-    began = time.perf_counter()
-    async with anyio.create_task_group() as group:
-        for _ in range(100):
-            group.start_soon(call_dependency)
-    elapsed = time.perf_counter() - began
-    assert results == ["done"] * 100
-    assert elapsed < 0.15
+    # Wall time on a shared 2-core machine is noisy: the best of three runs must be well under
+    # 150 ms (held locks would serialize the calls: 100 x 100 ms = 10 s).
+    timings = []
+    for _ in range(3):
+        results.clear()
+        began = time.perf_counter()
+        async with anyio.create_task_group() as group:
+            for _ in range(100):
+                group.start_soon(call_dependency)
+        timings.append(time.perf_counter() - began)
+        assert results == ["done"] * 100
+    assert min(timings) < 0.15, timings
 
 
 async def _sleep_then(seconds: float) -> str:
