@@ -84,12 +84,19 @@ class TracingMiddleware(ContextMiddleware):
         provider = self.tracer_provider or trace.get_tracer_provider()
         return not isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider))
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._enabled():
+            # No SDK: nothing to record. Not even the request context is made here, so the
+            # cost is this check (the trace id, if a span exists anyway, is found lazily).
+            await self.app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        path = scope["path"]
         current = trace.get_current_span()
-        if not self._enabled() or path in self.excluded:
+        if scope["path"] in self.excluded:
             _remember_trace_id(context, current)  # inner layers need not look it up again
             await self.app(scope, receive, send)
             return

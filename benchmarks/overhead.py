@@ -19,6 +19,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -29,9 +30,11 @@ from asgi_resilience import (
     EnvelopeMiddleware,
     ErrorMiddleware,
     JsonFormatter,
+    MetricsMiddleware,
     RateLimitMiddleware,
     RequestIdLogFilter,
     RequestIdMiddleware,
+    TracingMiddleware,
     resilient,
 )
 from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
@@ -86,18 +89,29 @@ class LoggingFloor:
 
 
 def variants(access_logger: logging.Logger) -> dict[str, ASGIApp]:
+    # The pipeline of issue #2: request ids, access log, errors, envelopes (no metrics, no
+    # tracing: benchmarks/peers.py measures the full stack against the peers).
+    pipeline: dict[str, Any] = {
+        "envelope": True,
+        "access_logger": access_logger,
+        "metrics": False,
+        "tracing": False,
+        "environ": {},
+    }
     return {
         "bare": make_app(),
         "RequestIdMiddleware": RequestIdMiddleware(make_app()),
         "AccessLogMiddleware": AccessLogMiddleware(make_app(), logger=access_logger),
         "ErrorMiddleware": ErrorMiddleware(make_app()),
         "EnvelopeMiddleware": EnvelopeMiddleware(make_app()),
-        "RateLimitMiddleware (memory)": RateLimitMiddleware(make_app(), limit="1000000/second"),
-        "resilient()": resilient(make_app(), envelope=True, access_logger=access_logger),
-        "resilient(access_log=False)": resilient(make_app(), envelope=True, access_log=False),
-        "resilient(rate_limit=...)": resilient(
-            make_app(), envelope=True, access_logger=access_logger, rate_limit="1000000/second"
+        "RateLimitMiddleware (memory)": RateLimitMiddleware(
+            make_app(), limit="1000000/second", registry=CollectorRegistry()
         ),
+        "MetricsMiddleware": MetricsMiddleware(make_app(), registry=CollectorRegistry()),
+        "TracingMiddleware (no SDK)": TracingMiddleware(make_app()),
+        "resilient() pipeline": resilient(make_app(), **pipeline),
+        "pipeline, no access log": resilient(make_app(), **{**pipeline, "access_log": False}),
+        "pipeline + rate limit": resilient(make_app(), **pipeline, rate_limit="1000000/second"),
         "logging floor (reference)": LoggingFloor(make_app(), access_logger),
     }
 
