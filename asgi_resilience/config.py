@@ -56,7 +56,12 @@ def _seconds(value: str) -> float:
 
 
 def _seconds_or_zero(value: str) -> float:
-    return 0.0 if value.strip() in ("0", "0.0") else _seconds(value)
+    try:
+        if float(value) == 0:
+            return 0.0
+    except ValueError:
+        pass  # _seconds says what is wrong
+    return _seconds(value)
 
 
 def _path(value: str) -> str:
@@ -99,9 +104,9 @@ def _choice(*choices: str) -> Callable[[str], str]:
 
 def _key(value: str) -> str:
     key = value.strip()
-    if key in ("ip", "user") or (key.lower().startswith("header:") and key[7:].strip()):
+    if key == "ip" or (key.lower().startswith("header:") and key[7:].strip()):
         return key
-    raise ValueError("expected ip, user or header:<name>")
+    raise ValueError("expected ip or header:<name>")
 
 
 def _header_name(value: str) -> str:
@@ -143,6 +148,7 @@ PARSERS: Mapping[str, Callable[[str], Any]] = {
     "rate_limit_on_backend_error": _choice("allow", "deny"),
     "rate_limit_backend_timeout": _seconds,
     "trusted_proxies": _proxies,
+    "forwarded_header": _choice("x-forwarded-for", "forwarded"),
     "metrics": _boolean,
     "metrics_path": _optional_path,
     "tracing": _boolean,

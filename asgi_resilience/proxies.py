@@ -1,4 +1,4 @@
-"""Client addresses behind reverse proxies: ``X-Forwarded-For`` and ``Forwarded`` (RFC 7239).
+"""Client addresses behind reverse proxies: ``X-Forwarded-For`` or ``Forwarded`` (RFC 7239).
 
 Forwarding headers are only believed when the peer that sent them is a trusted proxy, and then
 only as far as the chain stays trusted: the chain is walked from the right (the hop nearest to
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 from .context import RequestContext
 from .types import Scope
@@ -30,15 +31,31 @@ _CUT = "(cut)"  # stands for the part of an oversized header that was not read
 class TrustedProxies:
     """Which peers may speak for the client, and how to find the client through them.
 
+    Only one header is read, the one your proxies write (``header``): a proxy that appends the
+    client to ``X-Forwarded-For`` usually passes a client's own ``Forwarded`` through untouched,
+    so believing whichever is present would let clients choose their address.
+
     Args:
         proxies: IP addresses and CIDR networks (``"10.0.0.0/8"``, ``"::1"``) of the proxies
             in front of the service. Empty: forwarding headers are ignored.
+        header: ``"x-forwarded-for"`` (nginx, HAProxy, cloud load balancers) or
+            ``"forwarded"`` (RFC 7239).
 
     Raises:
-        ValueError: an entry is not an address or network.
+        ValueError: an entry is not an address or network, or ``header`` is neither.
     """
 
-    def __init__(self, proxies: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        proxies: Iterable[str] = (),
+        *,
+        header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for",
+    ) -> None:
+        if isinstance(proxies, str):
+            raise ValueError(f"trusted_proxies must be a list, e.g. [{proxies!r}], not a string")
+        if header not in ("x-forwarded-for", "forwarded"):
+            raise ValueError(f"header must be 'x-forwarded-for' or 'forwarded', got {header!r}")
+        self.header = header.encode()
         networks: list[IPNetwork] = []
         for proxy in proxies:
             try:
@@ -71,7 +88,7 @@ class TrustedProxies:
         peer_address = _parse_address(peer)
         if peer_address is None or not self.is_trusted(peer_address):
             return peer
-        hops = _forwarded_hops(scope["headers"])
+        hops = _forwarded_hops(scope["headers"], self.header)
         if not hops:
             return peer
         for hop in reversed(hops[-_MAX_HOPS:]):
@@ -86,21 +103,14 @@ class TrustedProxies:
         return str(_parse_address(hops[0]))
 
 
-def _forwarded_hops(headers: Iterable[tuple[bytes, bytes]]) -> Sequence[str] | None:
-    """The hops named by ``Forwarded`` (preferred, it is standard) or ``X-Forwarded-For``;
-    repeated headers are joined in order. ``None`` when neither is present."""
-    forwarded: list[bytes] = []
-    x_forwarded_for: list[bytes] = []
-    for name, value in headers:
-        if name == b"forwarded":
-            forwarded.append(value)
-        elif name == b"x-forwarded-for":
-            x_forwarded_for.append(value)
-    if forwarded:
-        return [_forwarded_for(element) for element in _right_end(forwarded)]
-    if x_forwarded_for:
-        return [hop.strip() for hop in _right_end(x_forwarded_for)]
-    return None
+def _forwarded_hops(headers: Iterable[tuple[bytes, bytes]], header: bytes) -> Sequence[str] | None:
+    """The hops named by ``header`` (repeated headers joined in order); ``None`` if absent."""
+    values = [value for name, value in headers if name == header]
+    if not values:
+        return None
+    if header == b"forwarded":
+        return [_forwarded_for(element) for element in _right_end(values)]
+    return [hop.strip() for hop in _right_end(values)]
 
 
 def _right_end(values: list[bytes]) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from opentelemetry import trace
 
-from .context import ContextMiddleware, RequestContext
+from .context import ContextMiddleware, ErrorFormat, RequestContext
 from .errors import render_error
 from .types import ASGIApp, Message, Receive, Scope, Send
 
@@ -54,6 +54,8 @@ class RequestIdMiddleware(ContextMiddleware):
         generator: makes new ids; must return 1-128 visible ASCII characters (a failing or
             misbehaving generator is replaced by the default one, with an error logged).
         logger: where invalid ids are reported (``asgi_resilience.request_id``).
+        error_format: the shape of the 400 (``"problem"`` or ``"envelope"``): this layer
+            answers before ``ErrorMiddleware`` has chosen one.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class RequestIdMiddleware(ContextMiddleware):
         on_invalid: Literal["replace", "reject"] = "replace",
         generator: Callable[[], str] | None = None,
         logger: logging.Logger | None = None,
+        error_format: ErrorFormat = "problem",
     ) -> None:
         if on_invalid not in ("replace", "reject"):
             raise ValueError(f"on_invalid must be 'replace' or 'reject', got {on_invalid!r}")
@@ -79,6 +82,9 @@ class RequestIdMiddleware(ContextMiddleware):
         self.reject_invalid = on_invalid == "reject"
         self.generator = generator
         self.logger = logger if logger is not None else _logger
+        if error_format not in ("problem", "envelope"):
+            raise ValueError(f"error_format must be 'problem' or 'envelope', got {error_format!r}")
+        self.error_format: ErrorFormat = error_format
 
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
@@ -132,7 +138,11 @@ class RequestIdMiddleware(ContextMiddleware):
 
     async def _reject(self, context: RequestContext, scope: Scope, send: Send) -> None:
         start, body = render_error(
-            context, scope, 400, detail=f"Invalid {self.header_name.decode()} header"
+            context,
+            scope,
+            400,
+            detail=f"Invalid {self.header_name.decode()} header",
+            error_format=self.error_format,
         )
         start["headers"].append((self.header_name, str(context.request_id).encode()))
         await send(start)

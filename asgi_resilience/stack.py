@@ -11,7 +11,7 @@ from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from .access_log import DEFAULT_EXCLUDE_PATHS, AccessLogMiddleware
-from .config import options_from_env
+from .config import ConfigurationError, options_from_env
 from .envelope import EnvelopeMiddleware
 from .errors import ErrorMiddleware
 from .health import HealthApp
@@ -87,6 +87,7 @@ _DEFAULTS: dict[str, Any] = {
     "rate_limit_on_backend_error": "allow",
     "rate_limit_backend_timeout": 0.05,
     "trusted_proxies": (),
+    "forwarded_header": "x-forwarded-for",
     "metrics": True,
     "metrics_path": "/metrics",
     "tracing": True,
@@ -121,6 +122,7 @@ def resilient(
     rate_limit_on_backend_error: Literal["allow", "deny"] = DEFAULT,
     rate_limit_backend_timeout: float = DEFAULT,
     trusted_proxies: Iterable[str] = DEFAULT,
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = DEFAULT,
     metrics: bool = DEFAULT,
     metrics_path: str | None = DEFAULT,
     registry: CollectorRegistry | None = None,
@@ -170,7 +172,9 @@ def resilient(
         rate_limit_on_backend_error: ``"allow"`` or ``"deny"`` (503) when the backend fails.
         rate_limit_backend_timeout: seconds a rate limit decision may take.
         trusted_proxies: proxy addresses/networks whose forwarding headers name the client,
-            for the rate limiter and the access log alike.
+            for the rate limiter, the access log and the span alike.
+        forwarded_header: the header those proxies write: ``"x-forwarded-for"`` or
+            ``"forwarded"``; the other is ignored (a client could have sent it).
         metrics: record Prometheus request metrics.
         metrics_path: where the metrics are served (``None``: not served).
         registry: the Prometheus registry for every metric of the stack (the global one by
@@ -225,6 +229,7 @@ def _build(
     rate_limit_on_backend_error: Literal["allow", "deny"],
     rate_limit_backend_timeout: float,
     trusted_proxies: Iterable[str],
+    forwarded_header: Literal["x-forwarded-for", "forwarded"],
     metrics: bool,
     metrics_path: str | None,
     registry: CollectorRegistry | None,
@@ -235,11 +240,21 @@ def _build(
     lifespan = lifespan if lifespan is not None else Lifespan(registry=registry)
     if lifespan.registry is None:
         lifespan.registry = registry
-    proxies = TrustedProxies(trusted_proxies)
+    proxies = TrustedProxies(trusted_proxies, header=forwarded_header)
+    # Probes and scrapes, wherever health_path and metrics_path put them: never logged,
+    # measured or traced.
+    probes = [p for p in (health_path, "/livez", "/readyz", metrics_path) if p]
     stack: ASGIApp = app
     if envelope:
         stack = EnvelopeMiddleware(stack, exclude_paths=envelope_exclude_paths)
     if rate_limit is not None:
+        if rate_limit_key == "user":
+            raise ConfigurationError(
+                "rate_limit_key='user' cannot work here: resilient() limits requests before "
+                "your app's authentication sets scope['user']. Add RateLimitMiddleware(key="
+                "'user') inside your app, after its AuthenticationMiddleware, or limit by "
+                "'header:<name>'."
+            )
         backend = rate_limit_backend
         if isinstance(backend, str):
             backend = backend_from_url(backend)
@@ -285,10 +300,7 @@ def _build(
         stack = ErrorMiddleware(stack, debug=debug, format="envelope" if envelope else "problem")
     if access_log:
         if access_log_exclude_paths is DEFAULT_EXCLUDE_PATHS:
-            # Probes and scrapes, wherever health_path and metrics_path put them.
-            access_log_exclude_paths = [
-                p for p in (health_path, "/livez", "/readyz", metrics_path) if p
-            ]
+            access_log_exclude_paths = probes
         stack = AccessLogMiddleware(
             stack,
             logger=access_logger,
@@ -297,13 +309,15 @@ def _build(
             trusted_proxies=proxies,
         )
     if metrics:
-        excluded = [p for p in (metrics_path, health_path, "/livez", "/readyz") if p]
-        stack = MetricsMiddleware(stack, registry=registry, exclude_paths=excluded)
+        stack = MetricsMiddleware(stack, registry=registry, exclude_paths=probes)
     if tracing:
-        stack = TracingMiddleware(stack, tracer_provider=tracer_provider)
+        stack = TracingMiddleware(stack, tracer_provider=tracer_provider, exclude_paths=probes)
     if request_ids:
         stack = RequestIdMiddleware(
-            stack, header_name=request_id_header, trust_incoming=trust_incoming_request_id
+            stack,
+            header_name=request_id_header,
+            trust_incoming=trust_incoming_request_id,
+            error_format="envelope" if envelope else "problem",
         )
     stack = LifespanMiddleware(stack, lifespan=lifespan)
     return ResilientApp(app, stack, lifespan, health)

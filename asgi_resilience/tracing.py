@@ -53,7 +53,7 @@ class TracingMiddleware(ContextMiddleware):
     Handles ``http`` scopes; others pass through. Reads ``traceparent``/``tracestate`` (through
     the globally configured propagator) for the parent; writes no headers. The span is named
     ``"{method} {route}"`` once routing is known, and carries ``http.request.method``,
-    ``url.path``, ``url.scheme``, ``url.query`` (when present), ``client.address``,
+    ``url.path``, ``url.scheme``, ``url.query`` (only with ``include_query``), ``client.address``,
     ``server.address``/``server.port``, ``network.protocol.version``,
     ``user_agent.original``, ``http.route``, ``http.response.status_code``,
     ``http.response.body.size`` and the request id (``asgi_resilience.request_id``). Exceptions
@@ -66,6 +66,8 @@ class TracingMiddleware(ContextMiddleware):
         tracer_provider: the provider to use; the global one by default. With no SDK
             configured the middleware is a pass-through.
         exclude_paths: paths (and their subpaths) never traced (probes, scrapes).
+        include_query: record ``url.query``; off by default, as query strings carry tokens
+            and personal data that should not leave for a tracing backend.
     """
 
     def __init__(
@@ -74,11 +76,13 @@ class TracingMiddleware(ContextMiddleware):
         *,
         tracer_provider: trace.TracerProvider | None = None,
         exclude_paths: Iterable[str] = ("/health", "/livez", "/readyz", "/metrics"),
+        include_query: bool = False,
     ) -> None:
         self.app = app
         self.tracer_provider = tracer_provider
         self.tracer = trace.get_tracer("asgi_resilience", tracer_provider=tracer_provider)
         self.excluded = PathSet(exclude_paths, option="exclude_paths")
+        self.include_query = include_query
 
     def _enabled(self) -> bool:
         provider = self.tracer_provider or trace.get_tracer_provider()
@@ -109,7 +113,7 @@ class TracingMiddleware(ContextMiddleware):
             method,
             context=propagate.extract(scope, getter=_getter),
             kind=SpanKind.SERVER,
-            attributes=_request_attributes(scope, method, context),
+            attributes=_request_attributes(scope, method, context, self.include_query),
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
@@ -177,7 +181,9 @@ def _remember_trace_id(context: RequestContext, span: trace.Span) -> None:
     context.trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else None
 
 
-def _request_attributes(scope: Scope, method: str, context: RequestContext) -> dict[str, Any]:
+def _request_attributes(
+    scope: Scope, method: str, context: RequestContext, include_query: bool
+) -> dict[str, Any]:
     attributes: dict[str, Any] = {
         "http.request.method": method,
         "url.path": scope["path"],
@@ -186,7 +192,7 @@ def _request_attributes(scope: Scope, method: str, context: RequestContext) -> d
     }
     if method == OTHER_METHOD:
         attributes["http.request.method_original"] = scope["method"]
-    query = scope.get("query_string")
+    query = scope.get("query_string") if include_query else None
     if query:
         attributes["url.query"] = query.decode("latin-1")
     if context.client:

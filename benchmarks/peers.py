@@ -116,6 +116,9 @@ def in_process(rounds: int, requests: int) -> None:
         "TracingMiddleware (no SDK)": TracingMiddleware(make_app()),
         "peers (5 libraries)": peer_stack(logger),
         "resilient() full stack": our_stack(logger),
+        "resilient(), no access log": resilient(
+            make_app(), rate_limit=UNLIMITED, access_log=False, registry=CollectorRegistry()
+        ),
     }
     medians = asyncio.run(measure(apps, rounds, requests, lambda _: None))
     bare = medians["bare"]

@@ -58,6 +58,8 @@ def env(**values: str) -> dict[str, str]:
         ("rate_limit_on_backend_error", "deny", "deny"),
         ("rate_limit_backend_timeout", "0.1", 0.1),
         ("trusted_proxies", "10.0.0.0/8, ::1", ("10.0.0.0/8", "::1")),
+        ("forwarded_header", "forwarded", "forwarded"),
+        ("health_cache_ttl", "0.00", 0.0),
         ("metrics_path", "/internal/metrics", "/internal/metrics"),
         ("tracing", "no", False),
     ],
@@ -79,7 +81,9 @@ def test_each_variable_is_parsed(option: str, value: str, parsed: Any) -> None:
         ("metrics_path", "/metrics/", "not ending"),
         ("rate_limit_backend", "memcached://x", "redis://"),
         ("rate_limit_strategy", "leaky-bucket", "one of gcra"),
-        ("rate_limit_key", "cookie:session", "ip, user or header"),
+        ("rate_limit_key", "cookie:session", "ip or header"),
+        ("rate_limit_key", "user", "ip or header"),
+        ("forwarded_header", "x-real-ip", "one of x-forwarded-for"),
         ("trusted_proxies", "10.0.0.0/8,proxy.local", "proxy.local"),
         ("request_id_header", "X Request", "header name"),
     ],
@@ -135,6 +139,11 @@ async def test_keyword_arguments_win_over_the_environment() -> None:
         responses = [await client.get("/hello") for _ in range(3)]
     assert [r.json() for r in responses] == [{"hello": "world"}] * 3
     assert "x-ratelimit-limit" not in responses[0].headers
+
+
+def test_a_user_key_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigurationError, match="before your app's authentication"):
+        resilient(app(), environ={}, rate_limit="5/second", rate_limit_key="user")
 
 
 def test_resilient_fails_at_once_on_a_bad_variable() -> None:

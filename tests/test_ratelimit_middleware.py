@@ -667,7 +667,8 @@ RESOLVED: list[tuple[str, list[tuple[bytes, bytes]], str]] = [
     ("10.0.0.1", [(FWD, b'for="[2001:db8::7]:4711";proto=https')], "2001:db8::7"),
     ("10.0.0.1", [(FWD, b"proto=https;For=203.0.113.7;by=10.0.0.1")], "203.0.113.7"),
     ("10.0.0.1", [(FWD, b"for=198.51.100.1, for=203.0.113.7, for=10.0.0.9")], "203.0.113.7"),
-    ("10.0.0.1", [(XFF, b"198.51.100.1"), (FWD, b"for=203.0.113.7")], "203.0.113.7"),
+    # Both present: only the configured header counts (X-Forwarded-For unless told otherwise).
+    ("10.0.0.1", [(XFF, b"198.51.100.1"), (FWD, b"for=203.0.113.7")], "198.51.100.1"),
     ("::1", [(XFF, b"203.0.113.7")], "203.0.113.7"),
     ("2001:db8:ffff::5", [(XFF, b"2001:db8::7, 2001:db8:ffff::9")], "2001:db8::7"),
     ("192.0.2.1", [(XFF, b"203.0.113.7")], "203.0.113.7"),
@@ -708,6 +709,13 @@ MALFORMED: list[list[tuple[bytes, bytes]]] = [
 ]
 
 
+def proxies_for(headers: Sequence[tuple[bytes, bytes]]) -> TrustedProxies:
+    """Trusted proxies that read ``Forwarded`` when a case only has that header."""
+    names = {name for name, _ in headers}
+    forwarded_only = FWD in names and XFF not in names
+    return TrustedProxies(TRUSTED, header="forwarded" if forwarded_only else "x-forwarded-for")
+
+
 def scope_from(peer: str | None, headers: Sequence[tuple[bytes, bytes]]) -> Scope:
     scope = http_scope(headers=headers)
     scope["client"] = (peer, 4711) if peer is not None else None
@@ -718,12 +726,25 @@ def scope_from(peer: str | None, headers: Sequence[tuple[bytes, bytes]]) -> Scop
 def test_trusted_proxies_resolve_the_client(
     peer: str, headers: list[tuple[bytes, bytes]], client: str
 ) -> None:
-    assert TrustedProxies(TRUSTED).client(scope_from(peer, headers)) == client
+    assert proxies_for(headers).client(scope_from(peer, headers)) == client
 
 
 @pytest.mark.parametrize("headers", MALFORMED)
 def test_malformed_forwarding_headers_name_the_peer(headers: list[tuple[bytes, bytes]]) -> None:
-    assert TrustedProxies(TRUSTED).client(scope_from("10.0.0.1", headers)) == "10.0.0.1"
+    assert proxies_for(headers).client(scope_from("10.0.0.1", headers)) == "10.0.0.1"
+
+
+def test_a_client_sent_forwarded_header_cannot_choose_the_address() -> None:
+    """The proxy appends the real client to X-Forwarded-For and passes the client's own
+    Forwarded header through: reading Forwarded there would let clients pick any address."""
+    headers = [(XFF, b"203.0.113.7"), (FWD, b"for=198.51.100.99")]
+    assert TrustedProxies(TRUSTED).client(scope_from("10.0.0.1", headers)) == "203.0.113.7"
+    forwarded = TrustedProxies(TRUSTED, header="forwarded")
+    assert forwarded.client(scope_from("10.0.0.1", headers)) == "198.51.100.99"
+    with pytest.raises(ValueError, match="header must be"):
+        TrustedProxies(TRUSTED, header="x-real-ip")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be a list"):
+        TrustedProxies("10.0.0.1")
 
 
 @pytest.mark.parametrize(
@@ -817,7 +838,7 @@ async def test_access_log_shows_the_address_the_limiter_used(
     )
     calls = [
         ("10.0.0.1", [(XFF, b"198.51.100.7")]),
-        ("10.0.0.2", [(FWD, b'for="198.51.100.7:1234"')]),
+        ("10.0.0.2", [(XFF, b"198.51.100.7:1234")]),
         ("2001:db8:ffff::1", [(XFF, b"[2001:db8::7]:80")]),
         (PEER, [(XFF, b"198.51.100.8")]),
         ("10.0.0.3", [(XFF, b"_hidden")]),
