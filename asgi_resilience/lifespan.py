@@ -45,6 +45,7 @@ __all__ = [
 _logger = logging.getLogger("asgi_resilience.lifespan")
 
 LifespanState = Literal["idle", "starting", "ready", "draining", "stopping", "stopped", "failed"]
+_STARTABLE = frozenset({"idle", "stopped", "failed"})
 CheckFunction = Callable[[], Any]
 ResourceFactory = Callable[[], AsyncIterator[Any]]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -184,6 +185,7 @@ class Lifespan:
         self._resources: list[_Resource] = []
         self._opened: list[_Resource] = []
         self._status_providers: dict[str, Callable[[], Any]] = {}
+        self._stuck: set[str] = set()  # sync checks whose thread has not returned yet
         self._previous_sigterm: Any = None
         self._sigterm_installed = False
         self._loop_token: Any = None
@@ -287,17 +289,23 @@ class Lifespan:
     # -- startup ---------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        """Open resources, run the checks, install the SIGTERM handler; idempotent.
+        """Open resources, run the checks, install the SIGTERM handler; a no-op while started,
+        a fresh start after a shutdown or a failed startup.
 
         Raises:
             StartupError: a critical check failed, a resource could not be opened, or the
                 whole took longer than ``startup_timeout``.
         """
-        if self.state == "idle":
+        if self.state in _STARTABLE:
             await self._start()
             self._ready()
 
     async def _start(self) -> None:
+        # From idle, or again after a stop or a failure (a test client per test, a restart).
+        self.values.clear()
+        self.startup_results = {}
+        self.shutdown_report = []
+        self.started_at = None
         self.state = "starting"
         began = perf_counter()
         finished: dict[str, CheckResult] = {}
@@ -393,11 +401,16 @@ class Lifespan:
         timed_out = False
         for attempt in range(1, attempts + 1):
             outcome: Any = False
+            if check.name in self._stuck:
+                # A sync check from an earlier run is still blocked in its thread: do not
+                # start another thread for it on every probe.
+                error, timed_out = "still blocked since an earlier run timed out", True
+                break
             try:
                 # move_on_after, not fail_after: a TimeoutError the check raises itself (a
                 # driver's own timeout) is its error, not ours.
                 with anyio.move_on_after(check.timeout) as deadline:
-                    outcome = await _call(check.function)
+                    outcome = await _call(self._tracked(check))
             except Exception as exc:
                 error, timed_out = describe_error(exc), False
             else:
@@ -419,6 +432,22 @@ class Lifespan:
         results[check.name] = CheckResult(
             check.name, False, perf_counter() - began, error, check.critical, attempts, timed_out
         )
+
+    def _tracked(self, check: Check) -> Callable[[], Any]:
+        """``check.function``; a sync one marks its check as running until it returns."""
+        function = check.function
+        if inspect.iscoroutinefunction(function):
+            return function
+        stuck = self._stuck
+
+        def tracked() -> Any:
+            stuck.add(check.name)
+            try:
+                return function()
+            finally:
+                stuck.discard(check.name)
+
+        return tracked
 
     # -- draining --------------------------------------------------------------------------
 
@@ -579,7 +608,7 @@ class Lifespan:
 
     @asynccontextmanager
     async def _context(self) -> AsyncIterator[dict[str, Any]]:
-        owner = self.state == "idle"  # a wrap() around the app may have started it already
+        owner = self.state in _STARTABLE  # a wrap() around the app may have started it
         await self.startup()
         try:
             yield dict(self.values)
@@ -744,13 +773,13 @@ async def _call(function: Callable[[], Any]) -> Any:
     """Await an async callable; run a sync one in a daemon thread (abandoned on timeout)."""
     if inspect.iscoroutinefunction(function):
         return await function()
-    result = await _in_daemon_thread(function)
+    result = await in_daemon_thread(function)
     if inspect.isawaitable(result):
         return await result
     return result
 
 
-async def _in_daemon_thread(function: Callable[[], Any]) -> Any:
+async def in_daemon_thread(function: Callable[[], Any]) -> Any:
     """Run a blocking callable in a thread of its own and wait for it, cancellably.
 
     Not anyio's worker threads: a check that hangs in a blocking call is abandoned at its

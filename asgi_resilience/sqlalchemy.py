@@ -28,6 +28,7 @@ thread. The ``Session`` it yields is a plain one: run your queries in a thread t
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -44,7 +45,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
 from .exceptions import AsgiResilienceError
-from .lifespan import Lifespan, describe_error
+from .lifespan import Lifespan, describe_error, in_daemon_thread
 
 __all__ = ["Database", "DatabaseUnavailable"]
 
@@ -194,7 +195,9 @@ class Database(Generic[SessionT]):
                 async with engine.connect() as connection:
                     await connection.execute(_SELECT_1)
             else:
-                await anyio.to_thread.run_sync(_select_1, engine, abandon_on_cancel=True)
+                # A daemon thread: a connect that hangs is abandoned at the check's timeout and
+                # must not keep a failed process from exiting (anyio's workers would).
+                await in_daemon_thread(functools.partial(_select_1, engine))
         except Exception as exc:
             raise DatabaseUnavailable(self._describe(exc)) from exc
         return perf_counter() - began
@@ -234,7 +237,7 @@ class Database(Generic[SessionT]):
         if isinstance(engine, AsyncEngine):
             await engine.dispose()
         else:
-            await anyio.to_thread.run_sync(engine.dispose)
+            await in_daemon_thread(engine.dispose)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[SessionT]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -965,3 +966,50 @@ def test_resource_options_are_validated() -> None:
     for not_a_generator in (coroutine, function):
         with pytest.raises(TypeError, match="resource 'bad' must be an async generator function"):
             lifespan.resource("bad")(not_a_generator)  # type: ignore[arg-type]
+
+
+def test_a_framework_lifespan_starts_again_after_a_shutdown() -> None:
+    """One module-level app, a TestClient per test: every cycle opens fresh resources."""
+    lifespan = Lifespan()
+    events: list[str] = []
+
+    @lifespan.resource("connection")
+    async def connection() -> AsyncIterator[dict[str, bool]]:
+        value = {"closed": False}
+        events.append("open")
+        yield value
+        value["closed"] = True
+        events.append("close")
+
+    async def use(request: Request) -> JSONResponse:
+        return JSONResponse(request.state.connection)
+
+    app = Starlette(routes=[Route("/use", use)], lifespan=lifespan)
+    for _ in range(2):
+        with TestClient(app) as client:
+            assert client.get("/use").json() == {"closed": False}
+            assert lifespan.state == "ready"
+    assert events == ["open", "close", "open", "close"]
+
+
+@pytest.mark.anyio
+async def test_a_blocked_sync_check_is_not_run_again_in_new_threads() -> None:
+    release = threading.Event()
+    lifespan = Lifespan()
+    lifespan.add_check("blocked", lambda: release.wait(10), timeout=0.05)
+    try:
+        first = await lifespan.run_checks()
+        before = threading.active_count()
+        later = [await lifespan.run_checks() for _ in range(20)]
+        assert threading.active_count() == before  # no thread per probe
+        assert first["blocked"].error == "timed out after 0.05s"
+        assert {r["blocked"].error for r in later} == {
+            "still blocked since an earlier run timed out"
+        }
+        assert all(r["blocked"].outcome == "timeout" for r in later)
+    finally:
+        release.set()
+    with anyio.fail_after(5):
+        while "blocked" in lifespan._stuck:  # noqa: ASYNC110 - a thread, no event to wait on
+            await anyio.sleep(0.01)
+    assert (await lifespan.run_checks())["blocked"].ok
