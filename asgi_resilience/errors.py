@@ -135,9 +135,9 @@ class ErrorMiddleware(ContextMiddleware):
     into the same shape, keeping their headers (``Allow``, ``WWW-Authenticate``, ...); their text
     or ``{"detail": ...}`` becomes ``detail``.
 
-    A returned 500 is held until the application returns, because frameworks (Starlette's
-    ``ServerErrorMiddleware``) send a 500 page and then raise: the exception then decides the
-    body. Other error responses go out as soon as their body is complete. An exception after
+    A framework's generic 500 page (Starlette's ``ServerErrorMiddleware`` sends one and then
+    re-raises) is held until the application returns: the exception then decides the body.
+    Other error responses go out as soon as their body is complete. An exception after
     the response started sends nothing more; it is logged once and re-raised so the server
     closes the connection (or swallowed if the response was complete).
 
@@ -256,8 +256,22 @@ class _ErrorResponder:
         self.held_body += message.get("body", b"")
         if len(self.held_body) > self.middleware.max_body_size:
             await self._release(message)
-        elif not message.get("more_body", False) and self.held_start["status"] != 500:
+        elif not message.get("more_body", False) and not self._exception_follows():
             await self._send_rewritten()
+
+    def _exception_follows(self) -> bool:
+        """Is the complete response held a framework's 500 page, sent just before it re-raises
+        the exception (Starlette's ``ServerErrorMiddleware``: "Internal Server Error" as text,
+        or its HTML debug page)? Then wait for the exception, which decides the body. Any other
+        error response goes out now: holding it would make the client wait for background
+        tasks run after it."""
+        assert self.held_start is not None
+        if self.held_start["status"] != 500:
+            return False
+        content_type = _content_type(self.held_start.get("headers", ()))
+        if content_type == b"text/html":
+            return True
+        return content_type == b"text/plain" and bytes(self.held_body) == b"Internal Server Error"
 
     async def _release(self, message: Message) -> None:
         """Give up rewriting: send the held response as it was, then ``message``."""

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount, Route
 
 from asgi_resilience import (
@@ -819,17 +819,35 @@ async def test_returned_text_equal_to_the_title_adds_no_detail() -> None:
     assert "detail" not in assert_problem(server.response, 404)
 
 
-async def test_returned_500_is_held_until_the_app_returns() -> None:
+async def test_a_framework_500_page_is_held_until_the_app_returns() -> None:
     server = Server()
     sent_when_body_ended: list[int] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 500, "headers": list(PLAIN)})
-        await send({"type": "http.response.body", "body": b"Upstream down"})
+        await send({"type": "http.response.body", "body": b"Internal Server Error"})
         sent_when_body_ended.append(len(server.messages))
 
     await ErrorMiddleware(app)(http_scope(), server.receive, server.send)
     assert sent_when_body_ended == [0]
+    assert "detail" not in assert_problem(server.response, 500)
+
+
+async def test_an_app_500_goes_out_before_its_background_task() -> None:
+    from starlette.background import BackgroundTask
+
+    server = Server()
+    sent_before_task: list[int] = []
+
+    async def task() -> None:
+        sent_before_task.append(len(server.messages))
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse({"detail": "Upstream down"}, 500, background=BackgroundTask(task))
+        await response(scope, receive, send)
+
+    await ErrorMiddleware(app)(http_scope(), server.receive, server.send)
+    assert sent_before_task == [2]  # start and body already with the client
     assert assert_problem(server.response, 500)["detail"] == "Upstream down"
 
 
