@@ -218,6 +218,8 @@ class PathSet:
     __slots__ = ("exact", "prefixes")
 
     def __init__(self, paths: Iterable[str], *, option: str = "exclude_paths") -> None:
+        if isinstance(paths, str):
+            raise ValueError(f"{option} must be a list of paths, e.g. [{paths!r}], not a string")
         paths = tuple(paths)
         for path in paths:
             if not isinstance(path, str) or not path.startswith("/"):

@@ -42,11 +42,12 @@ def skip_envelope() -> None:
 class EnvelopeMiddleware(ContextMiddleware):
     """Wrap successful JSON bodies as ``{"success": true, "data": ..., "meta": {...}}``.
 
-    Handles ``http`` scopes; others pass through. Wraps 2xx responses (204 excepted) whose
-    ``Content-Type`` is one of ``content_types`` by sending a prefix, the application's own body
-    bytes as they come, and a suffix: nothing is parsed or buffered, memory stays O(1), and a
-    ``Content-Length`` is corrected (a streamed body has none). ``meta`` holds ``request_id``,
-    ``timestamp`` and whatever the handler added with ``add_envelope_meta``. Left untouched:
+    Handles ``http`` scopes; others pass through. Wraps 2xx responses (but 204 and 205, which
+    have no body) whose ``Content-Type`` is one of ``content_types`` by sending a prefix, the
+    application's own body bytes as they come, and a suffix: nothing is parsed or buffered,
+    memory stays O(1), and a ``Content-Length`` is corrected (a streamed body has none).
+    ``meta`` holds ``request_id``, ``timestamp`` and whatever the handler added with
+    ``add_envelope_meta``. Left untouched:
     HEAD requests, other content types, ``Content-Encoding`` set, ``exclude_paths`` (the path or
     anything below it) and responses whose handler called ``skip_envelope()``. Error responses
     are not its business: ``ErrorMiddleware(format="envelope")`` shapes them. Place it innermost,
@@ -67,6 +68,10 @@ class EnvelopeMiddleware(ContextMiddleware):
     ) -> None:
         self.app = app
         self.excluded = PathSet(exclude_paths, option="exclude_paths")
+        if isinstance(content_types, str):
+            raise ValueError(
+                f"content_types must be a list, e.g. [{content_types!r}], not a string"
+            )
         self.content_types = frozenset(t.strip().lower().encode("latin-1") for t in content_types)
         if not self.content_types:
             raise ValueError("content_types must name at least one media type")
@@ -106,7 +111,7 @@ class _EnvelopeResponder:
 
     def _start(self, message: Message) -> Message:
         status = message["status"]
-        if not 200 <= status < 300 or status == 204 or self.context.envelope_skip:
+        if not 200 <= status < 300 or status in (204, 205) or self.context.envelope_skip:
             return message
         content_length = None
         is_json = False

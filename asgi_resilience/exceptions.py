@@ -94,7 +94,7 @@ class AppError(Exception):
         extra: additional members for the body (must be JSON-serialisable).
     """
 
-    status: ClassVar[int] = 500
+    default_status: ClassVar[int] = 500
 
     def __init__(
         self,
@@ -106,16 +106,21 @@ class AppError(Exception):
         headers: Mapping[str, str] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        status = type(self).status if status is None else status
+        status = type(self).default_status if status is None else status
         if not 400 <= status <= 599:
             raise ValueError(f"AppError status must be between 400 and 599, got {status!r}")
-        self.status_code = status
+        self.status_code = status  # as Starlette's HTTPException names it
         self.title = title or status_phrase(status)
         self.detail = detail
         self.code = code or snake_case(self.title)
         self.headers: dict[str, str] = dict(headers or {})
         self.extra: dict[str, Any] = dict(extra or {})
         super().__init__(detail or self.title)
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of this error (``status_code``)."""
+        return self.status_code
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status_code}, detail={self.detail!r})"
@@ -124,46 +129,46 @@ class AppError(Exception):
 class BadRequest(AppError):
     """400: the request is malformed."""
 
-    status = 400
+    default_status = 400
 
 
 class Unauthorized(AppError):
     """401: authentication is missing or invalid."""
 
-    status = 401
+    default_status = 401
 
 
 class Forbidden(AppError):
     """403: authenticated, but not allowed."""
 
-    status = 403
+    default_status = 403
 
 
 class NotFound(AppError):
     """404: the resource does not exist."""
 
-    status = 404
+    default_status = 404
 
 
 class Conflict(AppError):
     """409: the request conflicts with the resource's current state."""
 
-    status = 409
+    default_status = 409
 
 
 class UnprocessableEntity(AppError):
     """422: well-formed but semantically invalid input."""
 
-    status = 422
+    default_status = 422
 
 
 class TooManyRequests(AppError):
     """429: the client is being rate limited."""
 
-    status = 429
+    default_status = 429
 
 
 class ServiceUnavailable(AppError):
     """503: a dependency is down or the service is draining."""
 
-    status = 503
+    default_status = 503

@@ -546,3 +546,19 @@ def test_exclude_path_without_leading_slash_is_rejected(path: str) -> None:
 def test_empty_content_types_are_rejected() -> None:
     with pytest.raises(ValueError, match="content_types"):
         EnvelopeMiddleware(raw_app(), content_types=())
+
+
+async def test_205_reset_content_is_never_given_a_body() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"0")]
+        await send({"type": "http.response.start", "status": 205, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    response = await call(EnvelopeMiddleware(app))
+    assert response.status == 205
+    assert response.body == b""
+
+
+def test_content_types_given_as_a_string_are_refused() -> None:
+    with pytest.raises(ValueError, match="must be a list"):
+        EnvelopeMiddleware(raw_app(), content_types="application/json")

@@ -1049,3 +1049,9 @@ def test_render_error_shows_exception_details_only_in_debug() -> None:
     error = json.loads(loud["body"])["error"]
     assert error["exception"]["type"] == "builtins.ValueError"
     assert error["exception"]["message"] == SECRET
+
+
+def test_app_error_status_is_the_instance_status() -> None:
+    assert AppError(status=418).status == 418
+    assert NotFound(status=410).status == 410 == NotFound(status=410).status_code
+    assert NotFound().status == 404

@@ -13,6 +13,7 @@ import anyio
 import anyio.lowlevel
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.authentication import SimpleUser, UnauthenticatedUser
 from starlette.requests import Request
@@ -855,3 +856,27 @@ async def test_access_log_shows_the_address_the_limiter_used(
         False,
         False,
     ]
+
+
+async def test_ipv6_clients_share_a_budget_per_64_network() -> None:
+    app = RateLimitMiddleware(ok_app, limit="2/minute", registry=CollectorRegistry())
+    statuses = [
+        (await request(app, peer=f"2001:db8:1:2::{n}")).status for n in range(4)
+    ]  # one host rotating through its /64
+    assert statuses == [200, 200, 429, 429]
+    other_network = await request(app, peer="2001:db8:1:3::1")
+    assert other_network.status == 200
+    mapped = [(await request(app, peer=peer)).status for peer in ("::ffff:192.0.2.9", "192.0.2.9")]
+    assert mapped == [200, 200]  # an IPv4-mapped address is that IPv4 address: 2 of 2
+    assert (await request(app, peer="192.0.2.9")).status == 429
+    narrow = RateLimitMiddleware(
+        ok_app, limit="1/minute", ipv6_prefix=128, registry=CollectorRegistry()
+    )
+    assert [(await request(narrow, peer=f"2001:db8::{n}")).status for n in range(2)] == [200, 200]
+    with pytest.raises(ValueError, match="ipv6_prefix"):
+        RateLimitMiddleware(ok_app, ipv6_prefix=0)
+
+
+def test_a_string_where_a_list_is_expected_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"must be a list of paths, e.g. \['/internal'\]"):
+        RateLimitMiddleware(ok_app, exempt_paths="/internal")

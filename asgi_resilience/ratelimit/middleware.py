@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -111,6 +112,8 @@ class RateLimitMiddleware(ContextMiddleware):
             backend fails or exceeds ``backend_timeout``.
         backend_timeout: seconds a decision may take.
         logger: where backend failures are reported (``asgi_resilience.ratelimit``).
+        ipv6_prefix: IPv6 clients are limited per network of this prefix length (a /64 is
+            one customer's LAN); IPv4-mapped addresses count as their IPv4 address.
         registry: the Prometheus registry for
             ``asgi_resilience_rate_limit_decisions_total{policy, outcome}`` (policy: the route
             key, ``default`` for the default limit).
@@ -132,6 +135,7 @@ class RateLimitMiddleware(ContextMiddleware):
         backend_timeout: float = 0.05,
         logger: logging.Logger | None = None,
         registry: CollectorRegistry | None = None,
+        ipv6_prefix: int = 64,
     ) -> None:
         if on_backend_error not in ("allow", "deny"):
             raise ValueError(
@@ -141,6 +145,9 @@ class RateLimitMiddleware(ContextMiddleware):
             raise ValueError(f"backend_timeout must be > 0 seconds, got {backend_timeout!r}")
         if not callable(cost) and (not isinstance(cost, int) or isinstance(cost, bool) or cost < 1):
             raise ValueError(f"cost must be an integer >= 1 or a callable, got {cost!r}")
+        if not 1 <= ipv6_prefix <= 128:
+            raise ValueError(f"ipv6_prefix must be between 1 and 128, got {ipv6_prefix!r}")
+        self.ipv6_prefix = ipv6_prefix
         self.app = app
         self.strategy = strategy_for(strategy)
         self.backend = backend_from_url(backend) if isinstance(backend, str) else backend
@@ -182,7 +189,7 @@ class RateLimitMiddleware(ContextMiddleware):
             return
         policy = self._policy_for(path) if self.policies else self.default_policy
         client = self.proxies.apply(context, scope) if self.proxies.networks else context.client
-        identity = self._identity(scope, client) if self.key is not None else f"ip:{client}"
+        identity = self._identity(scope, client) if self.key is not None else self._ip(client)
         cost = self.cost if isinstance(self.cost, int) else self._cost(scope)
         try:
             if self.memory is not None:  # nothing to wait for: no coroutine, no timeout scope
@@ -245,7 +252,21 @@ class RateLimitMiddleware(ContextMiddleware):
         except Exception:
             self.logger.exception("Rate limit key function failed; limiting by client address")
             identity = None
-        return identity if identity else f"ip:{client}"
+        return identity if identity else self._ip(client)
+
+    def _ip(self, client: str | None) -> str:
+        """The client-address key: IPv6 clients by their ``/ipv6_prefix`` network, since one
+        host usually holds a whole /64 and could otherwise rotate through it."""
+        if client is None or ":" not in client:
+            return f"ip:{client}"
+        try:
+            address = ipaddress.IPv6Address(client)
+        except ValueError:
+            return f"ip:{client}"
+        if address.ipv4_mapped is not None:
+            return f"ip:{address.ipv4_mapped}"
+        network = ipaddress.IPv6Network((address, self.ipv6_prefix), strict=False)
+        return f"ip:{network}"
 
     def _cost(self, scope: Scope) -> int:
         assert callable(self.cost)
