@@ -300,7 +300,12 @@ class _ErrorResponder:
         status = start["status"]
         headers = [(n, v) for n, v in start.get("headers", ()) if n.lower() not in _BODY_HEADERS]
         content_type = _content_type(start.get("headers", ()))
-        fields = _describe_body(content_type, body)
+        if status == 500 and not self.middleware.debug:
+            # A 500 body may be a framework's traceback page or an exception's text: in
+            # production a 500 says nothing of its cause, whoever wrote it.
+            fields: dict[str, Any] = {}
+        else:
+            fields = _describe_body(content_type, body)
         if fields.get("detail") == status_phrase(status):
             del fields["detail"]  # as for a raised HTTPException: the title says it already
         await self._send(status, headers=headers, **fields)

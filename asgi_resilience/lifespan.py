@@ -193,6 +193,11 @@ class Lifespan:
         self._idle: anyio.Event | None = None
 
     @property
+    def resource_names(self) -> list[str]:
+        """The registered resources, in registration order."""
+        return [resource.name for resource in self._resources]
+
+    @property
     def metrics(self) -> Metrics:
         """The Prometheus collectors this lifespan (and its health endpoints) report to."""
         return Metrics.for_registry(self.registry)
@@ -276,7 +281,8 @@ class Lifespan:
 
     def add_status(self, name: str, provider: Callable[[], Any]) -> None:
         """Add a section to ``/health/status`` (pool statistics, breaker states): ``provider``
-        (sync or async) returns a JSON-serialisable value."""
+        (sync or async) returns a JSON-serialisable value. A sync one is called in the event
+        loop: it must not block."""
         self._status_providers[name] = provider
 
     def _register(self, resource: _Resource) -> None:
@@ -581,7 +587,10 @@ class Lifespan:
         sections: dict[str, Any] = {}
         for name, provider in self._status_providers.items():
             try:
-                sections[name] = await _call(provider)
+                if inspect.iscoroutinefunction(provider):
+                    sections[name] = await provider()
+                else:
+                    sections[name] = provider()  # snapshots are cheap: no thread for them
             except Exception as exc:
                 sections[name] = {"error": describe_error(exc)}
         return {

@@ -258,9 +258,11 @@ def _build(
         backend = rate_limit_backend
         if isinstance(backend, str):
             backend = backend_from_url(backend)
-            lifespan.add_resource("rate-limit-backend", backend.aclose, timeout=2)
+            lifespan.add_resource(
+                _unique("rate-limit-backend", lifespan.resource_names), backend.aclose, timeout=2
+            )
             ping = getattr(backend, "ping", None)
-            if ping is not None:
+            if ping is not None and "rate-limit-backend" not in lifespan.checks:
                 # A backend that cannot be reached at startup is a configuration error: fail
                 # fast rather than run unlimited (or refuse everything) from the first request.
                 lifespan.add_check(
@@ -292,7 +294,9 @@ def _build(
         endpoints.update(dict.fromkeys(health.paths, health))
     if metrics_path is not None:
         endpoints[metrics_path] = metrics_app(registry)
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and (
+            "prometheus-multiprocess" not in lifespan.resource_names
+        ):
             lifespan.add_resource("prometheus-multiprocess", _mark_process_dead, timeout=2)
     if endpoints:
         stack = BuiltinEndpoints(stack, endpoints=endpoints)
@@ -321,6 +325,16 @@ def _build(
         )
     stack = LifespanMiddleware(stack, lifespan=lifespan)
     return ResilientApp(app, stack, lifespan, health)
+
+
+def _unique(name: str, taken: Iterable[str]) -> str:
+    """``name``, or ``name-2``, ``name-3``...: the same lifespan may serve several stacks."""
+    taken = set(taken)
+    candidate, number = name, 1
+    while candidate in taken:
+        number += 1
+        candidate = f"{name}-{number}"
+    return candidate
 
 
 def _mark_process_dead() -> None:

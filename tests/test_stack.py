@@ -257,3 +257,29 @@ async def test_debug_default_comes_from_the_environment(monkeypatch: pytest.Monk
     async with client_for(resilient(starlette_app())) as client:
         response = await client.get("/fail")
     assert "hunter2" in json.dumps(response.json())
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the Redis client is asyncio-only
+async def test_one_lifespan_can_serve_two_stacks() -> None:
+    """An app factory called twice with a module-level Lifespan must not fail to register."""
+    from prometheus_client import CollectorRegistry
+
+    from asgi_resilience import Lifespan
+
+    lifespan = Lifespan()
+    options: dict[str, object] = {
+        "lifespan": lifespan,
+        "rate_limit": "5/second",
+        "rate_limit_backend": "redis://127.0.0.1:6379/0",
+        "environ": {},
+    }
+    first = resilient(raw_app, registry=CollectorRegistry(), **options)  # type: ignore[arg-type]
+    second = resilient(raw_app, registry=CollectorRegistry(), **options)  # type: ignore[arg-type]
+    assert first.lifespan is second.lifespan is lifespan
+    assert lifespan.resource_names == ["rate-limit-backend", "rate-limit-backend-2"]
+    assert list(lifespan.checks) == ["rate-limit-backend"]
+    for stack in (first, second):
+        backend = stack.stack
+        while not hasattr(backend, "backend"):
+            backend = backend.app  # type: ignore[attr-defined]
+        await backend.backend.aclose()
