@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -25,12 +24,13 @@ from typing import Any, Literal, TypeVar
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
-import anyio.to_thread
 from prometheus_client import CollectorRegistry
 
+from .calls import call as _call
+from .calls import describe_error
 from .exceptions import AsgiResilienceError
 from .metrics import Metrics
-from .types import ASGIApp, Message, Receive, Scope, Send
+from .types import ASGIApp
 
 __all__ = [
     "Check",
@@ -50,7 +50,6 @@ CheckFunction = Callable[[], Any]
 ResourceFactory = Callable[[], AsyncIterator[Any]]
 F = TypeVar("F", bound=Callable[..., Any])
 _MAX_BACKOFF = 2.0
-_MAX_ERROR_CHARS = 300
 
 
 class StartupError(AsgiResilienceError):
@@ -628,138 +627,9 @@ class Lifespan:
     def wrap(self, app: ASGIApp) -> ASGIApp:
         """A layer around ``app`` that runs this lifespan (and ``app``'s own) and counts
         in-flight HTTP requests for draining."""
+        from .lifespan_middleware import LifespanMiddleware
+
         return LifespanMiddleware(app, lifespan=self)
-
-
-class LifespanMiddleware:
-    """Run a ``Lifespan`` around any ASGI app, keeping the app's own lifespan.
-
-    Handles the ``lifespan`` scope: our startup (resources, checks) first, then the app's own
-    startup (its state lands in the same state dict, so both are visible to requests); at
-    shutdown, in-flight requests first, then the app's own shutdown, then our resources. An app
-    that does not speak the lifespan protocol (it raises or returns at once) is simply started
-    without it. Counts in-flight ``http`` requests; ``websocket`` passes through. Outermost
-    layer of the stack; ``resilient()`` puts it there.
-
-    Args:
-        app: the ASGI application.
-        lifespan: the lifespan to run.
-    """
-
-    def __init__(self, app: ASGIApp, *, lifespan: Lifespan) -> None:
-        self.app = app
-        self.lifespan = lifespan
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            lifespan = self.lifespan
-            if lifespan.values and "state" not in scope:
-                scope["state"] = dict(lifespan.values)  # a server without lifespan state
-            lifespan.in_flight += 1
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                lifespan.in_flight -= 1
-                if lifespan.in_flight == 0 and lifespan._idle is not None:
-                    lifespan._idle.set()
-        elif scope["type"] == "lifespan":
-            await self._lifespan(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        lifespan = self.lifespan
-        await receive()  # lifespan.startup
-        try:
-            await lifespan._start()
-        except StartupError as exc:
-            # Like Starlette: report the failure, then raise so that servers and test harnesses
-            # that watch for exceptions (asgi-lifespan) see it too.
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
-            raise
-        state = scope.get("state")
-        if state is not None:
-            state.update(lifespan.values)
-        with _InnerLifespan(self.app, scope, lifespan.logger) as inner:
-            async with anyio.create_task_group() as group:
-                await group.start(inner.run)
-                failure = await inner.exchange("startup")
-                if failure is None:
-                    lifespan._ready()
-                    await send({"type": "lifespan.startup.complete"})
-                    await receive()  # lifespan.shutdown
-                    draining = await lifespan._begin_shutdown()
-                    failure = await inner.exchange("shutdown")
-                    if draining:
-                        await lifespan._finish_shutdown()
-                    phase = "shutdown"
-                else:
-                    await lifespan._close_resources()
-                    lifespan.state = "failed"
-                    phase = "startup"
-                group.cancel_scope.cancel()
-        if failure is None:
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        await send({"type": f"lifespan.{phase}.failed", "message": failure})
-        if phase == "startup":
-            raise StartupError(failure)
-
-
-class _InnerLifespan:
-    """Plays the server for the wrapped app's own lifespan."""
-
-    def __init__(self, app: ASGIApp, scope: Scope, logger: logging.Logger) -> None:
-        self.app = app
-        self.scope = scope
-        self.logger = logger
-        self.supported = True
-        self.received = False  # the app called receive(): it speaks the lifespan protocol
-        self.to_app, self.app_inbox = anyio.create_memory_object_stream[Message](2)
-        self.app_outbox, self.from_app = anyio.create_memory_object_stream[Message](2)
-
-    def __enter__(self) -> _InnerLifespan:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for stream in (self.to_app, self.app_inbox, self.app_outbox, self.from_app):
-            stream.close()
-
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        task_status.started()
-
-        async def receive() -> Message:
-            self.received = True
-            return await self.app_inbox.receive()
-
-        try:
-            await self.app(self.scope, receive, self.app_outbox.send)
-        except Exception as exc:
-            await self.app_outbox.send({"type": "_raised", "exception": exc})
-        else:
-            await self.app_outbox.send({"type": "_returned"})
-
-    async def exchange(self, phase: Literal["startup", "shutdown"]) -> str | None:
-        """Send ``lifespan.<phase>``; ``None`` when it completed (or is not supported), else
-        the failure message."""
-        if not self.supported:
-            return None
-        await self.to_app.send({"type": f"lifespan.{phase}"})
-        reply = await self.from_app.receive()
-        if reply["type"] == f"lifespan.{phase}.complete":
-            return None
-        if reply["type"] == f"lifespan.{phase}.failed":
-            return f"application {phase} failed: {reply.get('message', '')}".rstrip(": ")
-        exception = reply.get("exception")
-        if phase == "startup" and exception is not None and self.received:
-            return f"application startup failed: {describe_error(exception)}"
-        if phase == "startup":
-            # Raised before receiving, or returned: the app does not do lifespan (as uvicorn's
-            # "auto" mode and asgi-lifespan decide). It runs without it.
-            self.supported = False
-            self.logger.debug("The wrapped app does not support the lifespan protocol")
-            return None
-        return f"application shutdown failed: {describe_error(exception)}" if exception else None
 
 
 async def _not_opened() -> None:
@@ -776,54 +646,3 @@ def _closer(name: str, generator: AsyncIterator[Any]) -> Callable[[], Any]:
         raise RuntimeError(f"resource {name!r} yielded more than once")
 
     return close
-
-
-async def _call(function: Callable[[], Any]) -> Any:
-    """Await an async callable; run a sync one in a daemon thread (abandoned on timeout)."""
-    if inspect.iscoroutinefunction(function):
-        return await function()
-    result = await in_daemon_thread(function)
-    if inspect.isawaitable(result):
-        return await result
-    return result
-
-
-async def in_daemon_thread(function: Callable[[], Any]) -> Any:
-    """Run a blocking callable in a thread of its own and wait for it, cancellably.
-
-    Not anyio's worker threads: a check that hangs in a blocking call is abandoned at its
-    timeout, but a worker thread (not a daemon) would still keep the process from exiting, so a
-    failed startup would hang instead of exiting non-zero. A daemon thread does not.
-    """
-    await anyio.lowlevel.checkpoint()  # already cancelled (no time left): do not start it
-    done = anyio.Event()
-    token = anyio.lowlevel.current_token()
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["result"] = function()
-        except BaseException as exc:  # handed to the waiting task, raised there
-            outcome["error"] = exc
-        try:
-            anyio.from_thread.run_sync(done.set, token=token)
-        except RuntimeError:
-            pass  # the event loop is gone: nobody is waiting any more
-
-    name = f"asgi-resilience {getattr(function, '__qualname__', 'call')}"
-    threading.Thread(target=target, name=name, daemon=True).start()
-    await done.wait()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
-
-
-_CREDENTIALS = re.compile(r"(\w[\w+.-]*://[^:/@\s]*:)[^@\s]+@")
-
-
-def describe_error(exc: BaseException) -> str:
-    """``Type: message`` for reports operators and probes see: credentials in URLs masked
-    (``postgresql://user:***@db``), cut to a readable length."""
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    text = _CREDENTIALS.sub(r"\1***@", text)
-    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."

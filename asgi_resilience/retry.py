@@ -18,8 +18,8 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar
 
 import anyio
 
+from .calls import describe_error
 from .exceptions import CircuitOpenError
-from .lifespan import describe_error
 
 __all__ = ["ExceptionTypes", "Retry", "retry"]
 

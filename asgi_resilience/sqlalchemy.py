@@ -44,8 +44,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
+from .calls import describe_error, in_daemon_thread
 from .exceptions import AsgiResilienceError
-from .lifespan import Lifespan, describe_error, in_daemon_thread
+from .lifespan import Lifespan
 
 __all__ = ["Database", "DatabaseUnavailable"]
 

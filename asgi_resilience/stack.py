@@ -15,7 +15,8 @@ from .config import ConfigurationError, options_from_env
 from .envelope import EnvelopeMiddleware
 from .errors import ErrorMiddleware
 from .health import HealthApp
-from .lifespan import Lifespan, LifespanMiddleware
+from .lifespan import Lifespan
+from .lifespan_middleware import LifespanMiddleware
 from .metrics import MetricsMiddleware, metrics_app
 from .proxies import TrustedProxies
 from .ratelimit import (
