@@ -10,8 +10,8 @@ from typing import Any
 import anyio
 
 from .context import RequestContext
-from .errors import render_error
 from .lifespan import CheckResult, Lifespan
+from .problems import render_error
 from .types import Receive, Scope, Send
 
 __all__ = ["HealthApp"]

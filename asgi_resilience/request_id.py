@@ -11,7 +11,7 @@ from typing import Literal
 from opentelemetry import trace
 
 from .context import ContextMiddleware, ErrorFormat, RequestContext
-from .errors import render_error
+from .problems import render_error
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["RequestIdLogFilter", "RequestIdMiddleware", "generate_request_id", "get_request_id"]

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 from starlette.routing import compile_path
 
 from ..context import ContextMiddleware, PathSet, RequestContext
-from ..errors import render_error
 from ..metrics import Metrics
+from ..problems import render_error
 from ..proxies import TrustedProxies
 from ..types import ASGIApp, Message, Receive, Scope, Send
 from .backends import Backend, MemoryBackend, backend_from_url
