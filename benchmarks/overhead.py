@@ -64,8 +64,9 @@ def configure_access_log() -> logging.Logger:
 class LoggingFloor:
     """The least an access log can cost: one ``logger.info`` with four fields, same handler.
 
-    Not a middleware to use: it exists to show how much of the access log's cost is the
-    logging machinery (record, handler lock, formatter, write) that any access log pays.
+    The plain timing log a team writes when assembling peers by hand (``benchmarks.peers``
+    uses it so), and the reference showing how much of our access log's cost is the logging
+    machinery (record, handler lock, formatter, write) that any access log pays.
     """
 
     def __init__(self, app: ASGIApp, logger: logging.Logger) -> None:
@@ -73,6 +74,9 @@ class LoggingFloor:
         self.logger = logger
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         start = perf_counter()
         status = 0
 

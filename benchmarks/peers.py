@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import time
-from time import perf_counter
 
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -34,8 +33,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from asgi_resilience import TracingMiddleware, resilient
-from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
-from benchmarks.overhead import configure_access_log, measure
+from asgi_resilience.types import ASGIApp
+from benchmarks.overhead import LoggingFloor, configure_access_log, measure
 
 UNLIMITED = "1000000/second"
 
@@ -46,32 +45,6 @@ async def item(request: Request) -> JSONResponse:
 
 def make_app() -> Starlette:
     return Starlette(routes=[Route("/items/{item_id:int}", item)])
-
-
-class TimingLog:
-    """The plain pure-ASGI timing log a team writes when assembling peers by hand."""
-
-    def __init__(self, app: ASGIApp, logger: logging.Logger) -> None:
-        self.app = app
-        self.logger = logger
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = perf_counter()
-        status = 0
-
-        async def send_and_keep_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        await self.app(scope, receive, send_and_keep_status)
-        fields = {"method": scope["method"], "path": scope["path"], "status": status}
-        duration_ms = (perf_counter() - start) * 1000
-        self.logger.info("request", extra={**fields, "duration_ms": duration_ms})
 
 
 def peer_stack(logger: logging.Logger) -> ASGIApp:
@@ -85,7 +58,7 @@ def peer_stack(logger: logging.Logger) -> ASGIApp:
     app = make_app()
     app.state.limiter = Limiter(key_func=get_remote_address, default_limits=[UNLIMITED])
     app.add_middleware(SlowAPIASGIMiddleware)  # it reads scope["app"]: inside Starlette
-    stack: ASGIApp = TimingLog(app, logger)
+    stack: ASGIApp = LoggingFloor(app, logger)  # the plain timing log teams write
     stack = PrometheusMiddleware(stack)
     stack = CorrelationIdMiddleware(stack)
     return OpenTelemetryMiddleware(stack)
