@@ -37,7 +37,14 @@ from .lifespan import (
 from .lifespan_middleware import LifespanMiddleware
 from .metrics import Metrics, MetricsMiddleware, metrics_app
 from .proxies import TrustedProxies
-from .ratelimit import MemoryBackend, Rate, RateLimitMiddleware
+from .ratelimit import (
+    Backend,
+    BackendError,
+    MemoryBackend,
+    Rate,
+    RateLimitMiddleware,
+    parse_rates,
+)
 from .request_id import (
     RequestIdLogFilter,
     RequestIdMiddleware,
@@ -53,6 +60,8 @@ __all__ = [
     "AccessLogMiddleware",
     "AppError",
     "AsgiResilienceError",
+    "Backend",
+    "BackendError",
     "BadRequest",
     "BuiltinEndpoints",
     "Check",
@@ -92,6 +101,7 @@ __all__ = [
     "generate_request_id",
     "get_request_id",
     "metrics_app",
+    "parse_rates",
     "render_error",
     "resilient",
     "retry",
