@@ -319,6 +319,7 @@ class Lifespan:
                 await self._open_resources()
                 results = await self.run_checks(startup=True, into=finished)
             self.startup_results = results
+            self._observe_checks(results)
             failures = tuple(r for r in results.values() if not r.ok and r.critical)
             if failures:
                 reasons = "; ".join(f"check {r.name!r} failed: {r.error}" for r in failures)
@@ -327,6 +328,8 @@ class Lifespan:
             await self._close_resources()
             self.state = "failed"
             if isinstance(exc, TimeoutError):
+                self.startup_results = dict(finished)  # what finished, for reports
+                self._observe_checks(finished)
                 pending = [repr(name) for name in self.checks if name not in finished]
                 waiting_for = f" waiting for check {', '.join(pending)}" if pending else ""
                 message = f"startup failed: timed out after {self.startup_timeout:g}s{waiting_for}"
@@ -335,9 +338,6 @@ class Lifespan:
             self.logger.error("%s", exc)
             raise
         for result in results.values():
-            self.metrics.child(self.metrics.startup_checks, result.name, result.outcome).observe(
-                result.duration
-            )
             if not result.ok:
                 self.logger.warning(
                     "Non-critical check %r failed: %s; starting degraded", result.name, result.error
@@ -348,6 +348,11 @@ class Lifespan:
             len(self._opened),
             len(results),
         )
+
+    def _observe_checks(self, results: dict[str, CheckResult]) -> None:
+        histogram = self.metrics.startup_checks
+        for result in results.values():
+            self.metrics.child(histogram, result.name, result.outcome).observe(result.duration)
 
     def _ready(self) -> None:
         self.state = "ready"

@@ -706,3 +706,18 @@ def test_multiprocess_workers_are_summed_and_dead_workers_marked(tmp_path: Path)
     assert left == [], output
     for pid in pids:  # counters and histograms outlive their worker, as they should
         assert (directory / f"histogram_{pid}.db").exists()
+
+
+@pytest.mark.anyio
+async def test_a_failed_startup_still_records_its_check_durations() -> None:
+    from asgi_resilience import Lifespan, StartupError
+
+    registry = CollectorRegistry()
+    lifespan = Lifespan(registry=registry)
+    lifespan.add_check("database", lambda: False)
+    lifespan.add_check("cache", lambda: True)
+    with pytest.raises(StartupError):
+        await lifespan.startup()
+    name = "asgi_resilience_startup_check_duration_seconds_count"
+    assert registry.get_sample_value(name, {"check": "database", "outcome": "error"}) == 1
+    assert registry.get_sample_value(name, {"check": "cache", "outcome": "ok"}) == 1
