@@ -44,8 +44,8 @@ class AccessLogMiddleware(ContextMiddleware):
         exclude_paths: paths (and their subpaths) not logged; probes and scrapes by default.
         slow_threshold: seconds after which a successful request is logged as a warning.
         include_query: add the raw query string as ``query``.
-        trusted_proxies: proxies whose ``X-Forwarded-For``/``Forwarded`` name the ``client``
-            (resolved once per request, shared with the rate limiter).
+        trusted_proxies: proxies whose forwarding header names the ``client`` (a list, or a
+            ``TrustedProxies``; resolved once per request, shared with the rate limiter).
     """
 
     def __init__(

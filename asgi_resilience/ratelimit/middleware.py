@@ -90,8 +90,10 @@ class RateLimitMiddleware(ContextMiddleware):
     ``RateLimit`` (``"100-per-60s";r=42;t=17``) per the IETF draft, the legacy
     ``X-RateLimit-Limit/-Remaining/-Reset`` (seconds) of the tightest rate and, on 429, a
     ``Retry-After`` of at least the real wait (and at least 1 s). The 429 body is in the stack's
-    error shape. Reads ``X-Forwarded-For``/``Forwarded`` only from ``trusted_proxies`` (the
-    resolved address is stored in the request context, shared with the access log). Sets
+    error shape. Reads the forwarding header (``X-Forwarded-For`` by default; see
+    ``TrustedProxies``) only from ``trusted_proxies`` (the resolved address is stored in the
+    request context, shared with the access log). IPv6 clients are keyed per
+    ``/ipv6_prefix`` network. Sets
     ``rate_limited`` on the request context. Place it inside the error layer and the built-in
     endpoints, outside envelopes.
 
@@ -104,7 +106,8 @@ class RateLimitMiddleware(ContextMiddleware):
             set by authentication middleware), ``"header:<name>"`` (an API key), or a callable
             ``(scope) -> str | None``. A missing header, anonymous user, ``None`` or a failing
             callable fall back to the client address.
-        trusted_proxies: proxy addresses/networks whose forwarding headers are believed.
+        trusted_proxies: proxy addresses/networks whose forwarding header is believed (a
+            ``TrustedProxies`` to choose ``Forwarded`` instead of ``X-Forwarded-For``).
         routes: route template or path prefix -> limit.
         exempt_paths: paths (and their subpaths) never limited.
         cost: units each request consumes, or a callable ``(scope) -> int``.
