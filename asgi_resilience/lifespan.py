@@ -45,7 +45,7 @@ __all__ = [
 _logger = logging.getLogger("asgi_resilience.lifespan")
 
 LifespanState = Literal["idle", "starting", "ready", "draining", "stopping", "stopped", "failed"]
-_STARTABLE = frozenset({"idle", "stopped", "failed"})
+STARTABLE = frozenset({"idle", "stopped", "failed"})  # states startup() starts from
 CheckFunction = Callable[[], Any]
 ResourceFactory = Callable[[], AsyncIterator[Any]]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -181,10 +181,13 @@ class Lifespan:
         self.values: dict[str, Any] = {}
         self.started_at: float | None = None
         self.in_flight = 0
+        self.users = 0  # stacks (LifespanMiddleware) running this lifespan now
         self._resources: list[_Resource] = []
         self._opened: list[_Resource] = []
         self._status_providers: dict[str, Callable[[], Any]] = {}
-        self._stuck: set[str] = set()  # sync checks whose thread has not returned yet
+        # Sync checks whose thread was abandoned at a timeout and has not returned yet.
+        self._abandoned: dict[str, int] = {}
+        self._threads_lock = threading.Lock()
         self._previous_sigterm: Any = None
         self._sigterm_installed = False
         self._loop_token: Any = None
@@ -301,7 +304,7 @@ class Lifespan:
             StartupError: a critical check failed, a resource could not be opened, or the
                 whole took longer than ``startup_timeout``.
         """
-        if self.state in _STARTABLE:
+        if self.state in STARTABLE:
             await self._start()
             self._ready()
 
@@ -324,9 +327,12 @@ class Lifespan:
             if failures:
                 reasons = "; ".join(f"check {r.name!r} failed: {r.error}" for r in failures)
                 raise StartupError(f"startup failed: {reasons}", failures)
-        except (StartupError, TimeoutError) as exc:
+        except BaseException as exc:
+            # Failed, timed out, or cancelled by the server: close what was opened either way.
             await self._close_resources()
             self.state = "failed"
+            if not isinstance(exc, (StartupError, TimeoutError)):
+                raise
             if isinstance(exc, TimeoutError):
                 self.startup_results = dict(finished)  # what finished, for reports
                 self._observe_checks(finished)
@@ -411,21 +417,23 @@ class Lifespan:
         timed_out = False
         for attempt in range(1, attempts + 1):
             outcome: Any = False
-            if check.name in self._stuck:
-                # A sync check from an earlier run is still blocked in its thread: do not
-                # start another thread for it on every probe.
+            if attempts == 1 and self._abandoned.get(check.name):
+                # A sync check that timed out earlier is still blocked in its thread: a probe
+                # does not start another thread for it (startup's own retries still do).
                 error, timed_out = "still blocked since an earlier run timed out", True
                 break
+            function, run = self._tracked(check)
             try:
                 # move_on_after, not fail_after: a TimeoutError the check raises itself (a
                 # driver's own timeout) is its error, not ours.
                 with anyio.move_on_after(check.timeout) as deadline:
-                    outcome = await _call(self._tracked(check))
+                    outcome = await _call(function)
             except Exception as exc:
                 error, timed_out = describe_error(exc), False
             else:
                 timed_out = deadline.cancelled_caught
                 if timed_out:
+                    self._abandon(check.name, run)
                     error = f"timed out after {check.timeout:g}s"
                 elif outcome is False:
                     error = "returned False"
@@ -443,21 +451,32 @@ class Lifespan:
             check.name, False, perf_counter() - began, error, check.critical, attempts, timed_out
         )
 
-    def _tracked(self, check: Check) -> Callable[[], Any]:
-        """``check.function``; a sync one marks its check as running until it returns."""
+    def _tracked(self, check: Check) -> tuple[Callable[[], Any], dict[str, bool] | None]:
+        """``check.function``, and for a sync one a record of its thread: when it returns, an
+        abandoned run (timed out while blocked) stops counting against its check."""
         function = check.function
         if inspect.iscoroutinefunction(function):
-            return function
-        stuck = self._stuck
+            return function, None  # cancelled at its timeout: nothing is left running
+        run = {"done": False, "abandoned": False}
 
         def tracked() -> Any:
-            stuck.add(check.name)
             try:
                 return function()
             finally:
-                stuck.discard(check.name)
+                with self._threads_lock:
+                    run["done"] = True
+                    if run["abandoned"]:
+                        self._abandoned[check.name] -= 1
 
-        return tracked
+        return tracked, run
+
+    def _abandon(self, name: str, run: dict[str, bool] | None) -> None:
+        if run is None:
+            return
+        with self._threads_lock:
+            if not run["done"] and not run["abandoned"]:
+                run["abandoned"] = True
+                self._abandoned[name] = self._abandoned.get(name, 0) + 1
 
     # -- draining --------------------------------------------------------------------------
 
@@ -473,6 +492,8 @@ class Lifespan:
             self.logger.info("Draining: readiness now fails")
 
     def _install_sigterm(self) -> None:
+        if self._sigterm_installed:
+            return  # never chain to ourselves
         if threading.current_thread() is not threading.main_thread():
             self.logger.debug("Not in the main thread: SIGTERM draining not installed")
             return
@@ -591,10 +612,10 @@ class Lifespan:
         sections: dict[str, Any] = {}
         for name, provider in self._status_providers.items():
             try:
-                if inspect.iscoroutinefunction(provider):
-                    sections[name] = await provider()
-                else:
-                    sections[name] = provider()  # snapshots are cheap: no thread for them
+                section = provider()  # snapshots are cheap: no thread for them
+                if inspect.isawaitable(section):
+                    section = await section
+                sections[name] = section
             except Exception as exc:
                 sections[name] = {"error": describe_error(exc)}
         return {
@@ -621,7 +642,7 @@ class Lifespan:
 
     @asynccontextmanager
     async def _context(self) -> AsyncIterator[dict[str, Any]]:
-        owner = self.state in _STARTABLE  # a wrap() around the app may have started it
+        owner = self.state in STARTABLE  # a wrap() around the app may have started it
         await self.startup()
         try:
             yield dict(self.values)
@@ -651,3 +672,12 @@ def _closer(name: str, generator: AsyncIterator[Any]) -> Callable[[], Any]:
         raise RuntimeError(f"resource {name!r} yielded more than once")
 
     return close
+
+
+def __getattr__(name: str) -> Any:
+    # LifespanMiddleware lives in lifespan_middleware.py (it imports this module).
+    if name == "LifespanMiddleware":
+        from .lifespan_middleware import LifespanMiddleware
+
+        return LifespanMiddleware
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

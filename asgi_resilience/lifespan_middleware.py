@@ -9,7 +9,7 @@ import anyio
 import anyio.abc
 
 from .calls import describe_error
-from .lifespan import Lifespan, StartupError
+from .lifespan import STARTABLE, Lifespan, StartupError
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["LifespanMiddleware"]
@@ -54,13 +54,25 @@ class LifespanMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         lifespan = self.lifespan
         await receive()  # lifespan.startup
+        # Several stacks may share one Lifespan (an app factory called twice): the first to
+        # start it owns startup, the last to stop it closes the resources.
+        owner = lifespan.state in STARTABLE
+        if owner:
+            try:
+                await lifespan._start()
+            except StartupError as exc:
+                # Like Starlette: report the failure, then raise so that servers and test
+                # harnesses that watch for exceptions (asgi-lifespan) see it too.
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                raise
+        lifespan.users += 1
         try:
-            await lifespan._start()
-        except StartupError as exc:
-            # Like Starlette: report the failure, then raise so that servers and test harnesses
-            # that watch for exceptions (asgi-lifespan) see it too.
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
-            raise
+            await self._run(scope, receive, send, owner)
+        finally:
+            lifespan.users -= 1
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send, owner: bool) -> None:
+        lifespan = self.lifespan
         state = scope.get("state")
         if state is not None:
             state.update(lifespan.values)
@@ -69,17 +81,20 @@ class LifespanMiddleware:
                 await group.start(inner.run)
                 failure = await inner.exchange("startup")
                 if failure is None:
-                    lifespan._ready()
+                    if owner:
+                        lifespan._ready()
                     await send({"type": "lifespan.startup.complete"})
                     await receive()  # lifespan.shutdown
-                    draining = await lifespan._begin_shutdown()
+                    last = lifespan.users == 1
+                    draining = await lifespan._begin_shutdown() if last else False
                     failure = await inner.exchange("shutdown")
                     if draining:
                         await lifespan._finish_shutdown()
                     phase = "shutdown"
                 else:
-                    await lifespan._close_resources()
-                    lifespan.state = "failed"
+                    if owner:
+                        await lifespan._close_resources()
+                        lifespan.state = "failed"
                     phase = "startup"
                 group.cancel_scope.cancel()
         if failure is None:

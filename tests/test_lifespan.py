@@ -6,7 +6,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from time import perf_counter
+from time import perf_counter, sleep
 from typing import Any, Literal
 
 import anyio
@@ -1010,6 +1010,95 @@ async def test_a_blocked_sync_check_is_not_run_again_in_new_threads() -> None:
     finally:
         release.set()
     with anyio.fail_after(5):
-        while "blocked" in lifespan._stuck:  # noqa: ASYNC110 - a thread, no event to wait on
+        while lifespan._abandoned["blocked"]:  # noqa: ASYNC110 - a thread, no event to wait on
             await anyio.sleep(0.01)
     assert (await lifespan.run_checks())["blocked"].ok
+
+
+@pytest.mark.anyio
+async def test_two_running_stacks_share_one_startup_and_one_shutdown() -> None:
+    lifespan = Lifespan()
+    events: list[str] = []
+
+    @lifespan.resource("db")
+    async def db() -> AsyncIterator[str]:
+        events.append("open")
+        yield "db"
+        events.append("close")
+
+    first = resilient(Starlette(), lifespan=lifespan, environ={})
+    second = resilient(Starlette(), lifespan=lifespan, environ={})
+    async with LifespanManager(first):
+        async with LifespanManager(second):
+            assert lifespan.users == 2 and lifespan.state == "ready"
+        assert events == ["open"]  # the second stack stopped first: nothing closed yet
+    assert events == ["open", "close"]
+    assert lifespan.users == 0 and str(lifespan.state) == "stopped"
+
+
+@pytest.mark.anyio
+async def test_a_sync_check_blocked_once_is_retried_at_startup() -> None:
+    release = threading.Event()
+    calls: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            release.wait(5)  # the first attempt hangs past its timeout
+
+    lifespan = Lifespan()
+    lifespan.add_check("slow-then-ok", check, timeout=0.1, attempts=3)
+    try:
+        await lifespan.startup()
+        assert lifespan.startup_results["slow-then-ok"].ok
+        assert len(calls) == 2
+    finally:
+        release.set()
+        await lifespan.shutdown()
+
+
+@pytest.mark.anyio
+async def test_overlapping_runs_of_a_slow_healthy_check_both_pass() -> None:
+    lifespan = Lifespan()
+    lifespan.add_check("slow", lambda: sleep(0.1), timeout=2)
+    results: list[bool] = []
+
+    async def run() -> None:
+        results.append((await lifespan.run_checks())["slow"].ok)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run)
+        group.start_soon(run)
+    assert results == [True, True]
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_startup_closes_what_it_opened() -> None:
+    lifespan = Lifespan()
+    events: list[str] = []
+
+    @lifespan.resource("pool")
+    async def pool() -> AsyncIterator[str]:
+        events.append("open")
+        yield "pool"
+        events.append("close")
+
+    @lifespan.check("hang", timeout=10)
+    async def hang() -> None:
+        await anyio.sleep(10)
+
+    with anyio.move_on_after(0.2):
+        await lifespan.startup()
+    assert events == ["open", "close"]
+    assert str(lifespan.state) == "failed"
+
+
+@pytest.mark.anyio
+async def test_status_sections_may_be_awaitables_from_sync_callables() -> None:
+    lifespan = Lifespan()
+
+    async def stats() -> dict[str, int]:
+        return {"size": 5}
+
+    lifespan.add_status("pool", lambda: stats())
+    assert (await lifespan.status())["pool"] == {"size": 5}
