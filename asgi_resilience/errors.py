@@ -152,9 +152,10 @@ class _ErrorResponder:
             return False
         if not self.middleware.rewrite_responses or self.scope.get("method") == "HEAD":
             return False
+        hidden = self._hidden(message)
         for name, value in message.get("headers", ()):
             lowered = name.lower()
-            if lowered == b"content-encoding":
+            if lowered == b"content-encoding" and not hidden:
                 return False
             if lowered == b"content-type" and value.split(b";", 1)[0].strip().lower() in (
                 PROBLEM_CONTENT_TYPE,
@@ -162,13 +163,23 @@ class _ErrorResponder:
                 return False
         return True
 
+    def _hidden(self, start: Message) -> bool:
+        """A 500 in production: whatever its size, encoding or form, its body never goes out
+        (it may be a traceback or an exception's text)."""
+        return bool(start["status"] == 500 and not self.middleware.debug)
+
     async def _hold_or_release(self, message: Message) -> None:
         assert self.held_start is not None
+        hidden = self._hidden(self.held_start)
         if message["type"] != "http.response.body":
-            await self._release(message)  # pathsend, trailers...: not ours to rewrite
+            if hidden and message["type"] == "http.response.pathsend":
+                await self._send_rewritten()
+            else:
+                await self._release(message)  # pathsend, trailers...: not ours to rewrite
             return
-        self.held_body += message.get("body", b"")
-        if len(self.held_body) > self.middleware.max_body_size:
+        if len(self.held_body) <= self.middleware.max_body_size:
+            self.held_body += message.get("body", b"")
+        if len(self.held_body) > self.middleware.max_body_size and not hidden:
             await self._release(message)
         elif not message.get("more_body", False) and not self._exception_follows():
             await self._send_rewritten()

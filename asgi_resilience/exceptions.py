@@ -81,9 +81,10 @@ class CircuitOpenError(AsgiResilienceError):
 class AppError(Exception):
     """An error the application raises to answer with ``status`` and a JSON error body.
 
-    Subclasses fix the status (``NotFound``, ``Conflict``, ...). ``ErrorMiddleware`` renders it as
-    RFC 9457 ``application/problem+json`` (or the envelope error shape), keeps ``headers`` on the
-    response and adds ``extra`` as extension members.
+    Subclasses fix the status with ``default_status = 402`` (``NotFound``, ``Conflict``, ...;
+    a plain ``status = 402`` class attribute is read the same way). ``ErrorMiddleware`` renders
+    it as RFC 9457 ``application/problem+json`` (or the envelope error shape), keeps
+    ``headers`` on the response and adds ``extra`` as extension members.
 
     Args:
         detail: a human-readable explanation for this occurrence; shown to the client.
@@ -95,6 +96,13 @@ class AppError(Exception):
     """
 
     default_status: ClassVar[int] = 500
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("status")
+        if isinstance(declared, int) and not isinstance(declared, bool):
+            cls.default_status = declared  # ``status = 402``, the obvious spelling, works too
+            del cls.status  # the instance property answers again
 
     def __init__(
         self,

@@ -151,6 +151,7 @@ class Database(Generic[SessionT]):
         self.critical = critical
         self._key: tuple[str, str] | None = None
         self._engine: Engine | AsyncEngine | None = None
+        self._blocked_check = False  # a sync check's thread has not returned yet
         if isinstance(url_or_engine, (Engine, AsyncEngine)):
             if engine_options:
                 raise ValueError("engine_options apply to a URL; configure your engine yourself")
@@ -182,6 +183,21 @@ class Database(Generic[SessionT]):
             self._engine = engine
         return self._engine
 
+    async def _check_in_thread(self, engine: Engine) -> None:
+        # A daemon thread: a connect that hangs is abandoned at the check's timeout and must
+        # not keep a failed process from exiting (anyio's workers would). One at a time: while
+        # an abandoned one is still blocked, probes fail at once instead of piling up threads.
+        if self._blocked_check:
+            raise DatabaseUnavailable("an earlier check is still blocked connecting")
+        self._blocked_check = True  # the thread clears it when it returns
+        await in_daemon_thread(functools.partial(self._select_1_and_release, engine))
+
+    def _select_1_and_release(self, engine: Engine) -> None:
+        try:
+            _select_1(engine)
+        finally:
+            self._blocked_check = False
+
     async def check(self) -> float:
         """Run ``SELECT 1`` on a pooled connection and return how long it took, in seconds.
 
@@ -196,9 +212,7 @@ class Database(Generic[SessionT]):
                 async with engine.connect() as connection:
                     await connection.execute(_SELECT_1)
             else:
-                # A daemon thread: a connect that hangs is abandoned at the check's timeout and
-                # must not keep a failed process from exiting (anyio's workers would).
-                await in_daemon_thread(functools.partial(_select_1, engine))
+                await self._check_in_thread(engine)
         except Exception as exc:
             raise DatabaseUnavailable(self._describe(exc)) from exc
         return perf_counter() - began

@@ -263,12 +263,11 @@ def _build(
                 _unique("rate-limit-backend", lifespan.resource_names), backend.aclose, timeout=2
             )
             ping = getattr(backend, "ping", None)
-            if ping is not None and "rate-limit-backend" not in lifespan.checks:
+            if ping is not None:
                 # A backend that cannot be reached at startup is a configuration error: fail
                 # fast rather than run unlimited (or refuse everything) from the first request.
-                lifespan.add_check(
-                    "rate-limit-backend", ping, timeout=2, attempts=3, readiness=False
-                )
+                name = _unique("rate-limit-backend", lifespan.checks)
+                lifespan.add_check(name, ping, timeout=2, attempts=3, readiness=False)
         stack = RateLimitMiddleware(
             stack,
             limit=rate_limit,

@@ -1068,3 +1068,33 @@ def test_app_error_status_is_the_instance_status() -> None:
     assert AppError(status=418).status == 418
     assert NotFound(status=410).status == 410 == NotFound(status=410).status_code
     assert NotFound().status == 404
+
+
+def test_a_subclass_may_fix_its_status_with_a_plain_status_attribute() -> None:
+    class PaymentRequired(AppError):
+        status = 402
+
+    error = PaymentRequired("pay first")
+    assert error.status_code == 402 == error.status
+    assert error.title == "Payment Required"
+    assert PaymentRequired.default_status == 402
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [list(PLAIN), [(b"content-type", b"text/plain"), (b"content-encoding", b"gzip")]],
+    ids=["oversized", "encoded"],
+)
+async def test_a_production_500_body_never_goes_out(headers: list[tuple[bytes, bytes]]) -> None:
+    secret = b"Traceback: db password is hunter2\n" * 2000  # 68 kB, above max_body_size
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        for offset in range(0, len(secret), 8192):
+            chunk = secret[offset : offset + 8192]
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    response = await call(ErrorMiddleware(app, debug=False))
+    assert b"hunter2" not in response.body
+    assert "detail" not in assert_problem(response, 500)

@@ -873,8 +873,9 @@ async def test_ipv6_clients_share_a_budget_per_64_network() -> None:
         ok_app, limit="1/minute", ipv6_prefix=128, registry=CollectorRegistry()
     )
     assert [(await request(narrow, peer=f"2001:db8::{n}")).status for n in range(2)] == [200, 200]
-    with pytest.raises(ValueError, match="ipv6_prefix"):
-        RateLimitMiddleware(ok_app, ipv6_prefix=0)
+    for bad in (0, 129, 64.5, True, "64"):
+        with pytest.raises(ValueError, match="ipv6_prefix"):
+            RateLimitMiddleware(ok_app, ipv6_prefix=bad)  # type: ignore[arg-type]
 
 
 def test_a_string_where_a_list_is_expected_is_refused() -> None:

@@ -458,3 +458,36 @@ async def test_postgres_startup_retries_while_the_database_comes_up(asyncpg_url:
         await proxy.stop()
     result = lifespan.startup_results["database"]
     assert result.ok and result.attempts > 1
+
+
+@pytest.mark.anyio
+async def test_a_blocked_sync_check_does_not_start_a_thread_per_probe() -> None:
+    import sqlite3
+    import threading
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    release = threading.Event()
+
+    def connect() -> sqlite3.Connection:
+        release.wait(5)
+        return sqlite3.connect(":memory:")
+
+    engine = create_engine("sqlite://", creator=connect, poolclass=NullPool)
+    db = Database(engine, name="hung")
+    try:
+        with anyio.move_on_after(0.1):
+            await db.check()  # abandoned in its daemon thread
+        before = threading.active_count()
+        for _ in range(10):
+            with pytest.raises(DatabaseUnavailable, match="still blocked"):
+                await db.check()
+        assert threading.active_count() == before
+    finally:
+        release.set()
+    with anyio.fail_after(5):
+        while db._blocked_check:  # noqa: ASYNC110 - a thread, no event to wait on
+            await anyio.sleep(0.01)
+    assert await db.check() >= 0
+    engine.dispose()

@@ -277,7 +277,7 @@ async def test_one_lifespan_can_serve_two_stacks() -> None:
     second = resilient(raw_app, registry=CollectorRegistry(), **options)  # type: ignore[arg-type]
     assert first.lifespan is second.lifespan is lifespan
     assert lifespan.resource_names == ["rate-limit-backend", "rate-limit-backend-2"]
-    assert list(lifespan.checks) == ["rate-limit-backend"]
+    assert list(lifespan.checks) == ["rate-limit-backend", "rate-limit-backend-2"]
     for stack in (first, second):
         backend = stack.stack
         while not hasattr(backend, "backend"):

@@ -148,7 +148,11 @@ class RateLimitMiddleware(ContextMiddleware):
             raise ValueError(f"backend_timeout must be > 0 seconds, got {backend_timeout!r}")
         if not callable(cost) and (not isinstance(cost, int) or isinstance(cost, bool) or cost < 1):
             raise ValueError(f"cost must be an integer >= 1 or a callable, got {cost!r}")
-        if not 1 <= ipv6_prefix <= 128:
+        if (
+            not isinstance(ipv6_prefix, int)
+            or isinstance(ipv6_prefix, bool)
+            or not (1 <= ipv6_prefix <= 128)
+        ):
             raise ValueError(f"ipv6_prefix must be between 1 and 128, got {ipv6_prefix!r}")
         self.ipv6_prefix = ipv6_prefix
         self.app = app
