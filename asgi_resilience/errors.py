@@ -19,6 +19,7 @@ from .problems import (
     describe_body,
     describe_exception,
     render_error,
+    send_error,
 )
 from .types import ASGIApp, Message, Receive, Scope, Send
 
@@ -265,10 +266,8 @@ class _ErrorResponder:
         return True
 
     async def _send(self, status: int, **fields: Any) -> None:
-        start, body = render_error(self.context, self.scope, status, **fields)
         self.started = self.completed = True
-        await self.send_downstream(start)
-        await self.send_downstream(body)
+        await send_error(self.context, self.scope, self.send_downstream, status, **fields)
 
     def _log(self, exc: Exception, when: str) -> None:
         self.context.exception_logged = exc

@@ -11,7 +11,7 @@ import anyio
 
 from .context import RequestContext
 from .lifespan import CheckResult, Lifespan
-from .problems import render_error
+from .problems import send_error
 from .types import Receive, Scope, Send
 
 __all__ = ["HealthApp"]
@@ -88,9 +88,9 @@ class HealthApp:
             return  # nothing to serve on WebSocket or lifespan scopes
         handler = self.routes.get(scope["path"])
         if handler is None or (handler == self._status and not self.status_details):
-            await _send_error(scope, send, 404)
+            await send_error(RequestContext.current(), scope, send, 404)
         elif scope["method"] not in ("GET", "HEAD"):
-            await _send_error(scope, send, 405, headers=_ALLOW)
+            await send_error(RequestContext.current(), scope, send, 405, headers=_ALLOW)
         else:
             status, body = await handler()
             await _send_json(scope, send, status, body)
@@ -170,11 +170,3 @@ async def _send_json(scope: Scope, send: Send, status: int, body: dict[str, Any]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     head = scope["method"] == "HEAD"
     await send({"type": "http.response.body", "body": b"" if head else payload})
-
-
-async def _send_error(
-    scope: Scope, send: Send, status: int, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    start, body = render_error(RequestContext.current(), scope, status, headers=headers or ())
-    await send(start)
-    await send(body)

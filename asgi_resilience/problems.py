@@ -19,7 +19,7 @@ from typing import Any
 
 from .context import ErrorFormat, RequestContext, current_trace_id, utc_timestamp
 from .exceptions import AppError, CircuitOpenError, snake_case, status_phrase
-from .types import Message, Scope
+from .types import Message, Scope, Send
 
 __all__ = [
     "JSON_CONTENT_TYPE",
@@ -27,6 +27,7 @@ __all__ = [
     "describe_body",
     "describe_exception",
     "render_error",
+    "send_error",
 ]
 
 _logger = logging.getLogger("asgi_resilience.errors")
@@ -111,6 +112,16 @@ def render_error(
         context.error_rendered = True
     start = {"type": "http.response.start", "status": status, "headers": response_headers}
     return start, {"type": "http.response.body", "body": payload, "more_body": False}
+
+
+async def send_error(
+    context: RequestContext | None, scope: Scope, send: Send, status: int, **fields: Any
+) -> None:
+    """Render an error response with ``render_error(context, scope, status, **fields)`` and send
+    it: what every layer that answers by itself (400, 404, 405, 429, 503) does."""
+    start, body = render_error(context, scope, status, **fields)
+    await send(start)
+    await send(body)
 
 
 def describe_exception(exc: Exception) -> tuple[int, dict[str, Any]]:

@@ -11,7 +11,7 @@ from typing import Literal
 from opentelemetry import trace
 
 from .context import ContextMiddleware, ErrorFormat, RequestContext
-from .problems import render_error
+from .problems import send_error
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["RequestIdLogFilter", "RequestIdMiddleware", "generate_request_id", "get_request_id"]
@@ -137,16 +137,15 @@ class RequestIdMiddleware(ContextMiddleware):
         return None
 
     async def _reject(self, context: RequestContext, scope: Scope, send: Send) -> None:
-        start, body = render_error(
+        await send_error(
             context,
             scope,
+            send,
             400,
             detail=f"Invalid {self.header_name.decode()} header",
             error_format=self.error_format,
+            headers=[(self.header_name, str(context.request_id).encode())],
         )
-        start["headers"].append((self.header_name, str(context.request_id).encode()))
-        await send(start)
-        await send(body)
 
     def _generate(self) -> str:
         if self.generator is None:

@@ -16,7 +16,7 @@ from starlette.routing import compile_path
 
 from ..context import ContextMiddleware, PathSet, RequestContext
 from ..metrics import Metrics
-from ..problems import render_error
+from ..problems import send_error
 from ..proxies import TrustedProxies
 from ..types import ASGIApp, Message, Receive, Scope, Send
 from .backends import Backend, MemoryBackend, backend_from_url
@@ -212,7 +212,8 @@ class RateLimitMiddleware(ContextMiddleware):
             self._outcomes[policy.bucket][2].inc()
             self._report_backend_error(exc)
             if self.deny_on_error:
-                await _send_problem(context, scope, send, 503, "Rate limiting is unavailable")
+                detail = "Rate limiting is unavailable"
+                await send_error(context, scope, send, 503, detail=detail)
             else:
                 await self.app(scope, receive, send)
             return
@@ -244,7 +245,7 @@ class RateLimitMiddleware(ContextMiddleware):
             detail = f"Rate limit exceeded; retry in {retry_after} s"
         else:
             detail = "This request costs more than the rate limit allows"
-        await _send_problem(context, scope, send, 429, detail, headers)
+        await send_error(context, scope, send, 429, detail=detail, headers=headers)
 
     def _policy_for(self, path: str) -> _Policy:
         for policy in self.policies:
@@ -295,19 +296,6 @@ class RateLimitMiddleware(ContextMiddleware):
                 "denying" if self.deny_on_error else "allowing",
                 "timed out" if isinstance(exc, TimeoutError) else repr(exc),
             )
-
-
-async def _send_problem(
-    context: RequestContext,
-    scope: Scope,
-    send: Send,
-    status: int,
-    detail: str,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    start, body = render_error(context, scope, status, detail=detail, headers=headers or ())
-    await send(start)
-    await send(body)
 
 
 def _route_matcher(route: str) -> Callable[[str], bool]:
