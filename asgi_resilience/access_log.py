@@ -9,13 +9,13 @@ from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-
 from time import perf_counter
 from typing import Any
 
-from .context import ContextMiddleware, PathSet, RequestContext, format_timestamp
+from .context import PROBE_PATHS, ContextMiddleware, PathSet, RequestContext, format_timestamp
 from .proxies import TrustedProxies
 from .types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["DEFAULT_EXCLUDE_PATHS", "AccessLogMiddleware", "JsonFormatter"]
 
-DEFAULT_EXCLUDE_PATHS = ("/health", "/livez", "/readyz", "/metrics")
+DEFAULT_EXCLUDE_PATHS = PROBE_PATHS
 
 _logger = logging.getLogger("asgi_resilience.access")
 
@@ -83,8 +83,7 @@ class AccessLogMiddleware(ContextMiddleware):
         try:
             await self.app(scope, receive, context.record(send))
         except BaseException as exc:
-            if context.exception is None:
-                context.exception = exc
+            context.keep_exception(exc)
             if not isinstance(exc, Exception):
                 context.disconnected = True  # cancelled: the server gave up on the request
             self._log(context, scope)

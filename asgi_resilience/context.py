@@ -24,17 +24,21 @@ from .types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
     "CONTEXT_KEY",
+    "PROBE_PATHS",
     "UNMATCHED_ROUTE",
     "ContextMiddleware",
     "PathSet",
     "RequestContext",
     "format_timestamp",
     "route_template",
+    "trace_id_of",
     "utc_timestamp",
 ]
 
 CONTEXT_KEY = "asgi_resilience.context"
 UNMATCHED_ROUTE = "<unmatched>"
+# Probes and scrapes: what the access log and tracing leave out unless told otherwise.
+PROBE_PATHS = ("/health", "/livez", "/readyz", "/metrics")
 
 ErrorFormat = Literal["problem", "envelope"]
 
@@ -133,6 +137,11 @@ class RequestContext:
             self.traced = True
             self.trace_id = current_trace_id()
         return self.trace_id
+
+    def keep_exception(self, exc: BaseException) -> None:
+        """Remember ``exc`` unless an inner layer already recorded the request's exception."""
+        if self.exception is None:
+            self.exception = exc
 
     def route(self, scope: Scope) -> str:
         """The route template that handled the request (``/users/{user_id}``), computed once.
@@ -233,7 +242,12 @@ class PathSet:
 
 def current_trace_id() -> str | None:
     """The trace id (32 hex) of the active OpenTelemetry span, if there is a valid one."""
-    span_context = trace.get_current_span().get_span_context()
+    return trace_id_of(trace.get_current_span())
+
+
+def trace_id_of(span: trace.Span) -> str | None:
+    """The trace id of ``span`` as 32 lowercase hex (W3C form), ``None`` for an invalid span."""
+    span_context = span.get_span_context()
     return format(span_context.trace_id, "032x") if span_context.is_valid else None
 
 

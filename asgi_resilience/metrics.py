@@ -184,8 +184,7 @@ class MetricsMiddleware(ContextMiddleware):
         try:
             await self.app(scope, receive, context.record(send))
         except BaseException as exc:
-            if context.exception is None:
-                context.exception = exc
+            context.keep_exception(exc)
             raise
         finally:
             active.dec()

@@ -23,7 +23,14 @@ from opentelemetry.trace import (
     StatusCode,
 )
 
-from .context import UNMATCHED_ROUTE, ContextMiddleware, PathSet, RequestContext
+from .context import (
+    PROBE_PATHS,
+    UNMATCHED_ROUTE,
+    ContextMiddleware,
+    PathSet,
+    RequestContext,
+    trace_id_of,
+)
 from .metrics import KNOWN_METHODS, OTHER_METHOD
 from .types import ASGIApp, Message, Receive, Scope, Send
 
@@ -75,7 +82,7 @@ class TracingMiddleware(ContextMiddleware):
         app: ASGIApp,
         *,
         tracer_provider: trace.TracerProvider | None = None,
-        exclude_paths: Iterable[str] = ("/health", "/livez", "/readyz", "/metrics"),
+        exclude_paths: Iterable[str] = PROBE_PATHS,
         include_query: bool = False,
     ) -> None:
         self.app = app
@@ -131,8 +138,7 @@ class TracingMiddleware(ContextMiddleware):
         try:
             await self.app(scope, receive, context.record(send))
         except BaseException as exc:
-            if context.exception is None:
-                context.exception = exc
+            context.keep_exception(exc)
             raise
         finally:
             _finish(span, context, scope)
@@ -167,8 +173,7 @@ class TracingMiddleware(ContextMiddleware):
         try:
             await self.app(scope, receive, context.record(send_and_enrich))
         except BaseException as exc:
-            if context.exception is None:
-                context.exception = exc
+            context.keep_exception(exc)
             raise
         finally:
             if not finished:
@@ -176,9 +181,8 @@ class TracingMiddleware(ContextMiddleware):
 
 
 def _remember_trace_id(context: RequestContext, span: trace.Span) -> None:
-    span_context = span.get_span_context()
     context.traced = True
-    context.trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else None
+    context.trace_id = trace_id_of(span)
 
 
 def _request_attributes(
