@@ -21,21 +21,9 @@ from starlette.routing import Route
 from asgi_resilience import CircuitOpenError, Lifespan, resilient
 from asgi_resilience.circuit_breaker import CircuitBreaker, retry
 from asgi_resilience.types import ASGIApp
+from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio
-
-
-class FakeClock:
-    """Monotonic seconds that move only when a test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeSleep:

@@ -13,20 +13,11 @@ import pytest
 
 from asgi_resilience.ratelimit import Decision, MemoryBackend, StrategyName, parse_rates
 from asgi_resilience.ratelimit.strategies import strategy_for
+from tests.fakes import FakeClock
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES: list[StrategyName] = ["gcra", "fixed-window", "sliding-window"]
 T0 = 1_080_000.0
-
-
-class FakeClock:
-    """A mutable float: the time the backend reads."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def decide(
@@ -90,7 +81,7 @@ def test_a_million_keys_stay_within_max_keys_and_bounded_memory() -> None:
 
 
 def test_least_recently_used_keys_are_evicted_first() -> None:
-    backend = MemoryBackend(max_keys=3, clock=FakeClock())
+    backend = MemoryBackend(max_keys=3, clock=FakeClock(T0))
     for key in ("a", "b", "c", "a"):  # "a" used again: "b" is now the least recently used
         decide(backend, key)
     assert remaining(decide(backend, "d")) == 1  # evicts "b"
@@ -107,7 +98,7 @@ def test_a_denied_client_counts_as_recently_used() -> None:
     Otherwise a limited client regains a full budget as soon as ``max_keys`` other clients were
     admitted after its last admitted request, however often it was refused meanwhile.
     """
-    backend = MemoryBackend(max_keys=2, clock=FakeClock())
+    backend = MemoryBackend(max_keys=2, clock=FakeClock(T0))
     assert decide(backend, "hammering", "1/hour").allowed
     assert decide(backend, "idle", "1/hour").allowed
     assert not decide(backend, "hammering", "1/hour").allowed  # used, most recently
@@ -117,7 +108,7 @@ def test_a_denied_client_counts_as_recently_used() -> None:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_expired_keys_start_afresh_lazily(strategy: StrategyName) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     backend = MemoryBackend(clock=clock)
     first = decide(backend, "client", "2/minute", strategy)
     second = decide(backend, "client", "2/minute", strategy)
@@ -132,7 +123,7 @@ def test_expired_keys_start_afresh_lazily(strategy: StrategyName) -> None:
 
 
 def test_long_keys_are_hashed() -> None:
-    backend = MemoryBackend(clock=FakeClock())
+    backend = MemoryBackend(clock=FakeClock(T0))
     api_key = "key:" + "s3cr3t-" * 20
     short = "k" * 64
     assert decide(backend, api_key).allowed
@@ -149,7 +140,7 @@ def test_long_keys_are_hashed() -> None:
 
 @pytest.mark.anyio
 async def test_aclose_forgets_everything() -> None:
-    backend = MemoryBackend(clock=FakeClock())
+    backend = MemoryBackend(clock=FakeClock(T0))
     rates = parse_rates("1/hour")
     assert (await backend.decide(strategy_for("gcra"), "client", rates, 1)).allowed
     assert not (await backend.decide(strategy_for("gcra"), "client", rates, 1)).allowed

@@ -36,6 +36,7 @@ from asgi_resilience.ratelimit import (
 )
 from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
 from tests.asgi import Response, call, http_scope
+from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -43,19 +44,9 @@ T0 = 1_080_000.0  # a whole number of hours: fixed windows start here
 PEER = "203.0.113.5"
 
 
-class FakeClock:
-    """A mutable float: the time the memory backend reads."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import redis.asyncio as redis_asyncio
 from redis.asyncio.connection import Connection
 
@@ -40,6 +39,7 @@ from asgi_resilience.ratelimit import (
 from asgi_resilience.ratelimit.redis import RedisBackend
 from asgi_resilience.types import ASGIApp, Receive, Scope, Send
 from tests.asgi import Response, call, http_scope
+from tests.fakes import FakeClock
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis.asyncio: asyncio only
@@ -49,29 +49,9 @@ STRATEGIES: list[StrategyName] = ["gcra", "fixed-window", "sliding-window"]
 T0 = 1_080_000.0
 
 
-class FakeClock:
-    """A mutable float, passed to the Lua scripts instead of Redis' own clock."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def delete_keys(url: str, prefix: str) -> None:
-    with redis.Redis.from_url(url) as client:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-
-
 @pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
-    """A key prefix of this test's own (the server is shared); its keys are deleted after."""
-    prefix = f"test:asgi_resilience:{uuid.uuid4().hex}:"
-    yield prefix
-    delete_keys(redis_url, prefix)
+def prefix(redis_prefix: str) -> str:
+    return redis_prefix
 
 
 @pytest.fixture
@@ -132,7 +112,7 @@ async def test_one_round_trip_per_decision(
 ) -> None:
     wire = Wire(monkeypatch)
     backends = [
-        RedisBackend(client, prefix=prefix, clock=FakeClock()),
+        RedisBackend(client, prefix=prefix, clock=FakeClock(T0)),
         RedisBackend(client, prefix=prefix),  # Redis' own clock: TIME inside the script
     ]
     rates = parse_rates("10/second;1000/hour")
@@ -155,7 +135,7 @@ async def test_noscript_is_reloaded(
     client: redis_asyncio.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wire = Wire(monkeypatch)
-    backend = RedisBackend(client, prefix=prefix, clock=FakeClock())
+    backend = RedisBackend(client, prefix=prefix, clock=FakeClock(T0))
     gcra, rates = strategy_for("gcra"), parse_rates("3/minute")
     assert (await backend.decide(gcra, "client", rates, 1)).statuses[0].remaining == 2
     await client.script_flush()  # the server forgets every script (a restart, a failover)
@@ -477,7 +457,7 @@ async def test_redis_going_away_and_coming_back(proxy: TcpProxy, prefix: str, ou
     backend = RedisBackend(
         redis_asyncio.Redis(host="127.0.0.1", port=proxy.port),
         prefix=prefix,
-        clock=FakeClock(),
+        clock=FakeClock(T0),
     )
     allow = RateLimitMiddleware(ok_app, limit="5/minute", backend=backend, backend_timeout=TIMEOUT)
     deny = resilient(

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import math
 import random
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
-import redis
 import redis.asyncio as redis_asyncio
 
 from asgi_resilience.ratelimit import (
@@ -24,6 +22,7 @@ from asgi_resilience.ratelimit import (
     strategy_for,
 )
 from asgi_resilience.ratelimit.redis import RedisBackend
+from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -42,34 +41,9 @@ STORES = pytest.mark.parametrize(
 )
 
 
-class FakeClock:
-    """A mutable float: what both backends read as the current time."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
-
-
-def delete_keys(url: str, prefix: str) -> None:
-    with redis.Redis.from_url(url) as client:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-
-
-@pytest.fixture
-def redis_prefix(redis_url: str) -> Iterator[str]:
-    """A key prefix of this test's own (the server is shared); its keys are deleted after."""
-    prefix = f"test:asgi_resilience:{uuid.uuid4().hex}:"
-    yield prefix
-    delete_keys(redis_url, prefix)
+    return FakeClock(T0)
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import pytest
 
 from asgi_resilience import CircuitOpenError
 from asgi_resilience.retry import Retry, retry
+from tests.fakes import FakeClock
 from tests.test_circuit_breaker import (
-    FakeClock,
     FakeSleep,
     HighestRandom,
     LowestRandom,
