@@ -67,11 +67,7 @@ class AccessLogMiddleware(ContextMiddleware):
         self.logger = logger if logger is not None else _logger
         self.slow_threshold_ms = slow_threshold * 1000
         self.include_query = include_query
-        self.proxies = (
-            trusted_proxies
-            if isinstance(trusted_proxies, TrustedProxies)
-            else TrustedProxies(trusted_proxies)
-        )
+        self.proxies = TrustedProxies.of(trusted_proxies)
 
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send

@@ -66,6 +66,12 @@ class TrustedProxies:
                 ) from None
         self.networks: tuple[IPNetwork, ...] = tuple(networks)
 
+    @classmethod
+    def of(cls, proxies: Iterable[str] | TrustedProxies) -> TrustedProxies:
+        """``proxies`` as given if already a ``TrustedProxies``, else made from the list (the
+        ``trusted_proxies`` option of the middlewares takes either)."""
+        return proxies if isinstance(proxies, TrustedProxies) else cls(proxies)
+
     def __bool__(self) -> bool:
         return bool(self.networks)
 

@@ -160,11 +160,7 @@ class RateLimitMiddleware(ContextMiddleware):
         self.backend = backend_from_url(backend) if isinstance(backend, str) else backend
         self.memory = self.backend if isinstance(self.backend, MemoryBackend) else None
         self.key = _key_function(key)
-        self.proxies = (
-            trusted_proxies
-            if isinstance(trusted_proxies, TrustedProxies)
-            else TrustedProxies(trusted_proxies)
-        )
+        self.proxies = TrustedProxies.of(trusted_proxies)
         self.policies = tuple(
             _Policy.build(route, route_limit, _route_matcher(route))
             for route, route_limit in (routes or {}).items()
