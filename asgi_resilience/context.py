@@ -69,6 +69,10 @@ class RequestContext:
         envelope_skip: the handler opted this response out of the envelope.
         traced / trace_id: ``TracingMiddleware`` looked up the request's span once; inner
             layers take the trace id (``None``: no valid span) from here.
+        response_headers: headers our layers add to the response (request id, rate limits),
+            written by the recording ``send`` (``record``) on whatever response goes out.
+        replaced_header: a header name (lowercase) the application's own values of which are
+            dropped from the response, as ``response_headers`` carries ours.
     """
 
     __slots__ = (
@@ -87,8 +91,10 @@ class RequestContext:
         "exception_logged",
         "rate_limited",
         "recording",
+        "replaced_header",
         "request_id",
         "response_ended",
+        "response_headers",
         "response_started",
         "start",
         "status",
@@ -116,6 +122,8 @@ class RequestContext:
         self.envelope_meta: dict[str, Any] | None = None
         self.envelope_skip = False
         self.recording = False
+        self.response_headers: list[tuple[bytes, bytes]] | None = None
+        self.replaced_header: bytes | None = None
         self.traced = False
         self.trace_id: str | None = None
         self._route: str | None = None
@@ -143,6 +151,24 @@ class RequestContext:
         if self.exception is None:
             self.exception = exc
 
+    def add_response_headers(
+        self, headers: Iterable[tuple[bytes, bytes]], *, replace: bytes | None = None
+    ) -> None:
+        """Have ``headers`` written on the response start, whichever layer sends it.
+
+        Call it before the response starts and send through ``record``: one ``send`` wrapper
+        (the outermost layer's) then writes the headers of every layer, on the response the
+        client really gets (an error the application raised and a layer outside rendered
+        included). ``replace``: a lowercase header name whose values the application set are
+        dropped first (one per request; the request id's).
+        """
+        if self.response_headers is None:
+            self.response_headers = list(headers)
+        else:
+            self.response_headers.extend(headers)
+        if replace is not None:
+            self.replaced_header = replace
+
     def route(self, scope: Scope) -> str:
         """The route template that handled the request (``/users/{user_id}``), computed once.
 
@@ -155,13 +181,16 @@ class RequestContext:
         return self._route
 
     def record(self, send: Send) -> Send:
-        """Wrap ``send`` to record status, bytes and timings here (once per request)."""
+        """Wrap ``send`` to record status, bytes and timings here and to write the
+        ``response_headers`` (once per request: inner layers get ``send`` back unchanged)."""
         if self.recording:
             return send
         self.recording = True
 
         async def send_and_record(message: Message) -> None:
             message_type = message["type"]
+            if message_type == "http.response.start" and self.response_headers:
+                message = self._with_headers(message, self.response_headers)
             try:
                 await send(message)
             except OSError:
@@ -180,6 +209,15 @@ class RequestContext:
                 self.response_ended = perf_counter()
 
         return send_and_record
+
+    def _with_headers(self, start: Message, added: list[tuple[bytes, bytes]]) -> Message:
+        headers = start.get("headers", ())
+        replaced = self.replaced_header
+        if replaced is not None:
+            # Compare lengths before lowering: most headers are skipped without a copy.
+            length = len(replaced)
+            headers = [h for h in headers if len(h[0]) != length or h[0].lower() != replaced]
+        return {**start, "headers": [*headers, *added]}
 
 
 class ContextMiddleware:

@@ -12,7 +12,7 @@ from opentelemetry import trace
 
 from .context import ContextMiddleware, ErrorFormat, RequestContext
 from .problems import send_error
-from .types import ASGIApp, Message, Receive, Scope, Send
+from .types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["RequestIdLogFilter", "RequestIdMiddleware", "generate_request_id", "get_request_id"]
 
@@ -105,29 +105,21 @@ class RequestIdMiddleware(ContextMiddleware):
             )
             if self.reject_invalid:
                 context.request_id = request_id
-                await self._reject(context, scope, send)
+                context.add_response_headers(
+                    [(self.header_name, request_id.encode())], replace=self.header_name
+                )
+                await self._reject(context, scope, context.record(send))
                 return
         context.request_id = request_id
         state = scope.get("state")
         if state is None:
             scope["state"] = state = {}
         state["request_id"] = request_id
-        header = (self.header_name, request_id.encode())
-        name_length = len(self.header_name)
-
-        async def send_with_request_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                # Drop an id header the app set (any case): compare lengths before lowering.
-                headers = [
-                    h
-                    for h in message.get("headers", ())
-                    if len(h[0]) != name_length or h[0].lower() != header[0]
-                ]
-                headers.append(header)
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_request_id)
+        # Written by the request's one recording send, replacing any id header the app set.
+        context.add_response_headers(
+            [(self.header_name, request_id.encode())], replace=self.header_name
+        )
+        await self.app(scope, receive, context.record(send))
 
     def _incoming(self, scope: Scope) -> str | bytes | None:
         """The incoming id if valid, the raw value if invalid, ``None`` if absent."""
@@ -144,7 +136,6 @@ class RequestIdMiddleware(ContextMiddleware):
             400,
             detail=f"Invalid {self.header_name.decode()} header",
             error_format=self.error_format,
-            headers=[(self.header_name, str(context.request_id).encode())],
         )
 
     def _generate(self) -> str:

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 from fastapi import FastAPI, HTTPException
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -283,3 +284,20 @@ async def test_one_lifespan_can_serve_two_stacks() -> None:
         while not hasattr(backend, "backend"):
             backend = backend.app  # type: ignore[attr-defined]
         await backend.backend.aclose()
+
+
+@pytest.mark.parametrize("make_app", [starlette_app, fastapi_app], ids=["starlette", "fastapi"])
+async def test_rate_limit_and_request_id_headers_on_errors_rendered_outside(
+    make_app: type[Starlette],
+) -> None:
+    # The 500 for a raised exception and the rewritten 404 are sent by ErrorMiddleware, outside
+    # the rate limiter: its headers still reach the client, once, with the request id.
+    app = resilient(make_app(), rate_limit="100/minute", registry=CollectorRegistry())
+    async with client_for(app) as client:
+        responses = [await client.get("/fail"), await client.get("/nowhere")]
+    assert [r.status_code for r in responses] == [500, 404]
+    for remaining, response in zip((99, 98), responses, strict=True):
+        reset = 100 - remaining  # GCRA: 0.6 s of budget per request used, rounded up
+        assert response.headers.get_list("ratelimit") == [f'"100-per-60s";r={remaining};t={reset}']
+        assert response.headers["x-ratelimit-remaining"] == str(remaining)
+        assert len(response.headers.get_list("x-request-id")) == 1

@@ -77,19 +77,18 @@ class MemoryBackend:
         now = self.clock()
         entries = self._entries
         entry = entries.get(key)
-        state = None
-        if entry is not None:
-            if entry[1] > now:
-                state = entry[0]
-                entries.move_to_end(key)  # a refused client is in use too: keep its state
-            else:
-                del entries[key]  # expired: dropped as soon as it is looked at
+        state = entry[0] if entry is not None and entry[1] > now else None
         decision, new_state, ttl = strategy.decide(state, now, rates, cost)
         if new_state is not None:
-            entries[key] = (new_state, now + ttl)
+            entries[key] = (new_state, now + ttl)  # a key already there keeps its place: move it
             entries.move_to_end(key)
             if len(entries) > self.max_keys:
                 entries.popitem(last=False)
+        elif entry is not None:
+            if state is None:
+                del entries[key]  # expired: dropped as soon as it is looked at
+            else:
+                entries.move_to_end(key)  # a refused client is in use too: keep its state
         return decision
 
     async def aclose(self) -> None:

@@ -18,7 +18,7 @@ from ..context import ContextMiddleware, PathSet, RequestContext
 from ..metrics import Metrics
 from ..problems import send_error
 from ..proxies import TrustedProxies
-from ..types import ASGIApp, Message, Receive, Scope, Send
+from ..types import ASGIApp, Receive, Scope, Send
 from .backends import Backend, MemoryBackend, backend_from_url
 from .rates import Rate, parse_rates
 from .strategies import Decision, StrategyName, strategy_for
@@ -215,26 +215,18 @@ class RateLimitMiddleware(ContextMiddleware):
             return
         context.rate_limited = not decision.allowed
         self._outcomes[policy.bucket][0 if decision.allowed else 1].inc()
-        headers = policy.headers(decision)
-        if not decision.allowed:
-            await self._send_429(context, scope, send, decision, headers)
-            return
-
-        async def send_with_rate_limit_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), *headers]}
-            await send(message)
-
-        await self.app(scope, receive, send_with_rate_limit_headers)
+        # On whatever response goes out: the app's, a 429, an error rendered outside.
+        context.add_response_headers(policy.headers(decision))
+        send = context.record(send)
+        if decision.allowed:
+            await self.app(scope, receive, send)
+        else:
+            await self._send_429(context, scope, send, decision)
 
     async def _send_429(
-        self,
-        context: RequestContext,
-        scope: Scope,
-        send: Send,
-        decision: Decision,
-        headers: list[tuple[bytes, bytes]],
+        self, context: RequestContext, scope: Scope, send: Send, decision: Decision
     ) -> None:
+        headers = []
         if math.isfinite(decision.retry_after):
             retry_after = max(1, math.ceil(decision.retry_after))
             headers.append((b"retry-after", b"%d" % retry_after))
