@@ -10,7 +10,9 @@ second one being made.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from time import monotonic
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -37,6 +39,7 @@ from .types import ASGIApp, Message, Receive, Scope, Send
 __all__ = ["REQUEST_ID_ATTRIBUTE", "TracingMiddleware"]
 
 REQUEST_ID_ATTRIBUTE = "asgi_resilience.request_id"
+_PROVIDER_RECHECK = 1.0  # seconds between two looks for a global provider while there is none
 
 
 class _HeaderGetter(Getter[Scope]):
@@ -71,7 +74,8 @@ class TracingMiddleware(ContextMiddleware):
     Args:
         app: the ASGI application.
         tracer_provider: the provider to use; the global one by default. With no SDK
-            configured the middleware is a pass-through.
+            configured the middleware is a pass-through; a global provider set up later
+            (after the first request) is used within a second.
         exclude_paths: paths (and their subpaths) never traced (probes, scrapes).
         include_query: record ``url.query``; off by default, as query strings carry tokens
             and personal data that should not leave for a tracing backend.
@@ -90,13 +94,27 @@ class TracingMiddleware(ContextMiddleware):
         self.tracer = trace.get_tracer("asgi_resilience", tracer_provider=tracer_provider)
         self.excluded = PathSet(exclude_paths, option="exclude_paths")
         self.include_query = include_query
+        self._sdk = False
+        self._next_check = -math.inf
 
     def _enabled(self) -> bool:
+        """Is there an SDK to record spans? Known for good once it is: a global provider is
+        set once per process. Until then asked at most every ``_PROVIDER_RECHECK`` seconds,
+        as ``get_tracer_provider()`` reads the environment on each call (a provider set up
+        after the first request is used from the next check on)."""
+        if self._sdk:
+            return True
+        if self.tracer_provider is None:
+            now = monotonic()
+            if now < self._next_check:
+                return False
+            self._next_check = now + _PROVIDER_RECHECK
         provider = self.tracer_provider or trace.get_tracer_provider()
-        return not isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider))
+        self._sdk = not isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider))
+        return self._sdk
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._enabled():
+        if scope["type"] != "http" or not (self._sdk or self._enabled()):
             # No SDK: nothing to record. Not even the request context is made here, so the
             # cost is this check (the trace id, if a span exists anyway, is found lazily).
             await self.app(scope, receive, send)

@@ -401,6 +401,39 @@ async def test_without_an_sdk_tracing_is_a_pass_through(monkeypatch: pytest.Monk
     assert not any(span.is_recording() for span in seen)
 
 
+async def test_a_global_provider_set_later_is_used_from_the_next_check(
+    provider: TracerProvider, exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The global provider can be set once per process: the API's getter stands in for it.
+    import asgi_resilience.tracing as tracing_module
+
+    clock = [100.0]
+    monkeypatch.setattr(tracing_module, "monotonic", lambda: clock[0])
+    looks: list[int] = []
+
+    def proxy_provider() -> trace.TracerProvider:
+        looks.append(1)
+        return ProxyTracerProvider()
+
+    monkeypatch.setattr(trace, "get_tracer_provider", proxy_provider)
+    app = TracingMiddleware(starlette_app(), tracer_provider=None)
+    looks.clear()  # the tracer was asked for at construction
+    for _ in range(3):
+        assert (await call(app, http_scope("/items/1"))).status == 200
+    assert len(looks) == 1  # no provider: asked once, not once per request
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    app.tracer = provider.get_tracer("asgi_resilience")  # what the global proxy would hand out
+    await call(app, http_scope("/items/2"))
+    assert server_spans(exporter) == []  # until the next check
+    clock[0] += 1.0
+    await call(app, http_scope("/items/3"))
+    await call(app, http_scope("/items/4"))
+    assert [span.attributes and span.attributes["url.path"] for span in server_spans(exporter)] == [
+        "/items/3",
+        "/items/4",
+    ]
+
+
 def find_layer(app: ASGIApp, kind: type[TracingMiddleware]) -> TracingMiddleware:
     layer: Any = getattr(app, "stack", app)
     while not isinstance(layer, kind):
