@@ -40,6 +40,7 @@ class _Policy:
     match: Callable[[str], bool]
     policy_header: bytes
     state_prefixes: tuple[bytes, ...]
+    first_amount: bytes  # the first rate's amount, as the legacy limit header writes it
 
     @classmethod
     def build(cls, bucket: str, limit: str, match: Callable[[str], bool]) -> _Policy:
@@ -48,18 +49,19 @@ class _Policy:
         header = ", ".join(f'"{r.name}";q={r.amount};w={math.ceil(r.period)}' for r in rates)
         prefixes = tuple(f'"{r.name}";r='.encode() for r in rates)
         name = "default" if bucket == "*" else bucket
-        return cls(name, f"{bucket}|", rates, match, header.encode(), prefixes)
+        amount = b"%d" % rates[0].amount
+        return cls(name, f"{bucket}|", rates, match, header.encode(), prefixes, amount)
 
     def headers(self, decision: Decision) -> list[tuple[bytes, bytes]]:
         """``RateLimit-Policy``, ``RateLimit`` and the legacy headers for ``decision``."""
         statuses = decision.statuses
         if len(statuses) == 1:  # one rate, the common case: no joins, no search
-            rate, remaining, reset_after = statuses[0]
+            remaining, reset_after = statuses[0][1:]
             reset = math.ceil(reset_after)
             return [
                 (b"ratelimit-policy", self.policy_header),
                 (b"ratelimit", b"%s%d;t=%d" % (self.state_prefixes[0], remaining, reset)),
-                (b"x-ratelimit-limit", b"%d" % rate.amount),
+                (b"x-ratelimit-limit", self.first_amount),
                 (b"x-ratelimit-remaining", b"%d" % remaining),
                 (b"x-ratelimit-reset", b"%d" % reset),
             ]
@@ -167,6 +169,7 @@ class RateLimitMiddleware(ContextMiddleware):
         )
         self.default_policy = _Policy.build("*", limit, lambda path: True)
         self.exempt = PathSet(exempt_paths, option="exempt_paths")
+        self.exempting = bool(self.exempt.exact)
         self.cost = cost
         self.deny_on_error = on_backend_error == "deny"
         self.backend_timeout = backend_timeout
@@ -187,12 +190,17 @@ class RateLimitMiddleware(ContextMiddleware):
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
         path = scope["path"]
-        if path in self.exempt:
+        if self.exempting and path in self.exempt:
             await self.app(scope, receive, send)
             return
         policy = self._policy_for(path) if self.policies else self.default_policy
         client = self.proxies.apply(context, scope) if self.proxies.networks else context.client
-        identity = self._identity(scope, client) if self.key is not None else self._ip(client)
+        if self.key is not None:
+            identity = self._identity(scope, client)
+        elif client is not None and ":" not in client:
+            identity = "ip:" + client  # IPv4, the common case
+        else:
+            identity = self._ip(client)
         cost = self.cost if isinstance(self.cost, int) else self._cost(scope)
         try:
             if self.memory is not None:  # nothing to wait for: no coroutine, no timeout scope

@@ -137,9 +137,10 @@ class GCRA(Strategy):
                     rate, _count(rate.period - (tat - now), rate.interval), tat - now
                 )
                 return Decision(False, (status,), wait), None, 0.0
-            remaining = _count(rate.period - (new_tat - now), rate.interval)
-            status = RateStatus(rate, remaining, new_tat - now)
-            return Decision(True, (status,)), [new_tat], new_tat - now
+            reset_after = new_tat - now
+            remaining = math.floor((rate.period - reset_after) / rate.interval + EPSILON)
+            status = RateStatus(rate, remaining if remaining > 0 else 0, reset_after)
+            return Decision(True, (status,)), [new_tat], reset_after
         allowed, retry_after = True, 0.0
         tats = []
         new_state: State = []
