@@ -65,7 +65,7 @@ class AccessLogMiddleware(ContextMiddleware):
         self.app = app
         self.excluded = PathSet(exclude_paths, option="exclude_paths")
         self.logger = logger if logger is not None else _logger
-        self.slow_threshold_ms = slow_threshold * 1000
+        self.slow_threshold = slow_threshold
         self.include_query = include_query
         self.proxies = TrustedProxies.of(trusted_proxies)
 
@@ -93,57 +93,57 @@ class AccessLogMiddleware(ContextMiddleware):
         disconnected = context.disconnected or (ended is None and context.exception is None)
         if status is None and context.exception is not None and not disconnected:
             status = 500  # what every ASGI server answers for an exception before any response
-        duration_ms = ((ended if ended is not None else now) - context.start) * 1000
+        duration = (ended if ended is not None else now) - context.start
         if (status is not None and status >= 500) or (
             context.exception is not None and ended is None and not disconnected
         ):
             level = logging.ERROR  # a 5xx, or a response cut short by an exception
         elif disconnected or (status is not None and status >= 400):
             level = logging.WARNING
-        elif duration_ms > self.slow_threshold_ms:
+        elif duration > self.slow_threshold:
             level = logging.WARNING
         else:
             level = logging.INFO
         if not self.logger.isEnabledFor(level):
             return
         started = context.response_started
-        extra: dict[str, Any] = {
-            "request_id": context.request_id,
-            "method": scope["method"],
-            "path": scope["path"],
-            "route": context.route(scope),
-            "status": status,
-            "duration_ms": round(duration_ms, 3),
-            "ttfb_ms": round((started - context.start) * 1000, 3) if started else None,
-            "bytes_sent": context.bytes_sent,
-            "client": self.proxies.apply(context, scope) if self.proxies else context.client,
-            "user_agent": _user_agent(scope),
-            "http_version": scope.get("http_version"),
-        }
-        trace_id = context.current_trace_id()
-        if trace_id is not None:
-            extra["trace_id"] = trace_id
-        if context.rate_limited is not None:
-            extra["rate_limited"] = context.rate_limited
-        if context.exception is not None:
-            extra["error"] = type(context.exception).__name__
-        if disconnected:
-            extra["disconnected"] = True
-        if self.include_query:
-            extra["query"] = scope.get("query_string", b"").decode("latin-1")
+        method = scope["method"]
+        path = scope["path"]
         # What Logger.log does, minus findCaller's walk up the stack (the caller is always this
         # line) and makeRecord's check of each extra key against the record (ours never clash):
-        # together they were half the cost of a record.
+        # together they were half the cost of a record. The fields go straight into the record.
         record = logging.getLogRecordFactory()(
             self.logger.name,
             level,
             __file__,
             0,
             "%s %s %s %.1fms",
-            (extra["method"], extra["path"], status if status is not None else "-", duration_ms),
+            (method, path, status if status is not None else "-", duration * 1000),
             None,
         )
-        record.__dict__.update(extra)
+        fields = record.__dict__
+        fields["request_id"] = context.request_id
+        fields["method"] = method
+        fields["path"] = path
+        fields["route"] = context.route(scope)
+        fields["status"] = status
+        fields["duration_ms"] = round(duration * 1_000_000) / 1000  # to the microsecond
+        fields["ttfb_ms"] = round((started - context.start) * 1_000_000) / 1000 if started else None
+        fields["bytes_sent"] = context.bytes_sent
+        fields["client"] = self.proxies.apply(context, scope) if self.proxies else context.client
+        fields["user_agent"] = _user_agent(scope)
+        fields["http_version"] = scope.get("http_version")
+        trace_id = context.current_trace_id()
+        if trace_id is not None:
+            fields["trace_id"] = trace_id
+        if context.rate_limited is not None:
+            fields["rate_limited"] = context.rate_limited
+        if context.exception is not None:
+            fields["error"] = type(context.exception).__name__
+        if disconnected:
+            fields["disconnected"] = True
+        if self.include_query:
+            fields["query"] = scope.get("query_string", b"").decode("latin-1")
         self.logger.handle(record)
 
 
