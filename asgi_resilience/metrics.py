@@ -1,9 +1,10 @@
 """Prometheus metrics: per-request histograms labelled by route template, and ``/metrics``.
 
-Built on ``prometheus_client`` (its collectors, exposition and multiprocess mode); what is ours
+Built on ``prometheus_client`` (its registry, exposition and multiprocess mode); what is ours
 is the labelling (route templates from the request context, never raw paths; unknown methods
-collapsed), the cached label children (``labels()`` costs more than an observation), and one
-set of collectors per registry, so two apps or the same test twice never register twice.
+collapsed), the cached label children (``labels()`` costs more than an observation), the
+lock-free series the request path updates in a single process (``asgi_resilience.series``), and
+one set of collectors per registry, so two apps or the same test twice never register twice.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from . import series
 from .context import ContextMiddleware, PathSet, RequestContext
 from .types import ASGIApp, Receive, Scope, Send
 
@@ -33,6 +35,22 @@ SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
 
 
+class _PrometheusClasses:
+    """prometheus_client's metric classes, for the request path in multiprocess mode."""
+
+    Histogram = Histogram
+    Counter = Counter
+
+    @staticmethod
+    def Gauge(  # stands in for the class
+        name: str, documentation: str, labelnames: list[str], *, registry: CollectorRegistry
+    ) -> Gauge:
+        # In-flight requests of every live worker add up; a stopped worker's are dropped.
+        return Gauge(
+            name, documentation, labelnames, multiprocess_mode="livesum", registry=registry
+        )
+
+
 class Metrics:
     """Every collector asgi_resilience exports, registered once per registry.
 
@@ -40,46 +58,50 @@ class Metrics:
     number of middlewares, lifespans and apps share it. Attributes are the collectors named in
     the design (``request_duration``, ``time_to_first_byte``, ``active_requests``,
     ``response_body_bytes``, ``exceptions``, ``rate_limit_decisions``, ``startup_checks``,
-    ``shutdown_resources``, ``health_check_up``, ``breaker_state``, ``breaker_calls``).
+    ``shutdown_resources``, ``health_check_up``, ``breaker_state``, ``breaker_calls``). The
+    six the request path updates are ``asgi_resilience.series`` collectors in a single process
+    with the GIL, prometheus_client's in multiprocess mode; the others always the latter.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.request_duration = Histogram(
+        # The metrics every request updates: lock-free series where they can be (see
+        # asgi_resilience.series), prometheus_client's classes in multiprocess mode.
+        request_path: Any = series if series.lock_free() else _PrometheusClasses
+        self.request_duration = request_path.Histogram(
             "http_server_request_duration_seconds",
             "Duration of HTTP server requests, to the last body byte sent.",
             ["method", "route", "status_code"],
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
-        self.time_to_first_byte = Histogram(
+        self.time_to_first_byte = request_path.Histogram(
             "http_server_time_to_first_byte_seconds",
             "Time from the request to the start of its response.",
             ["method", "route"],
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
-        self.active_requests = Gauge(
+        self.active_requests = request_path.Gauge(
             "http_server_active_requests",
             "HTTP server requests in flight.",
             ["method"],
-            multiprocess_mode="livesum",
             registry=registry,
         )
-        self.response_body_bytes = Histogram(
+        self.response_body_bytes = request_path.Histogram(
             "http_server_response_body_bytes",
             "Response body bytes actually sent.",
             ["method", "route", "status_code"],
             buckets=SIZE_BUCKETS,
             registry=registry,
         )
-        self.exceptions = Counter(
+        self.exceptions = request_path.Counter(
             "http_server_exceptions",
             "Exceptions raised while handling HTTP requests.",
             ["route", "exception_type"],
             registry=registry,
         )
-        self.rate_limit_decisions = Counter(
+        self.rate_limit_decisions = request_path.Counter(
             "asgi_resilience_rate_limit_decisions",
             "Rate limit decisions.",
             ["policy", "outcome"],
