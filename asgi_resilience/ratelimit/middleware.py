@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import monotonic
 from typing import Any, Literal
 
@@ -28,6 +28,9 @@ __all__ = ["KeyFunction", "RateLimitMiddleware"]
 _logger = logging.getLogger("asgi_resilience.ratelimit")
 KeyFunction = Callable[[Scope], "str | None"]
 _ERROR_LOG_INTERVAL = 10.0  # seconds between two logs of a failing backend
+# Header values for small counts and resets, formatted once: most responses need only these.
+_CACHED_DIGITS = 4096
+_DIGITS = tuple(b"%d" % number for number in range(_CACHED_DIGITS))
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,14 @@ class _Policy:
     match: Callable[[str], bool]
     policy_header: bytes
     state_prefixes: tuple[bytes, ...]
-    first_amount: bytes  # the first rate's amount, as the legacy limit header writes it
+    ip_prefix: str  # the key of a client address, without the address
+    policy_pair: tuple[bytes, bytes] = field(init=False)  # the constant headers, built once
+    limit_pair: tuple[bytes, bytes] = field(init=False)  # (the first rate's: one rate)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "policy_pair", (b"ratelimit-policy", self.policy_header))
+        limit = b"%d" % self.rates[0].amount
+        object.__setattr__(self, "limit_pair", (b"x-ratelimit-limit", limit))
 
     @classmethod
     def build(cls, bucket: str, limit: str, match: Callable[[str], bool]) -> _Policy:
@@ -49,8 +59,8 @@ class _Policy:
         header = ", ".join(f'"{r.name}";q={r.amount};w={math.ceil(r.period)}' for r in rates)
         prefixes = tuple(f'"{r.name}";r='.encode() for r in rates)
         name = "default" if bucket == "*" else bucket
-        amount = b"%d" % rates[0].amount
-        return cls(name, f"{bucket}|", rates, match, header.encode(), prefixes, amount)
+        prefix = f"{bucket}|"
+        return cls(name, prefix, rates, match, header.encode(), prefixes, prefix + "ip:")
 
     def headers(self, decision: Decision) -> list[tuple[bytes, bytes]]:
         """``RateLimit-Policy``, ``RateLimit`` and the legacy headers for ``decision``."""
@@ -58,12 +68,14 @@ class _Policy:
         if len(statuses) == 1:  # one rate, the common case: no joins, no search
             remaining, reset_after = statuses[0][1:]
             reset = math.ceil(reset_after)
+            remaining_text = _DIGITS[remaining] if remaining < _CACHED_DIGITS else b"%d" % remaining
+            reset_text = _DIGITS[reset] if reset < _CACHED_DIGITS else b"%d" % reset
             return [
-                (b"ratelimit-policy", self.policy_header),
-                (b"ratelimit", b"%s%d;t=%d" % (self.state_prefixes[0], remaining, reset)),
-                (b"x-ratelimit-limit", self.first_amount),
-                (b"x-ratelimit-remaining", b"%d" % remaining),
-                (b"x-ratelimit-reset", b"%d" % reset),
+                self.policy_pair,
+                (b"ratelimit", self.state_prefixes[0] + remaining_text + b";t=" + reset_text),
+                self.limit_pair,
+                (b"x-ratelimit-remaining", remaining_text),
+                (b"x-ratelimit-reset", reset_text),
             ]
         state = b", ".join(
             b"%s%d;t=%d" % (prefix, status.remaining, math.ceil(status.reset_after))
@@ -196,22 +208,18 @@ class RateLimitMiddleware(ContextMiddleware):
         policy = self._policy_for(path) if self.policies else self.default_policy
         client = self.proxies.apply(context, scope) if self.proxies.networks else context.client
         if self.key is not None:
-            identity = self._identity(scope, client)
+            key = policy.bucket + self._identity(scope, client)
         elif client is not None and ":" not in client:
-            identity = "ip:" + client  # IPv4, the common case
+            key = policy.ip_prefix + client  # IPv4, the common case
         else:
-            identity = self._ip(client)
+            key = policy.bucket + self._ip(client)
         cost = self.cost if isinstance(self.cost, int) else self._cost(scope)
         try:
             if self.memory is not None:  # nothing to wait for: no coroutine, no timeout scope
-                decision = self.memory.decide_now(
-                    self.strategy, policy.bucket + identity, policy.rates, cost
-                )
+                decision = self.memory.decide_now(self.strategy, key, policy.rates, cost)
             else:
                 with anyio.fail_after(self.backend_timeout):
-                    decision = await self.backend.decide(
-                        self.strategy, policy.bucket + identity, policy.rates, cost
-                    )
+                    decision = await self.backend.decide(self.strategy, key, policy.rates, cost)
         except Exception as exc:
             self._outcomes[policy.bucket][2].inc()
             self._report_backend_error(exc)
@@ -224,7 +232,11 @@ class RateLimitMiddleware(ContextMiddleware):
         context.rate_limited = not decision.allowed
         self._outcomes[policy.bucket][0 if decision.allowed else 1].inc()
         # On whatever response goes out: the app's, a 429, an error rendered outside.
-        context.add_response_headers(policy.headers(decision))
+        headers = policy.headers(decision)
+        if context.response_headers is None:
+            context.response_headers = headers
+        else:
+            context.response_headers += headers
         send = context.record(send)
         if decision.allowed:
             await self.app(scope, receive, send)

@@ -34,6 +34,7 @@ __all__ = [
 
 StrategyName = Literal["gcra", "fixed-window", "sliding-window"]
 EPSILON = 1e-6  # seconds: float noise never decides a request
+_new = tuple.__new__
 State = list[float]
 
 
@@ -139,8 +140,9 @@ class GCRA(Strategy):
                 return Decision(False, (status,), wait), None, 0.0
             reset_after = new_tat - now
             remaining = math.floor((rate.period - reset_after) / rate.interval + EPSILON)
-            status = RateStatus(rate, remaining if remaining > 0 else 0, reset_after)
-            return Decision(True, (status,)), [new_tat], reset_after
+            # tuple.__new__: what the NamedTuples' own __new__ (a Python function) ends in.
+            status = _new(RateStatus, (rate, remaining if remaining > 0 else 0, reset_after))
+            return _new(Decision, (True, (status,), 0.0)), [new_tat], reset_after
         allowed, retry_after = True, 0.0
         tats = []
         new_state: State = []
