@@ -7,10 +7,13 @@ first: opentelemetry-instrumentation-asgi, asgi-correlation-id, starlette-export
 timing-log middleware, slowapi's ASGI middleware.
 
     python -m benchmarks.peers inprocess [--rounds 20 --requests 2000]
-    python -m benchmarks.peers http [--seconds 5 --rounds 3 --connections 32]   # needs wrk
+    python -m benchmarks.peers http [--seconds 5 --rounds 3 --connections 32 --server both]
 
-The HTTP mode starts uvicorn (one worker, no access log) on a free 127.0.0.1 port for each
-variant and drives it with ``wrk``; rounds are interleaved across variants.
+The HTTP mode (needs ``wrk``) starts uvicorn (one worker, no access log of its own) on a free
+127.0.0.1 port for each variant, with h11 and asyncio and then with httptools and uvloop
+(``uvicorn[standard]``), and drives it with ``wrk``; rounds are interleaved across variants,
+server and load generator each on a CPU of their own. "µs added" is the CPU time per request
+the variant adds to the saturated server's (1/throughput minus the bare app's).
 """
 
 from __future__ import annotations
@@ -34,9 +37,14 @@ from starlette.routing import Route
 
 from asgi_resilience import TracingMiddleware, resilient
 from asgi_resilience.types import ASGIApp
-from benchmarks.overhead import LoggingFloor, configure_access_log, measure
-
-UNLIMITED = "1000000/second"
+from benchmarks.overhead import (
+    UNLIMITED,
+    LoggingFloor,
+    configure_access_log,
+    measure,
+    paired_difference,
+    print_table,
+)
 
 
 async def item(request: Request) -> JSONResponse:
@@ -70,8 +78,18 @@ def our_stack(logger: logging.Logger) -> ASGIApp:
     )
 
 
+def quiet_stack() -> ASGIApp:
+    """Our stack without the access log: what the rest of it costs."""
+    return resilient(
+        make_app(), rate_limit=UNLIMITED, access_log=False, registry=CollectorRegistry()
+    )
+
+
+VARIANTS = ("bare", "peers", "resilient", "resilient_no_log")
+
+
 def variant(name: str) -> ASGIApp:
-    """The app for ``name`` (``bare``, ``peers``, ``resilient``): what uvicorn serves."""
+    """The app for ``name`` (one of ``VARIANTS``): what uvicorn serves."""
     logger = configure_access_log()
     if name == "bare":
         return make_app()
@@ -79,6 +97,8 @@ def variant(name: str) -> ASGIApp:
         return peer_stack(logger)
     if name == "resilient":
         return our_stack(logger)
+    if name == "resilient_no_log":
+        return quiet_stack()
     raise ValueError(f"unknown variant {name!r}")
 
 
@@ -89,18 +109,14 @@ def in_process(rounds: int, requests: int) -> None:
         "TracingMiddleware (no SDK)": TracingMiddleware(make_app()),
         "peers (5 libraries)": peer_stack(logger),
         "resilient() full stack": our_stack(logger),
-        "resilient(), no access log": resilient(
-            make_app(), rate_limit=UNLIMITED, access_log=False, registry=CollectorRegistry()
-        ),
+        "resilient(), no access log": quiet_stack(),
     }
-    medians = asyncio.run(measure(apps, rounds, requests, lambda _: None))
-    bare = medians["bare"]
-    print(f"{'variant':<28} {'µs/request':>11} {'x bare':>8} {'added µs':>9}")
-    for name, value in medians.items():
-        print(f"{name:<28} {value:>11.1f} {value / bare:>8.2f} {value - bare:>9.1f}")
-    peers_added = medians["peers (5 libraries)"] - bare
-    ours_added = medians["resilient() full stack"] - bare
-    print(f"peers add {peers_added / ours_added:.1f}x the time resilient() adds")
+    samples = asyncio.run(measure(apps, rounds, requests, lambda _: None))
+    print_table(samples)
+    peers_added = paired_difference(samples, "peers (5 libraries)", "bare")
+    for name in ("resilient() full stack", "resilient(), no access log"):
+        ours = paired_difference(samples, name, "bare")
+        print(f"peers add {peers_added / ours:.1f}x the time {name} adds")
 
 
 def _free_port() -> int:
@@ -109,8 +125,24 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _serve(name: str) -> tuple[subprocess.Popen[bytes], str]:
+# uvicorn's two stacks: the pure-Python one (``pip install uvicorn``) and the one of
+# ``uvicorn[standard]`` (httptools parser, uvloop event loop), whose lower per-request cost
+# makes any middleware's share larger.
+SERVERS = {
+    "h11": ["--http", "h11", "--loop", "asyncio"],
+    "httptools": ["--http", "httptools", "--loop", "uvloop"],
+}
+
+
+def _cpus() -> tuple[set[int], set[int]] | None:
+    """One CPU for the server, another for wrk (fewer migrations, steadier figures)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return ({cpus[0]}, {cpus[1]}) if len(cpus) >= 2 else None
+
+
+def _serve(name: str, server: str) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
+    cpus = _cpus()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -119,11 +151,13 @@ def _serve(name: str) -> tuple[subprocess.Popen[bytes], str]:
             f"benchmarks.peers:{name.upper()}",
             "--port",
             str(port),
+            *SERVERS[server],
             "--no-access-log",
             "--log-level",
             "warning",
         ],
         env={**os.environ, "BENCH_VARIANT": name},
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus[0])) if cpus else None,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
@@ -138,12 +172,14 @@ def _serve(name: str) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def _wrk(url: str, seconds: int, connections: int) -> float:
+    cpus = _cpus()
     output = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"{url}/items/42"],
         capture_output=True,
         text=True,
         check=True,
         timeout=seconds + 30,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus[1])) if cpus else None,
     ).stdout
     match = re.search(r"Requests/sec:\s+([\d.]+)", output)
     if match is None or "Non-2xx" in output:
@@ -151,23 +187,25 @@ def _wrk(url: str, seconds: int, connections: int) -> float:
     return float(match.group(1))
 
 
-def over_http(seconds: int, rounds: int, connections: int) -> None:
-    names = ("bare", "peers", "resilient")
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(rounds):
-        for name in names:
-            process, url = _serve(name)
-            try:
-                _wrk(url, 1, connections)  # warm-up
-                samples[name].append(_wrk(url, seconds, connections))
-            finally:
-                process.terminate()
-                process.wait(10)
-    bare = statistics.median(samples["bare"])
-    print(f"{'variant':<12} {'requests/s':>11} {'of bare':>8}")
-    for name in names:
-        value = statistics.median(samples[name])
-        print(f"{name:<12} {value:>11.0f} {value / bare:>8.0%}")
+def over_http(seconds: int, rounds: int, connections: int, servers: list[str]) -> None:
+    for server in servers:
+        samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for _ in range(rounds):
+            for name in VARIANTS:
+                process, url = _serve(name, server)
+                try:
+                    _wrk(url, 1, connections)  # warm-up
+                    samples[name].append(_wrk(url, seconds, connections))
+                finally:
+                    process.terminate()
+                    process.wait(10)
+        bare = statistics.median(samples["bare"])
+        print(f"uvicorn with {server}:")
+        print(f"{'variant':<18} {'requests/s':>11} {'of bare':>8} {'µs added':>9}")
+        for name in VARIANTS:
+            value = statistics.median(samples[name])
+            added = (1 / value - 1 / bare) * 1e6
+            print(f"{name:<18} {value:>11.0f} {value / bare:>8.0%} {added:>9.1f}")
 
 
 def main() -> None:
@@ -180,16 +218,18 @@ def main() -> None:
     http.add_argument("--seconds", type=int, default=5)
     http.add_argument("--rounds", type=int, default=3)
     http.add_argument("--connections", type=int, default=32)
+    http.add_argument("--server", choices=[*SERVERS, "both"], default="both")
     args = parser.parse_args()
     if args.mode == "inprocess":
         in_process(args.rounds, args.requests)
     else:
-        over_http(args.seconds, args.rounds, args.connections)
+        servers = list(SERVERS) if args.server == "both" else [args.server]
+        over_http(args.seconds, args.rounds, args.connections, servers)
 
 
 def __getattr__(name: str) -> ASGIApp:
-    """``benchmarks.peers:BARE``, ``:PEERS``, ``:RESILIENT``: what the HTTP mode serves."""
-    if name in ("BARE", "PEERS", "RESILIENT"):
+    """``benchmarks.peers:BARE``, ``:PEERS``, ``:RESILIENT``...: what the HTTP mode serves."""
+    if name.lower() in VARIANTS:
         return variant(name.lower())
     raise AttributeError(name)
 
