@@ -152,3 +152,28 @@ async def test_aclose_forgets_everything() -> None:
 def test_max_keys_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_keys must be >= 1, got 0"):
         MemoryBackend(max_keys=0)
+
+
+@pytest.mark.parametrize("limit", ["5/second", "3/minute", "1/hour", "7/2.5second"])
+def test_the_gcra_fast_path_decides_and_keeps_state_as_the_generic_one(limit: str) -> None:
+    # The rate limiter's default (GCRA, one rate) skips the Decision objects: same answers,
+    # same stored state, same evictions and expiries, over a long random run.
+    import random
+
+    [rate] = parse_rates(limit)
+    clock = FakeClock(T0)
+    generic, fast = MemoryBackend(max_keys=3, clock=clock), MemoryBackend(max_keys=3, clock=clock)
+    gcra = strategy_for("gcra")
+    chance = random.Random(limit)
+    keys = ["a", "b", "c", "d", "k" * 100]  # five keys over three slots; one hashed
+    outcomes = set()
+    for _ in range(3000):
+        clock.advance(chance.choice([0, 0, 0.001, rate.interval / 3, rate.interval, rate.period]))
+        key, cost = chance.choice(keys), chance.choice([1, 1, 1, 2, rate.amount + 1])
+        decision = generic.decide_now(gcra, key, [rate], cost)
+        [status] = decision.statuses
+        expected = (decision.allowed, status.remaining, status.reset_after, decision.retry_after)
+        assert fast.decide_gcra(key, rate, cost) == expected
+        assert list(fast._entries.items()) == list(generic._entries.items())
+        outcomes.add(decision.allowed)
+    assert outcomes == {True, False}

@@ -21,7 +21,7 @@ from ..proxies import TrustedProxies
 from ..types import ASGIApp, Receive, Scope, Send
 from .backends import Backend, MemoryBackend, backend_from_url
 from .rates import Rate, parse_rates
-from .strategies import Decision, StrategyName, strategy_for
+from .strategies import GCRA, Decision, StrategyName, strategy_for
 
 __all__ = ["KeyFunction", "RateLimitMiddleware"]
 
@@ -66,17 +66,7 @@ class _Policy:
         """``RateLimit-Policy``, ``RateLimit`` and the legacy headers for ``decision``."""
         statuses = decision.statuses
         if len(statuses) == 1:  # one rate, the common case: no joins, no search
-            remaining, reset_after = statuses[0][1:]
-            reset = math.ceil(reset_after)
-            remaining_text = _DIGITS[remaining] if remaining < _CACHED_DIGITS else b"%d" % remaining
-            reset_text = _DIGITS[reset] if reset < _CACHED_DIGITS else b"%d" % reset
-            return [
-                self.policy_pair,
-                (b"ratelimit", self.state_prefixes[0] + remaining_text + b";t=" + reset_text),
-                self.limit_pair,
-                (b"x-ratelimit-remaining", remaining_text),
-                (b"x-ratelimit-reset", reset_text),
-            ]
+            return self.one_rate_headers(statuses[0].remaining, statuses[0].reset_after)
         state = b", ".join(
             b"%s%d;t=%d" % (prefix, status.remaining, math.ceil(status.reset_after))
             for prefix, status in zip(self.state_prefixes, statuses, strict=True)
@@ -88,6 +78,19 @@ class _Policy:
             (b"x-ratelimit-limit", b"%d" % tightest.rate.amount),
             (b"x-ratelimit-remaining", b"%d" % tightest.remaining),
             (b"x-ratelimit-reset", b"%d" % math.ceil(tightest.reset_after)),
+        ]
+
+    def one_rate_headers(self, remaining: int, reset_after: float) -> list[tuple[bytes, bytes]]:
+        """``headers`` for a policy of one rate, from its numbers."""
+        reset = math.ceil(reset_after)
+        remaining_text = _DIGITS[remaining] if remaining < _CACHED_DIGITS else b"%d" % remaining
+        reset_text = _DIGITS[reset] if reset < _CACHED_DIGITS else b"%d" % reset
+        return [
+            self.policy_pair,
+            (b"ratelimit", self.state_prefixes[0] + remaining_text + b";t=" + reset_text),
+            self.limit_pair,
+            (b"x-ratelimit-remaining", remaining_text),
+            (b"x-ratelimit-reset", reset_text),
         ]
 
 
@@ -173,6 +176,7 @@ class RateLimitMiddleware(ContextMiddleware):
         self.strategy = strategy_for(strategy)
         self.backend = backend_from_url(backend) if isinstance(backend, str) else backend
         self.memory = self.backend if isinstance(self.backend, MemoryBackend) else None
+        self.gcra_memory = self.memory if isinstance(self.strategy, GCRA) else None
         self.key = _key_function(key)
         self.proxies = TrustedProxies.of(trusted_proxies)
         self.policies = tuple(
@@ -197,29 +201,43 @@ class RateLimitMiddleware(ContextMiddleware):
         }
         self.backend_errors = 0
         self._last_error_log = -math.inf
+        self.uniform = not (
+            self.policies or self.exempting or self.proxies.networks or callable(cost)
+        )
 
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        path = scope["path"]
-        if self.exempting and path in self.exempt:
-            await self.app(scope, receive, send)
-            return
-        policy = self._policy_for(path) if self.policies else self.default_policy
-        client = self.proxies.apply(context, scope) if self.proxies.networks else context.client
+        if self.uniform:  # one policy, no exemptions, no proxies, a fixed cost: the default
+            policy = self.default_policy
+            client = context.client
+            cost: int = self.cost  # type: ignore[assignment]
+        else:
+            path = scope["path"]
+            if self.exempting and path in self.exempt:
+                await self.app(scope, receive, send)
+                return
+            policy = self._policy_for(path) if self.policies else self.default_policy
+            client = self.proxies.apply(context, scope) if self.proxies.networks else context.client
+            cost = self.cost if isinstance(self.cost, int) else self._cost(scope)
         if self.key is not None:
             key = policy.bucket + self._identity(scope, client)
         elif client is not None and ":" not in client:
             key = policy.ip_prefix + client  # IPv4, the common case
         else:
             key = policy.bucket + self._ip(client)
-        cost = self.cost if isinstance(self.cost, int) else self._cost(scope)
+        rates = policy.rates
+        decision = None
         try:
-            if self.memory is not None:  # nothing to wait for: no coroutine, no timeout scope
-                decision = self.memory.decide_now(self.strategy, key, policy.rates, cost)
+            if self.gcra_memory is not None and len(rates) == 1:  # the default: no objects
+                allowed, remaining, reset_after, retry_after = self.gcra_memory.decide_gcra(
+                    key, rates[0], cost
+                )
+            elif self.memory is not None:  # nothing to wait for: no coroutine, no timeout
+                decision = self.memory.decide_now(self.strategy, key, rates, cost)
             else:
                 with anyio.fail_after(self.backend_timeout):
-                    decision = await self.backend.decide(self.strategy, key, policy.rates, cost)
+                    decision = await self.backend.decide(self.strategy, key, rates, cost)
         except Exception as exc:
             self._outcomes[policy.bucket][2].inc()
             self._report_backend_error(exc)
@@ -229,28 +247,33 @@ class RateLimitMiddleware(ContextMiddleware):
             else:
                 await self.app(scope, receive, send)
             return
-        context.rate_limited = not decision.allowed
-        self._outcomes[policy.bucket][0 if decision.allowed else 1].inc()
+        if decision is None:
+            headers = policy.one_rate_headers(remaining, reset_after)
+        else:
+            allowed, retry_after = decision.allowed, decision.retry_after
+            headers = policy.headers(decision)
+        context.rate_limited = not allowed
+        self._outcomes[policy.bucket][0 if allowed else 1].inc()
         # On whatever response goes out: the app's, a 429, an error rendered outside.
-        headers = policy.headers(decision)
         if context.response_headers is None:
             context.response_headers = headers
         else:
             context.response_headers += headers
-        send = context.record(send)
-        if decision.allowed:
+        if not context.recording:
+            send = context.record(send)
+        if allowed:
             await self.app(scope, receive, send)
         else:
-            await self._send_429(context, scope, send, decision)
+            await self._send_429(context, scope, send, retry_after)
 
     async def _send_429(
-        self, context: RequestContext, scope: Scope, send: Send, decision: Decision
+        self, context: RequestContext, scope: Scope, send: Send, retry_after: float
     ) -> None:
         headers = []
-        if math.isfinite(decision.retry_after):
-            retry_after = max(1, math.ceil(decision.retry_after))
-            headers.append((b"retry-after", b"%d" % retry_after))
-            detail = f"Rate limit exceeded; retry in {retry_after} s"
+        if math.isfinite(retry_after):
+            seconds = max(1, math.ceil(retry_after))
+            headers.append((b"retry-after", b"%d" % seconds))
+            detail = f"Rate limit exceeded; retry in {seconds} s"
         else:
             detail = "This request costs more than the rate limit allows"
         await send_error(context, scope, send, 429, detail=detail, headers=headers)

@@ -129,19 +129,13 @@ class GCRA(Strategy):
     ) -> tuple[Decision, State | None, float]:
         if len(rates) == 1:  # the common case, without the loops
             rate = rates[0]
-            tat = state[0] if state and state[0] > now else now
-            new_tat = tat + cost * rate.interval
-            allow_at = new_tat - rate.period
-            if allow_at > now + EPSILON:
-                wait = math.inf if cost > rate.amount else allow_at - now
-                status = RateStatus(
-                    rate, _count(rate.period - (tat - now), rate.interval), tat - now
-                )
-                return Decision(False, (status,), wait), None, 0.0
-            reset_after = new_tat - now
-            remaining = math.floor((rate.period - reset_after) / rate.interval + EPSILON)
+            new_tat, remaining, reset_after, wait = self.decide_one(
+                state[0] if state else None, now, rate, cost
+            )
             # tuple.__new__: what the NamedTuples' own __new__ (a Python function) ends in.
-            status = _new(RateStatus, (rate, remaining if remaining > 0 else 0, reset_after))
+            status = _new(RateStatus, (rate, remaining, reset_after))
+            if new_tat is None:
+                return _new(Decision, (False, (status,), wait)), None, 0.0
             return _new(Decision, (True, (status,), 0.0)), [new_tat], reset_after
         allowed, retry_after = True, 0.0
         tats = []
@@ -165,6 +159,25 @@ class GCRA(Strategy):
         if not allowed:
             return Decision(False, statuses, retry_after), None, 0.0
         return Decision(True, statuses), new_state, max(new_state) - now
+
+    @staticmethod
+    def decide_one(
+        tat: float | None, now: float, rate: Rate, cost: int
+    ) -> tuple[float | None, int, float, float]:
+        """One rate in plain numbers, from its stored TAT (``None``: none stored): the new TAT
+        (``None``: denied, nothing to store), the requests remaining, the seconds until the
+        rate is fully reset and, when denied, the seconds to wait. ``decide`` for one rate,
+        and the memory backend's way around the ``Decision`` objects (``decide_gcra``)."""
+        if tat is None or not tat > now:
+            tat = now
+        new_tat = tat + cost * rate.interval
+        allow_at = new_tat - rate.period
+        if allow_at > now + EPSILON:
+            wait = math.inf if cost > rate.amount else allow_at - now
+            return None, _count(rate.period - (tat - now), rate.interval), tat - now, wait
+        reset_after = new_tat - now
+        remaining = math.floor((rate.period - reset_after) / rate.interval + EPSILON)
+        return new_tat, remaining if remaining > 0 else 0, reset_after, 0.0
 
     lua = (
         _LUA_PRELUDE
@@ -223,6 +236,25 @@ class FixedWindow(Strategy):
         if not allowed:
             return Decision(False, tuple(before), retry_after), None, 0.0
         return Decision(True, tuple(after)), new_state, ttl
+
+    @staticmethod
+    def decide_one(
+        tat: float | None, now: float, rate: Rate, cost: int
+    ) -> tuple[float | None, int, float, float]:
+        """One rate in plain numbers, from its stored TAT (``None``: none stored): the new TAT
+        (``None``: denied, nothing to store), the requests remaining, the seconds until the
+        rate is fully reset and, when denied, the seconds to wait. ``decide`` for one rate,
+        and the memory backend's way around the ``Decision`` objects (``decide_gcra``)."""
+        if tat is None or not tat > now:
+            tat = now
+        new_tat = tat + cost * rate.interval
+        allow_at = new_tat - rate.period
+        if allow_at > now + EPSILON:
+            wait = math.inf if cost > rate.amount else allow_at - now
+            return None, _count(rate.period - (tat - now), rate.interval), tat - now, wait
+        reset_after = new_tat - now
+        remaining = math.floor((rate.period - reset_after) / rate.interval + EPSILON)
+        return new_tat, remaining if remaining > 0 else 0, reset_after, 0.0
 
     lua = (
         _LUA_PRELUDE
