@@ -20,7 +20,7 @@ import sys
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from time import time
-from typing import Generic, TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, values
 from prometheus_client.metrics_core import (
@@ -147,13 +147,19 @@ class Histogram(_Collector[HistogramChild]):
         yield family
 
 
-class CounterChild:
-    """One label set of a ``Counter``."""
+class _Value:
+    """One label set of a counter or a gauge: a number."""
 
     __slots__ = ("value",)
 
     def __init__(self) -> None:
         self.value = 0.0
+
+
+class CounterChild(_Value):
+    """One label set of a ``Counter``."""
+
+    __slots__ = ()
 
     def inc(self, amount: float = 1) -> None:
         if amount < 0:
@@ -161,29 +167,10 @@ class CounterChild:
         self.value += amount
 
 
-class Counter(_Collector[CounterChild]):
-    """A counter: ``labels(*values).inc()``. Named without ``_total``; its sample has it."""
-
-    def _new_child(self) -> CounterChild:
-        return CounterChild()
-
-    def _family(self) -> CounterMetricFamily:
-        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-    def collect(self) -> Iterator[Metric]:
-        family = self._family()
-        for key, child in self._items():
-            family.add_metric(key, child.value)
-        yield family
-
-
-class GaugeChild:
+class GaugeChild(_Value):
     """One label set of a ``Gauge``."""
 
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
+    __slots__ = ()
 
     def inc(self, amount: float = 1) -> None:
         self.value += amount
@@ -192,17 +179,37 @@ class GaugeChild:
         self.value -= amount
 
 
-class Gauge(_Collector[GaugeChild]):
-    """A gauge: ``labels(*values).inc()`` and ``.dec()``."""
+ValueT = TypeVar("ValueT", bound=_Value)
 
-    def _new_child(self) -> GaugeChild:
-        return GaugeChild()
 
-    def _family(self) -> GaugeMetricFamily:
-        return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+class _ValueCollector(_Collector[ValueT]):
+    """A counter or a gauge: one number per label set."""
+
+    family_type: ClassVar[type[CounterMetricFamily] | type[GaugeMetricFamily]]
+
+    def _family(self) -> Metric:
+        return self.family_type(self.name, self.documentation, labels=self.labelnames)
 
     def collect(self) -> Iterator[Metric]:
         family = self._family()
         for key, child in self._items():
-            family.add_metric(key, child.value)
+            family.add_metric(key, child.value)  # type: ignore[attr-defined]
         yield family
+
+
+class Counter(_ValueCollector[CounterChild]):
+    """A counter: ``labels(*values).inc()``. Named without ``_total``; its sample has it."""
+
+    family_type = CounterMetricFamily
+
+    def _new_child(self) -> CounterChild:
+        return CounterChild()
+
+
+class Gauge(_ValueCollector[GaugeChild]):
+    """A gauge: ``labels(*values).inc()`` and ``.dec()``."""
+
+    family_type = GaugeMetricFamily
+
+    def _new_child(self) -> GaugeChild:
+        return GaugeChild()

@@ -237,25 +237,6 @@ class FixedWindow(Strategy):
             return Decision(False, tuple(before), retry_after), None, 0.0
         return Decision(True, tuple(after)), new_state, ttl
 
-    @staticmethod
-    def decide_one(
-        tat: float | None, now: float, rate: Rate, cost: int
-    ) -> tuple[float | None, int, float, float]:
-        """One rate in plain numbers, from its stored TAT (``None``: none stored): the new TAT
-        (``None``: denied, nothing to store), the requests remaining, the seconds until the
-        rate is fully reset and, when denied, the seconds to wait. ``decide`` for one rate,
-        and the memory backend's way around the ``Decision`` objects (``decide_gcra``)."""
-        if tat is None or not tat > now:
-            tat = now
-        new_tat = tat + cost * rate.interval
-        allow_at = new_tat - rate.period
-        if allow_at > now + EPSILON:
-            wait = math.inf if cost > rate.amount else allow_at - now
-            return None, _count(rate.period - (tat - now), rate.interval), tat - now, wait
-        reset_after = new_tat - now
-        remaining = math.floor((rate.period - reset_after) / rate.interval + EPSILON)
-        return new_tat, remaining if remaining > 0 else 0, reset_after, 0.0
-
     lua = (
         _LUA_PRELUDE
         + """
