@@ -71,7 +71,7 @@ class RequestContext:
             layers take the trace id (``None``: no valid span) from here.
         response_headers: headers our layers add to the response (request id, rate limits),
             written by the recording ``send`` (``record``) on whatever response goes out.
-        replaced_header: a header name (lowercase) the application's own values of which are
+        replaced_headers: header names (lowercase) whose values the application set are
             dropped from the response, as ``response_headers`` carries ours.
     """
 
@@ -91,7 +91,7 @@ class RequestContext:
         "exception_logged",
         "rate_limited",
         "recording",
-        "replaced_header",
+        "replaced_headers",
         "request_id",
         "response_ended",
         "response_headers",
@@ -123,7 +123,7 @@ class RequestContext:
         self.envelope_skip = False
         self.recording = False
         self.response_headers: list[tuple[bytes, bytes]] | None = None
-        self.replaced_header: bytes | None = None
+        self.replaced_headers: tuple[bytes, ...] = ()
         self.traced = False
         self.trace_id: str | None = None
         self._route: str | None = None
@@ -159,15 +159,17 @@ class RequestContext:
         Call it before the response starts and send through ``record``: one ``send`` wrapper
         (the outermost layer's) then writes the headers of every layer, on the response the
         client really gets (an error the application raised and a layer outside rendered
-        included). ``replace``: a lowercase header name whose values the application set are
-        dropped first (one per request; the request id's).
+        included). Layers between that wrapper and the caller do not see them. ``replace``: a
+        lowercase header name owned by the caller: values the application set, and values an
+        outer layer registered before (a second request id layer), are dropped.
         """
         if self.response_headers is None:
-            self.response_headers = list(headers)
-        else:
-            self.response_headers.extend(headers)
-        if replace is not None:
-            self.replaced_header = replace
+            self.response_headers = []
+        elif replace is not None:
+            self.response_headers = [h for h in self.response_headers if h[0] != replace]
+        self.response_headers.extend(headers)
+        if replace is not None and replace not in self.replaced_headers:
+            self.replaced_headers = (*self.replaced_headers, replace)
 
     def route(self, scope: Scope) -> str:
         """The route template that handled the request (``/users/{user_id}``), computed once.
@@ -212,11 +214,14 @@ class RequestContext:
 
     def _with_headers(self, start: Message, added: list[tuple[bytes, bytes]]) -> Message:
         headers = start.get("headers", ())
-        replaced = self.replaced_header
-        if replaced is not None:
+        replaced = self.replaced_headers
+        if len(replaced) == 1:
             # Compare lengths before lowering: most headers are skipped without a copy.
-            length = len(replaced)
-            headers = [h for h in headers if len(h[0]) != length or h[0].lower() != replaced]
+            name = replaced[0]
+            length = len(name)
+            headers = [h for h in headers if len(h[0]) != length or h[0].lower() != name]
+        elif replaced:
+            headers = [h for h in headers if h[0].lower() not in replaced]
         return {**start, "headers": [*headers, *added]}
 
 

@@ -60,7 +60,9 @@ class Metrics:
     ``response_body_bytes``, ``exceptions``, ``rate_limit_decisions``, ``startup_checks``,
     ``shutdown_resources``, ``health_check_up``, ``breaker_state``, ``breaker_calls``). The
     six the request path updates are ``asgi_resilience.series`` collectors in a single process
-    with the GIL, prometheus_client's in multiprocess mode; the others always the latter.
+    with the GIL (``labels()`` by position or name, ``remove()``, ``clear()``; children with
+    ``observe``, ``inc``, ``dec``, ``set``), prometheus_client's in multiprocess mode; the
+    others always the latter.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:

@@ -44,7 +44,8 @@ class RequestIdMiddleware(ContextMiddleware):
     with ``on_invalid="reject"``, answered with a 400 error). Writes the same header on every
     response, error responses produced below included. The id is in the request context, in
     ``scope["state"]["request_id"]`` (``request.state.request_id``) and in ``get_request_id()``.
-    Put it outermost, so that every other layer and every log line sees the id.
+    Put it outermost, so that every other layer and every log line sees the id. Under another
+    ``RequestIdMiddleware`` it keeps the id the outer one decided and echoes it in its header.
 
     Args:
         app: the ASGI application.
@@ -89,7 +90,11 @@ class RequestIdMiddleware(ContextMiddleware):
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        request_id = self._incoming(scope) if self.trust_incoming else None
+        if context.request_id is not None:
+            # An outer id layer decided already (one id per request): echo it here too.
+            request_id: str | bytes | None = context.request_id
+        else:
+            request_id = self._incoming(scope) if self.trust_incoming else None
         if request_id is None:
             request_id = self._generate()
         elif isinstance(request_id, bytes):

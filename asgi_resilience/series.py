@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import sys
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from time import time
 from typing import ClassVar, Generic, TypeVar
 
@@ -61,15 +61,31 @@ class _Collector(Generic[ChildT]):
         self._children: dict[tuple[str, ...], ChildT] = {}
         registry.register(self)  # type: ignore[arg-type]
 
-    def labels(self, *label_values: object) -> ChildT:
-        """The child for these label values (strings, or anything ``str()`` makes one)."""
-        if len(label_values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {label_values}")
-        key = tuple(str(value) for value in label_values)
+    def labels(self, *label_values: object, **by_name: object) -> ChildT:
+        """The child for these label values, given in order or by name (strings, or anything
+        ``str()`` makes one), as prometheus_client's ``labels()``."""
+        key = self._key(label_values, by_name)
         child = self._children.get(key)
         if child is None:
             child = self._children.setdefault(key, self._new_child())
         return child
+
+    def remove(self, *label_values: object) -> None:
+        """Forget the child of these label values (its series leaves the exposition)."""
+        self._children.pop(self._key(label_values, {}), None)
+
+    def clear(self) -> None:
+        """Forget every child."""
+        self._children.clear()
+
+    def _key(self, label_values: tuple[object, ...], by_name: dict[str, object]) -> tuple[str, ...]:
+        if by_name:
+            if label_values or set(by_name) != set(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {by_name}")
+            label_values = tuple(by_name[name] for name in self.labelnames)
+        if len(label_values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {label_values}")
+        return tuple(str(value) for value in label_values)
 
     def _new_child(self) -> ChildT:
         raise NotImplementedError  # pragma: no cover - every subclass implements it
@@ -81,8 +97,9 @@ class _Collector(Generic[ChildT]):
         """The metric, without samples: what the registry checks names against."""
         return [self._family()]
 
-    def _items(self) -> list[tuple[tuple[str, ...], ChildT]]:
-        return list(self._children.items())  # a copy: requests may add children meanwhile
+    def _items(self) -> Iterable[tuple[tuple[str, ...], ChildT]]:
+        # A copy made in one step: requests (other threads) may add children meanwhile.
+        return self._children.copy().items()
 
 
 class HistogramChild:
@@ -97,11 +114,12 @@ class HistogramChild:
         self.sum = 0.0
 
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
-        index = bisect_left(self.bounds, amount)  # the first bucket with amount <= le
-        self.counts[index] += 1
         self.sum += amount
-        if exemplar is not None:
-            self.exemplars[index] = Exemplar(exemplar, amount, time())
+        if amount == amount:  # NaN is in no bucket (so not counted), as in prometheus_client
+            index = bisect_left(self.bounds, amount)  # the first bucket with amount <= le
+            self.counts[index] += 1
+            if exemplar is not None:
+                self.exemplars[index] = Exemplar(exemplar, amount, time())
 
 
 class Histogram(_Collector[HistogramChild]):
@@ -177,6 +195,9 @@ class GaugeChild(_Value):
 
     def dec(self, amount: float = 1) -> None:
         self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
 
 
 ValueT = TypeVar("ValueT", bound=_Value)

@@ -157,7 +157,8 @@ def test_max_keys_must_be_positive() -> None:
 @pytest.mark.parametrize("limit", ["5/second", "3/minute", "1/hour", "7/2.5second"])
 def test_the_gcra_fast_path_decides_and_keeps_state_as_the_generic_one(limit: str) -> None:
     # The rate limiter's default (GCRA, one rate) skips the Decision objects: same answers,
-    # same stored state, same evictions and expiries, over a long random run.
+    # same stored state, same evictions and expiries, over a long random run. (Both share
+    # GCRA.decide_one; test_python_and_lua_decide_alike holds that to the Lua script.)
     import random
 
     [rate] = parse_rates(limit)

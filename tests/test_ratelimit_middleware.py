@@ -198,6 +198,26 @@ async def test_long_periods_are_announced_as_integers(
     assert [(q, w) for _, q, w in policy] == quotas
 
 
+@pytest.mark.parametrize("limit", ["10/minute", "10/minute;1000/hour"])
+async def test_a_lowered_limit_never_announces_fewer_than_none_remaining(
+    backend: MemoryBackend, limit: str
+) -> None:
+    # 50 requests counted in this window under yesterday's 50/minute, then a deploy lowers
+    # the limit: the fixed window holds more than the new amount. The headers say 0, the
+    # draft's smallest integer, not -40 (nor a number read from the wrong end of a table).
+    before = RateLimitMiddleware(
+        ok_app, limit="50/minute;1000/hour", strategy="fixed-window", backend=backend
+    )
+    for _ in range(50):
+        assert (await request(before)).status == 200
+    after = RateLimitMiddleware(ok_app, limit=limit, strategy="fixed-window", backend=backend)
+    response = await request(after)
+    assert response.status == 429
+    headers = rate_limit_headers(response)
+    assert headers["state"][0][1] == 0
+    assert headers["legacy"][1] == 0
+
+
 async def test_429_is_a_problem_with_the_request_id(backend: MemoryBackend) -> None:
     app = resilient(ok_app, rate_limit="1/minute", rate_limit_backend=backend)
     async with httpx.AsyncClient(

@@ -289,6 +289,7 @@ async def test_python_and_lua_decide_alike(
     """
     rnd = random.Random(f"parity-{strategy}")
     memory = MemoryBackend(clock=clock)
+    fast = MemoryBackend(clock=clock)  # GCRA with one rate: the middleware's decide_gcra
     client = redis_asyncio.from_url(redis_url)
     lua = RedisBackend(client, prefix=redis_prefix, clock=clock)
     implementation = strategy_for(strategy)
@@ -304,6 +305,11 @@ async def test_python_and_lua_decide_alike(
                 expected = memory.decide_now(implementation, limit, rates, cost)
                 actual = await lua.decide(implementation, limit, rates, cost)
                 assert actual == expected, (limit, step, clock.now, cost)
+                if strategy == "gcra" and len(rates) == 1:  # the fast path, held to Lua too
+                    [status] = actual.statuses
+                    flat = (actual.allowed, status.remaining, status.reset_after)
+                    assert fast.decide_gcra(limit, rates[0], cost) == (*flat, actual.retry_after)
+                    assert fast._entries.get(limit) == memory._entries.get(limit)
                 outcomes.add((expected.allowed, math.isinf(expected.retry_after)))
     finally:
         await client.aclose()

@@ -181,6 +181,23 @@ async def test_response_header_set_by_the_app_is_replaced_not_duplicated() -> No
     assert response.headers["content-type"] == "text/plain"
 
 
+async def test_two_id_layers_answer_with_one_id_each_header() -> None:
+    # A RequestIdMiddleware inside the app and another around it (resilient()): one id per
+    # header name, the one the request was handled with; the app's own value still dropped.
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"x-request-id", b"from-app"), (b"x-correlation-id", b"from-app")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": (get_request_id() or "").encode()})
+
+    same = RequestIdMiddleware(RequestIdMiddleware(app))
+    response = await call(same, http_scope())
+    assert response.header_list("x-request-id") == [response.body.decode()]
+    other = RequestIdMiddleware(RequestIdMiddleware(app, header_name="X-Correlation-ID"))
+    response = await call(other, http_scope())
+    assert response.header_list("x-request-id") == [response.body.decode()]
+    assert response.header_list("x-correlation-id") == [response.body.decode()]
+
+
 async def test_context_variable_is_reset_after_the_request() -> None:
     assert get_request_id() is None
     await call(RequestIdMiddleware(echo_id), http_scope(headers=id_header(b"abc")))

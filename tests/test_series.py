@@ -13,7 +13,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from asgi_resilience import series
 from asgi_resilience.metrics import DURATION_BUCKETS, Metrics
 
-OBSERVATIONS = [0.0, 0.005, 0.0051, 0.3, 1, 9.99, 10, 11, 1e9]
+OBSERVATIONS = [0.0, 0.005, 0.0051, 0.3, 1, 9.99, 10, 11, 1e9, float("inf")]
 
 
 def without_created(text: bytes) -> list[str]:
@@ -35,11 +35,12 @@ def test_histogram_exposition_matches_prometheus_client() -> None:
     for metric in metrics:
         for value in OBSERVATIONS:
             metric.labels("GET", "/items/{item_id}").observe(value)
-        metric.labels("POST", "<unmatched>").observe(0.02)
+        metric.labels(route="<unmatched>", method="POST").observe(0.02)  # by name
+        metric.labels("PUT", "/nan").observe(float("nan"))  # in no bucket; the sum is NaN
     assert without_created(generate_latest(ours_registry)) == without_created(
         generate_latest(theirs_registry)
     )
-    # A value equal to a bound lands in that bucket (le is inclusive), 1e9 only in +Inf.
+    # A value equal to a bound lands in that bucket (le is inclusive), 1e9 and inf only in +Inf.
     assert (
         ours_registry.get_sample_value(
             "demo_metric_bucket", {"method": "GET", "route": "/items/{item_id}", "le": "0.005"}
@@ -50,7 +51,7 @@ def test_histogram_exposition_matches_prometheus_client() -> None:
         ours_registry.get_sample_value(
             "demo_metric_bucket", {"method": "GET", "route": "/items/{item_id}", "le": "10.0"}
         )
-        == len(OBSERVATIONS) - 2
+        == len(OBSERVATIONS) - 3  # all but 11, 1e9 and +inf
     )
 
 
@@ -77,9 +78,13 @@ def test_counter_and_gauge_exposition_match_prometheus_client(kind: str) -> None
         metric.labels("GET", "/a").inc()
         metric.labels("GET", "/a").inc(2.5)
         metric.labels("HEAD", 7).inc()  # label values become str
+    for metric in metrics:
+        metric.labels("GONE", "/x").inc()
+        metric.remove("GONE", "/x")
     if kind == "Gauge":
         for metric in metrics:
             metric.labels("GET", "/a").dec()
+            metric.labels("SET", "/b").set(7)
     assert without_created(generate_latest(ours_registry)) == without_created(
         generate_latest(theirs_registry)
     )
@@ -92,6 +97,11 @@ def test_bad_use_is_refused_as_prometheus_client_refuses_it() -> None:
         counter.labels("a").inc(-1)
     with pytest.raises(ValueError, match="expected labels"):
         counter.labels("a", "b")
+    with pytest.raises(ValueError, match="expected labels"):
+        counter.labels(sort="a")
+    counter.labels("a").inc()
+    counter.clear()
+    assert registry.get_sample_value("things_total", {"kind": "a"}) is None
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         series.Counter("things", "Again.", ["kind"], registry=registry)
     with pytest.raises(ValueError, match="Duplicated timeseries"):

@@ -68,7 +68,7 @@ class _Policy:
         if len(statuses) == 1:  # one rate, the common case: no joins, no search
             return self.one_rate_headers(statuses[0].remaining, statuses[0].reset_after)
         state = b", ".join(
-            b"%s%d;t=%d" % (prefix, status.remaining, math.ceil(status.reset_after))
+            b"%s%d;t=%d" % (prefix, _whole(status.remaining), _whole(status.reset_after, up=True))
             for prefix, status in zip(self.state_prefixes, statuses, strict=True)
         )
         tightest = decision.tightest
@@ -76,13 +76,14 @@ class _Policy:
             (b"ratelimit-policy", self.policy_header),
             (b"ratelimit", state),
             (b"x-ratelimit-limit", b"%d" % tightest.rate.amount),
-            (b"x-ratelimit-remaining", b"%d" % tightest.remaining),
-            (b"x-ratelimit-reset", b"%d" % math.ceil(tightest.reset_after)),
+            (b"x-ratelimit-remaining", b"%d" % _whole(tightest.remaining)),
+            (b"x-ratelimit-reset", b"%d" % _whole(tightest.reset_after, up=True)),
         ]
 
     def one_rate_headers(self, remaining: int, reset_after: float) -> list[tuple[bytes, bytes]]:
         """``headers`` for a policy of one rate, from its numbers."""
-        reset = math.ceil(reset_after)
+        remaining = int(remaining) if remaining > 0 else 0  # see _whole
+        reset = math.ceil(reset_after) if reset_after > 0 else 0
         remaining_text = _DIGITS[remaining] if remaining < _CACHED_DIGITS else b"%d" % remaining
         reset_text = _DIGITS[reset] if reset < _CACHED_DIGITS else b"%d" % reset
         return [
@@ -92,6 +93,14 @@ class _Policy:
             (b"x-ratelimit-remaining", remaining_text),
             (b"x-ratelimit-reset", reset_text),
         ]
+
+
+def _whole(number: float, *, up: bool = False) -> int:
+    """A header's count or seconds: whole (a custom backend may answer floats), never negative
+    (a window counted under a higher limit than today's leaves fewer than none remaining)."""
+    if number <= 0:
+        return 0
+    return math.ceil(number) if up else int(number)
 
 
 class RateLimitMiddleware(ContextMiddleware):
@@ -106,7 +115,9 @@ class RateLimitMiddleware(ContextMiddleware):
     Writes on every limited response ``RateLimit-Policy`` (``"100-per-60s";q=100;w=60``) and
     ``RateLimit`` (``"100-per-60s";r=42;t=17``) per the IETF draft, the legacy
     ``X-RateLimit-Limit/-Remaining/-Reset`` (seconds) of the tightest rate and, on 429, a
-    ``Retry-After`` of at least the real wait (and at least 1 s). The 429 body is in the stack's
+    ``Retry-After`` of at least the real wait (and at least 1 s). The headers are written where
+    the response leaves the outermost of our layers (``RequestContext.add_response_headers``),
+    so they are also on errors a layer outside renders. The 429 body is in the stack's
     error shape. Reads the forwarding header (``X-Forwarded-For`` by default; see
     ``TrustedProxies``) only from ``trusted_proxies`` (the resolved address is stored in the
     request context, shared with the access log). IPv6 clients are keyed per
