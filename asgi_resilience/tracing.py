@@ -98,12 +98,10 @@ class TracingMiddleware(ContextMiddleware):
         self._next_check = -math.inf
 
     def _enabled(self) -> bool:
-        """Is there an SDK to record spans? Known for good once it is: a global provider is
-        set once per process. Until then asked at most every ``_PROVIDER_RECHECK`` seconds,
-        as ``get_tracer_provider()`` reads the environment on each call (a provider set up
-        after the first request is used from the next check on)."""
-        if self._sdk:
-            return True
+        """Is there an SDK to record spans (asked while ``_sdk`` is false)? Known for good
+        once it is: a global provider is set once per process. Until then asked at most every
+        ``_PROVIDER_RECHECK`` seconds, as ``get_tracer_provider()`` reads the environment on
+        each call (a provider set up after the first request is used from the next check on)."""
         if self.tracer_provider is None:
             now = monotonic()
             if now < self._next_check:
