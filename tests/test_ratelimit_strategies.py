@@ -316,6 +316,26 @@ async def test_python_and_lua_decide_alike(
     assert outcomes == {(True, False), (False, False), (False, True)}
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_state_stored_for_fewer_rates_counts_for_those_rates(
+    strategy: StrategyName, clock: FakeClock
+) -> None:
+    # Two limiters sharing a MemoryBackend and a bucket with different limits: the stored
+    # numbers cover fewer rates than the policy has. The rates they cover keep their counts,
+    # the others start afresh, as the Lua scripts read missing numbers (Redis keys name the
+    # rates, so there it cannot happen). It used to raise IndexError.
+    memory = MemoryBackend(clock=clock)
+    implementation = strategy_for(strategy)
+    for _ in range(2):
+        assert memory.decide_now(implementation, "k", parse_rates("3/second"), 1).allowed
+    clock.advance(0.25)
+    rates = parse_rates("3/second;5/minute")
+    admitted = memory.decide_now(implementation, "k", rates, 1)
+    assert admitted.allowed
+    assert remaining(admitted) == [0, 4]
+    assert not memory.decide_now(implementation, "k", rates, 1).allowed
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -140,8 +140,10 @@ class GCRA(Strategy):
         allowed, retry_after = True, 0.0
         tats = []
         new_state: State = []
+        state = _padded(state, len(rates))
         for index, rate in enumerate(rates):
-            tat = max(state[index] if state else now, now)
+            stored = state[index] if state else now
+            tat = stored if stored > now else now  # NaN (nothing stored) is no TAT
             new_tat = tat + cost * rate.interval
             allow_at = new_tat - rate.period
             if allow_at > now + EPSILON:
@@ -220,6 +222,7 @@ class FixedWindow(Strategy):
         allowed, retry_after, ttl = True, 0.0, 0.0
         new_state: State = []
         before, after = [], []
+        state = _padded(state, 2 * len(rates))
         for index, rate in enumerate(rates):
             window = math.floor(now / rate.period)
             count = 0.0
@@ -278,6 +281,7 @@ class SlidingWindow(Strategy):
         allowed, retry_after, ttl = True, 0.0, 0.0
         new_state: State = []
         before, after = [], []
+        state = _padded(state, 3 * len(rates))
         for index, rate in enumerate(rates):
             amount, period = rate.amount, rate.period
             window = math.floor(now / period)
@@ -368,6 +372,14 @@ def _sliding_wait(rate: Rate, elapsed: float, previous: float, current: float, c
     # In the next window the current count becomes the previous one and decays in turn.
     later = max(0.0, period * (1 - (amount - cost) / current)) if current > 0 else 0.0
     return (period - elapsed) + later
+
+
+def _padded(state: Sequence[float] | None, length: int) -> Sequence[float] | None:
+    """``state`` with NaN for the numbers it lacks (stored when the policy had fewer rates):
+    NaN equals no window and exceeds no time, as the Lua scripts treat a missing number."""
+    if state is None or len(state) >= length:
+        return state
+    return [*state, *[math.nan] * (length - len(state))]
 
 
 def _count(capacity: float, unit: float) -> int:
