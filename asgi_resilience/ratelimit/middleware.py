@@ -44,8 +44,10 @@ class _Policy:
     policy_header: bytes
     state_prefixes: tuple[bytes, ...]
     ip_prefix: str  # the key of a client address, without the address
-    policy_pair: tuple[bytes, bytes] = field(init=False)  # the constant headers, built once
-    limit_pair: tuple[bytes, bytes] = field(init=False)  # (the first rate's: one rate)
+    # Headers that never change, built once: RateLimit-Policy, and the legacy limit of a
+    # policy of one rate (with several, the tightest rate's is announced per request).
+    policy_pair: tuple[bytes, bytes] = field(init=False)
+    limit_pair: tuple[bytes, bytes] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy_pair", (b"ratelimit-policy", self.policy_header))
