@@ -7,8 +7,9 @@ a value and writing it back, which the GIL never interrupts (it hands over only 
 loop edges), so concurrent updates from several threads still add up. ``Metrics`` uses these
 only where that holds and where prometheus_client's own storage is not needed: in a single
 process (multiprocess mode keeps its values in prometheus_client's files) with the GIL enabled;
-otherwise it uses prometheus_client's classes, whose interface these follow (``labels()``,
-``observe()``, ``inc()``, ``dec()``). Each is a collector: the registry renders it with
+otherwise it uses prometheus_client's classes, whose interface these follow as far as the
+stack needs it (``labels()``, ``remove()``, ``clear()``; ``observe()``, ``inc()``, ``dec()``,
+``set()``). Each is a collector: the registry renders it with
 prometheus_client's exposition, text format and OpenMetrics alike (exemplars included). No
 ``_created`` series are written, as in prometheus_client's multiprocess mode.
 """
