@@ -268,12 +268,8 @@ class RateLimitMiddleware(ContextMiddleware):
         context.rate_limited = not allowed
         self._outcomes[policy.bucket][0 if allowed else 1].inc()
         # On whatever response goes out: the app's, a 429, an error rendered outside.
-        if context.response_headers is None:
-            context.response_headers = headers
-        else:
-            context.response_headers += headers
-        if not context.recording:
-            send = context.record(send)
+        context.add_response_headers(headers)
+        send = context.record(send)
         if allowed:
             await self.app(scope, receive, send)
         else:
