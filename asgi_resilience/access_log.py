@@ -26,8 +26,9 @@ class AccessLogMiddleware(ContextMiddleware):
     Handles ``http`` scopes; others pass through. The record's message reads
     ``GET /items/1 200 3.1ms``; its ``extra`` fields are ``request_id, method, path, route,
     status, duration_ms, ttfb_ms, bytes_sent, client, user_agent, http_version``, plus
-    ``trace_id`` (a span is active), ``rate_limited`` (a rate limiter decided), ``error`` (the
-    exception type, when one was raised), ``disconnected`` (the response never completed: the
+    ``trace_id`` (a span is active), ``rate_limited`` (a rate limiter decided: ``true``,
+    ``false``, or ``"error"`` when its backend failed), ``error`` (the exception type, when one
+    was raised), ``disconnected`` (the response never completed: the
     client went away; ``status`` is then only what was really sent, or ``None``) and ``query``
     (only with ``include_query``, the query string may carry personal data).
 

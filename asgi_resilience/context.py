@@ -115,7 +115,7 @@ class RequestContext:
         self.exception: BaseException | None = None
         self.exception_logged: BaseException | None = None
         self.disconnected = False
-        self.rate_limited: bool | None = None
+        self.rate_limited: bool | Literal["error"] | None = None
         self.error_format: ErrorFormat | None = None
         self.error_rendered = False
         self.debug = False

@@ -19,14 +19,12 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as redis_asyncio
-from redis.asyncio.connection import Connection
 
 from asgi_resilience import resilient
 from asgi_resilience.ratelimit import (
@@ -36,6 +34,7 @@ from asgi_resilience.ratelimit import (
     parse_rates,
     strategy_for,
 )
+from asgi_resilience.ratelimit.pipe import Pipe
 from asgi_resilience.ratelimit.redis import RedisBackend
 from asgi_resilience.types import ASGIApp, Receive, Scope, Send
 from tests.asgi import Response, call, http_scope
@@ -77,75 +76,89 @@ async def request(app: ASGIApp, peer: str = "203.0.113.5", **headers: str) -> Re
 # --- one round trip, NOSCRIPT ---------------------------------------------------------------------
 
 
-class Wire:
-    """Every command our connections send, by name, and every reply they read."""
+async def command_calls(client: redis_asyncio.Redis) -> collections.Counter[str]:
+    """Redis' own count of the commands it ran, by name (``INFO commandstats``)."""
+    stats = await client.info("commandstats")
+    return collections.Counter(
+        {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+    )
+
+
+class Writes:
+    """How many writes our connections make (each carries every command of one loop turn)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.commands: list[str] = []
-        self.replies = 0
-        send_packed_command = Connection.send_packed_command
-        read_response = Connection.read_response
+        self.count = 0
+        flush = Pipe._flush
 
-        async def counting_send(
-            connection: Connection, command: bytes | str | Iterable[bytes], *args: Any, **kw: Any
-        ) -> None:
-            packed = command.encode() if isinstance(command, str) else command
-            data = packed if isinstance(packed, bytes) else b"".join(packed)
-            self.commands.append(data.split(b"\r\n")[2].decode().upper())
-            await send_packed_command(connection, command, *args, **kw)
+        def counting_flush(pipe: Pipe) -> None:
+            self.count += 1
+            flush(pipe)
 
-        async def counting_read(connection: Connection, *args: Any, **kw: Any) -> Any:
-            self.replies += 1
-            return await read_response(connection, *args, **kw)
-
-        monkeypatch.setattr(Connection, "send_packed_command", counting_send)
-        monkeypatch.setattr(Connection, "read_response", counting_read)
-
-    def reset(self) -> None:
-        self.commands.clear()
-        self.replies = 0
+        monkeypatch.setattr(Pipe, "_flush", counting_flush)
 
 
 @ASYNCIO_ONLY
 async def test_one_round_trip_per_decision(
-    client: redis_asyncio.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+    client: redis_asyncio.Redis, redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    wire = Wire(monkeypatch)
     backends = [
-        RedisBackend(client, prefix=prefix, clock=FakeClock(T0)),
-        RedisBackend(client, prefix=prefix),  # Redis' own clock: TIME inside the script
+        RedisBackend.from_url(redis_url, prefix=prefix, clock=FakeClock(T0)),
+        RedisBackend.from_url(redis_url, prefix=prefix),  # Redis' clock: TIME in the script
     ]
+    try:
+        await round_trips_of(backends, client, monkeypatch)
+    finally:
+        for backend in backends:
+            await backend.aclose()
+
+
+async def round_trips_of(
+    backends: list[RedisBackend], client: redis_asyncio.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rates = parse_rates("10/second;1000/hour")
     for backend in backends:
-        for name in STRATEGIES:  # the first decision connects and may load the script
+        for name in STRATEGIES:  # the first decision connects and loads the scripts
             assert (await backend.decide(strategy_for(name), "warm-up", rates, 1)).allowed
-    wire.reset()
+    writes = Writes(monkeypatch)
+    before = await command_calls(client)
     decisions = 0
     for index, backend in enumerate(backends):
         for name in STRATEGIES:
             for n in range(5):
                 await backend.decide(strategy_for(name), f"{index}-client-{n % 2}", rates, 1 + n)
                 decisions += 1
-    assert wire.commands == ["EVALSHA"] * decisions
-    assert wire.replies == decisions
+    ran = await command_calls(client) - before
+    assert ran["evalsha"] == decisions
+    assert not {"eval", "script|load"} & set(ran)
+    assert writes.count == decisions
+    # Concurrent decisions share writes: a burst of 1,000 is one EVALSHA each, in a few writes.
+    writes.count, before = 0, await command_calls(client)
+    gcra = strategy_for("gcra")
+    await asyncio.gather(*(backends[1].decide(gcra, f"c{i}", rates, 1) for i in range(1000)))
+    assert (await command_calls(client) - before)["evalsha"] == 1000
+    assert writes.count <= 3
 
 
 @ASYNCIO_ONLY
-async def test_noscript_is_reloaded(
-    client: redis_asyncio.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+async def test_a_lost_script_is_run_by_eval_in_the_same_decision(
+    client: redis_asyncio.Redis, redis_url: str, prefix: str
 ) -> None:
-    wire = Wire(monkeypatch)
-    backend = RedisBackend(client, prefix=prefix, clock=FakeClock(T0))
+    backend = RedisBackend.from_url(redis_url, prefix=prefix, clock=FakeClock(T0))
     gcra, rates = strategy_for("gcra"), parse_rates("3/minute")
-    assert (await backend.decide(gcra, "client", rates, 1)).statuses[0].remaining == 2
-    await client.script_flush()  # the server forgets every script (a restart, a failover)
-    wire.reset()
-    decision = await backend.decide(gcra, "client", rates, 1)
-    assert decision.allowed and decision.statuses[0].remaining == 1  # state kept, script back
-    assert wire.commands == ["EVALSHA", "SCRIPT", "EVALSHA"]  # NOSCRIPT, SCRIPT LOAD, again
-    wire.reset()
-    assert (await backend.decide(gcra, "client", rates, 1)).statuses[0].remaining == 0
-    assert wire.commands == ["EVALSHA"]
+    try:
+        assert (await backend.decide(gcra, "client", rates, 1)).statuses[0].remaining == 2
+        await client.script_flush()  # the server forgets every script (a restart, a failover)
+        before = await command_calls(client)
+        decision = await backend.decide(gcra, "client", rates, 1)
+        assert decision.allowed and decision.statuses[0].remaining == 1  # state kept
+        assert (await command_calls(client) - before)["eval"] == 1
+        before = await command_calls(client)
+        assert (await backend.decide(gcra, "client", rates, 1)).statuses[0].remaining == 0
+        ran = await command_calls(client) - before
+        assert ran["evalsha"] == 1 and "eval" not in ran  # EVAL cached it again
+    finally:
+        await backend.aclose()
 
 
 # --- keys ----------------------------------------------------------------------------------------
@@ -177,6 +190,29 @@ async def test_keys_are_prefixed_hashed_and_expire(
     assert backend.key_for(strategy_for("gcra"), address, parse_rates("5/minute")).startswith(
         prefix
     )
+    await backend.aclose()
+
+
+@ASYNCIO_ONLY
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_the_order_rates_are_written_in_changes_neither_key_nor_budget(
+    redis_url: str, prefix: str, strategy: StrategyName
+) -> None:
+    backend = RedisBackend.from_url(redis_url, prefix=prefix, clock=FakeClock(T0))
+    algorithm = strategy_for(strategy)
+    written = [parse_rates("3/minute;100/hour"), parse_rates("100/hour , 3/minute")]
+    assert backend.key_for(algorithm, "k", written[0]) == backend.key_for(
+        algorithm, "k", written[1]
+    )
+    try:
+        decisions = [await backend.decide(algorithm, "k", written[i % 2], 1) for i in range(4)]
+    finally:
+        await backend.aclose()
+    assert [d.allowed for d in decisions] == [True, True, True, False]  # one budget of 3
+    # Each decision reports its rates in the order they were written.
+    assert [s.rate.amount for s in decisions[1].statuses] == [100, 3]
+    assert [s.remaining for s in decisions[2].statuses] == [0, 97]
+    assert [s.remaining for s in decisions[3].statuses] == [97, 0]
 
 
 @ASYNCIO_ONLY
@@ -194,6 +230,7 @@ async def test_redis_time_is_used_without_a_clock(client: redis_asyncio.Redis, p
     backend = RedisBackend(client, prefix=prefix)
     gcra, rates = strategy_for("gcra"), parse_rates("3/minute")
     decisions = [await backend.decide(gcra, "client", rates, 1) for _ in range(4)]
+    await backend.aclose()
     assert [d.allowed for d in decisions] == [True, True, True, False]
     assert [d.statuses[0].remaining for d in decisions] == [2, 1, 0, 0]
     assert decisions[3].retry_after == pytest.approx(20, abs=1)  # seconds on Redis' clock
@@ -220,7 +257,7 @@ DECIDING_PROCESS = textwrap.dedent(
             *(backend.decide(algorithm, "everyone", rates, 1) for _ in range(100))
         )
         print(sum(decision.allowed for decision in decisions), flush=True)
-        await client.aclose()
+        await backend.aclose()
 
     asyncio.run(main(*sys.argv[1:4]))
     """

@@ -55,11 +55,11 @@ async def backend(
         return
     url: str = request.getfixturevalue("redis_url")
     prefix: str = request.getfixturevalue("redis_prefix")
-    client = redis_asyncio.from_url(url)
+    backend = RedisBackend(redis_asyncio.from_url(url), prefix=prefix, clock=clock)
     try:
-        yield RedisBackend(client, prefix=prefix, clock=clock)
+        yield backend
     finally:
-        await client.aclose()
+        await backend.aclose()  # its connections and the client
 
 
 async def decide(
@@ -312,7 +312,7 @@ async def test_python_and_lua_decide_alike(
                     assert fast._entries.get(limit) == memory._entries.get(limit)
                 outcomes.add((expected.allowed, math.isinf(expected.retry_after)))
     finally:
-        await client.aclose()
+        await lua.aclose()
     assert outcomes == {(True, False), (False, False), (False, True)}
 
 

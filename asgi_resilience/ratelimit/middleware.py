@@ -212,7 +212,10 @@ class RateLimitMiddleware(ContextMiddleware):
             )
             for policy in (*self.policies, self.default_policy)
         }
+        self.decide_within = getattr(self.backend, "decide_within", None)
         self.backend_errors = 0
+        self._unreported_errors = 0
+        self._last_error: Exception | None = None
         self._last_error_log = -math.inf
         self.uniform = not (
             self.policies or self.exempting or self.proxies.networks or callable(cost)
@@ -248,12 +251,17 @@ class RateLimitMiddleware(ContextMiddleware):
                 )
             elif self.memory is not None:  # nothing to wait for: no coroutine, no timeout
                 decision = self.memory.decide_now(self.strategy, key, rates, cost)
+            elif self.decide_within is not None:  # bounds its own wait for the backend
+                decision = await self.decide_within(
+                    self.backend_timeout, self.strategy, key, rates, cost
+                )
             else:
                 with anyio.fail_after(self.backend_timeout):
                     decision = await self.backend.decide(self.strategy, key, rates, cost)
         except Exception as exc:
             self._outcomes[policy.bucket][2].inc()
             self._report_backend_error(exc)
+            context.rate_limited = "error"
             if self.deny_on_error:
                 detail = "Rate limiting is unavailable"
                 await send_error(context, scope, send, 503, detail=detail)
@@ -266,6 +274,8 @@ class RateLimitMiddleware(ContextMiddleware):
             allowed, retry_after = decision.allowed, decision.retry_after
             headers = policy.headers(decision)
         context.rate_limited = not allowed
+        if self._unreported_errors:  # failures held back by the warning's interval
+            self._report_backend_error(None)
         self._outcomes[policy.bucket][0 if allowed else 1].inc()
         # On whatever response goes out: the app's, a 429, an error rendered outside.
         context.add_response_headers(headers)
@@ -325,17 +335,31 @@ class RateLimitMiddleware(ContextMiddleware):
             return 1
         return max(1, cost)
 
-    def _report_backend_error(self, exc: Exception) -> None:
-        self.backend_errors += 1
+    def _report_backend_error(self, exc: Exception | None) -> None:
+        """Count a failed decision (``exc``) and warn at most once per 10 s, with the number of
+        failures since the previous warning: the first failure at once, the ones held back
+        with the next decision after the interval (failed or not), so none goes unreported."""
+        if exc is not None:
+            self.backend_errors += 1
+            self._unreported_errors += 1
+            self._last_error = exc
         now = monotonic()
-        if now - self._last_error_log >= _ERROR_LOG_INTERVAL:
-            self._last_error_log = now
-            self.logger.warning(
-                "Rate limit backend failed (%d failures so far), %s: %s",
-                self.backend_errors,
-                "denying" if self.deny_on_error else "allowing",
-                "timed out" if isinstance(exc, TimeoutError) else repr(exc),
-            )
+        if now - self._last_error_log < _ERROR_LOG_INTERVAL:
+            return
+        failures, self._unreported_errors = self._unreported_errors, 0
+        since = (
+            "" if self._last_error_log == -math.inf else f" in {now - self._last_error_log:.0f} s"
+        )
+        self._last_error_log = now
+        error = self._last_error
+        self.logger.warning(
+            "Rate limit backend failed %d time%s%s, %s; last error: %s",
+            failures,
+            "" if failures == 1 else "s",
+            since,
+            "denying" if self.deny_on_error else "allowing",
+            "timed out" if isinstance(error, TimeoutError) else str(error) or repr(error),
+        )
 
 
 def _route_matcher(route: str) -> Callable[[str], bool]:

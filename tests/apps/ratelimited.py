@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import os
 
-import redis.asyncio as redis_asyncio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from asgi_resilience import Lifespan, resilient
-from asgi_resilience.ratelimit import RateLimitMiddleware
 from asgi_resilience.ratelimit.redis import RedisBackend
 from asgi_resilience.types import Message, Receive, Scope, Send
 
@@ -25,27 +23,21 @@ async def hello(request: Request) -> PlainTextResponse:
     return PlainTextResponse("hello")
 
 
-# A pool that waits for a free connection: redis-py's default one fails at once beyond 100
-# connections in use, and a burst of more concurrent requests per worker would then fail.
-pool = redis_asyncio.BlockingConnectionPool.from_url(
-    os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"), max_connections=32
-)
-backend = RedisBackend(
-    redis_asyncio.Redis.from_pool(pool),
+# The defaults a production user has: a URL, the default timeout; only the key prefix is the
+# test's own. ``RATE_LIMIT_ON_ERROR=deny`` makes any backend failure visible as a 503.
+backend = RedisBackend.from_url(
+    os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
     prefix=os.environ.get("RATE_LIMIT_PREFIX", "test:asgi_resilience:served:"),
 )
 lifespan = Lifespan()
 lifespan.add_resource("redis", backend.aclose, timeout=2)
+lifespan.add_check("redis", backend.ping, timeout=2)
 limited = resilient(
-    RateLimitMiddleware(
-        Starlette(routes=[Route("/", hello)]),
-        limit=os.environ.get("RATE_LIMIT", "100/day"),
-        backend=backend,
-        # Under a burst the decisions queue behind each other; a failure must never admit.
-        backend_timeout=5,
-        on_backend_error="deny",
-    ),
+    Starlette(routes=[Route("/", hello), Route("/items/{item_id}", hello)]),
     lifespan=lifespan,
+    rate_limit=os.environ.get("RATE_LIMIT", "100/day"),
+    rate_limit_backend=backend,
+    rate_limit_on_backend_error="deny" if os.environ.get("RATE_LIMIT_ON_ERROR") else "allow",
 )
 
 
