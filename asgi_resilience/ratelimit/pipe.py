@@ -154,8 +154,10 @@ class Pipe(asyncio.Protocol):
     def _check(self) -> None:
         """The stall timer: fail everything owed if Redis has been silent too long."""
         self._timer = None
-        if not self._pending or self.error is not None or self.stalled_at is not None:
+        if self.error is not None or self.stalled_at is not None:
             return
+        if len(self._pending) == len(self._out):
+            return  # nothing written is owed; what is not sent yet arms the timer when it is
         deadline = self._heard + self._pending[0][1]
         now = time.monotonic()
         if now < deadline:

@@ -67,9 +67,11 @@ class _Link:
         self._retry_at = -math.inf
         self._error: BackendError | None = None
 
-    async def get(self, timeout: float) -> Pipe:
+    async def get(self, timeout: float, *, wait: bool = False) -> Pipe:
         """A usable pipe; ``call`` sites check ``self.pipe`` first and come here only when it
-        is missing, lost, stalled or from another event loop."""
+        is missing, lost, stalled or from another event loop. Only the first connection (and
+        a ``wait``: the startup ping) is waited for: after a failure the next one is opened in
+        the background while decisions fail at once, so none waits on a server that failed."""
         loop = asyncio.get_running_loop()
         pipe = self.pipe
         if pipe is not None and pipe.loop is loop and pipe.error is None:
@@ -78,12 +80,16 @@ class _Link:
             if time.monotonic() - pipe.stalled_at < _GIVE_UP:
                 raise BackendError(f"Redis at {pipe.address} is not answering")
             pipe.close()  # silent too long: a half-open connection, or a server still stopped
+        first = self._error is None and (pipe is None or pipe.loop is not loop)
         opening = self._opening
         if opening is None or opening.get_loop() is not loop:
             if time.monotonic() < self._retry_at and self._error is not None:
                 raise self._error  # one connection attempt per interval, not one per request
             opening = self._opening = loop.create_task(self._open(timeout))
             opening.add_done_callback(_retrieve)
+        if not (first or wait):
+            lost = self._error or (pipe.error if pipe is not None else None)
+            raise BackendError(f"reconnecting to Redis ({lost or 'the connection was lost'})")
         return await asyncio.shield(opening)
 
     async def _open(self, timeout: float) -> Pipe:
@@ -99,7 +105,7 @@ class _Link:
             raise
         finally:
             self._opening = None
-        self.pipe = pipe
+        self.pipe, self._error = pipe, None
         return pipe
 
     def close(self) -> None:
@@ -119,10 +125,10 @@ def _retrieve(task: asyncio.Task[Pipe]) -> None:
         task.exception()
 
 
-async def _call(link: _Link, command: bytes, timeout: float) -> Any:
+async def _call(link: _Link, command: bytes, timeout: float, *, wait: bool = False) -> Any:
     pipe = link.pipe
     if pipe is None or not pipe.usable or pipe.loop is not asyncio.get_running_loop():
-        pipe = await link.get(timeout)
+        pipe = await link.get(timeout, wait=wait)
     return await pipe.call(command, timeout)
 
 
@@ -139,8 +145,10 @@ class _Single:
     def __init__(self, link: _Link) -> None:
         self.link = link
 
-    async def call(self, slot_tag: bytes, command: bytes, timeout: float) -> Any:
-        reply = await _call(self.link, command, timeout)
+    async def call(
+        self, slot_tag: bytes, command: bytes, timeout: float, *, wait: bool = False
+    ) -> Any:
+        reply = await _call(self.link, command, timeout, wait=wait)
         if isinstance(reply, ReplyError):
             text = str(reply)
             if text.startswith(("MOVED ", "ASK ")):
@@ -150,7 +158,7 @@ class _Single:
         return reply
 
     async def ping(self, timeout: float) -> None:
-        info = await self.call(b"", pack(b"INFO", b"cluster"), timeout)
+        info = await self.call(b"", pack(b"INFO", b"cluster"), timeout, wait=True)
         if isinstance(info, bytes) and b"cluster_enabled:1" in info:
             raise _WrongKind(_CLUSTER_NODE)
         if isinstance(info, ReplyError):
@@ -228,7 +236,8 @@ class _Cluster:
             errors = []
             for address in dict.fromkeys(known):
                 try:
-                    reply = await _call(self.link(address), pack(b"CLUSTER", b"SLOTS"), timeout)
+                    link = self.link(address)
+                    reply = await _call(link, pack(b"CLUSTER", b"SLOTS"), timeout, wait=True)
                 except BackendError as exc:
                     errors.append(str(exc))
                     continue
@@ -246,7 +255,7 @@ class _Cluster:
         self.slots = None
         slots = await self.load(timeout)
         for address in dict.fromkeys(slots):
-            reply = await _call(self.link(address), pack(b"PING"), timeout)
+            reply = await _call(self.link(address), pack(b"PING"), timeout, wait=True)
             if isinstance(reply, ReplyError):
                 raise BackendError(f"Redis Cluster node {address} refused PING: {reply}")
 
