@@ -55,7 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_env_file(args.env_file)
         if args.command == "run":
             return run(
-                args.target, args.host, args.port, args.workers, args.log_level, args.plain_logs
+                args.target,
+                args.host,
+                args.port,
+                args.workers,
+                args.log_level,
+                args.plain_logs,
+                uds=args.uds,
             )
         if args.command == "check":
             return check(args.target)
@@ -80,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--port", type=int, default=8000)
         sub.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     run_parser.add_argument("--workers", type=int, default=1)
+    run_parser.add_argument(
+        "--uds",
+        metavar="PATH",
+        help="listen on this unix socket instead of --host/--port (a proxy in front); its "
+        "peers are then trusted proxies (ASGI_RESILIENCE_TRUSTED_PROXIES=unix unless set)",
+    )
     run_parser.add_argument(
         "--plain-logs", action="store_true", help="human-readable log lines instead of JSON"
     )
@@ -161,20 +173,38 @@ def worker_app() -> ResilientApp:
     return _wrapped(os.environ[_TARGET_VARIABLE])
 
 
-def run(target: str, host: str, port: int, workers: int, log_level: str, plain: bool) -> int:
-    """Serve ``target`` with uvicorn until SIGTERM or SIGINT; 0 after a graceful stop."""
+def run(
+    target: str,
+    host: str,
+    port: int,
+    workers: int,
+    log_level: str,
+    plain: bool,
+    uds: str | None = None,
+) -> int:
+    """Serve ``target`` with uvicorn until SIGTERM or SIGINT; 0 after a graceful stop.
+
+    uvicorn's own forwarding-header handling (``proxy_headers``) is off: it would rewrite the
+    client address from ``X-Forwarded-For`` sent by any local peer, and ``trusted_proxies`` is
+    the one authority on it. With ``uds`` the service listens on a unix socket, whose peers
+    (the proxy in front) are trusted unless ``ASGI_RESILIENCE_TRUSTED_PROXIES`` says otherwise.
+    """
     uvicorn = _uvicorn()
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
-    _ensure_port_free(host, port)
-    configure_logging(log_level, plain=plain)
     options: dict[str, Any] = {
-        "host": host,
-        "port": port,
         "log_config": None,
         "access_log": False,  # ours is better: one structured record per request
         "log_level": log_level,
+        "proxy_headers": False,
     }
+    if uds is None:
+        _ensure_port_free(host, port)
+        options.update(host=host, port=port)
+    else:
+        options["uds"] = uds
+        os.environ.setdefault("ASGI_RESILIENCE_TRUSTED_PROXIES", "unix")
+    configure_logging(log_level, plain=plain)
     # uvicorn re-raises the SIGTERM it handled once it has stopped gracefully; a handler of
     # our own receives it, so the process can report a clean stop with exit code 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

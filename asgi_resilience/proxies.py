@@ -37,7 +37,9 @@ class TrustedProxies:
 
     Args:
         proxies: IP addresses and CIDR networks (``"10.0.0.0/8"``, ``"::1"``) of the proxies
-            in front of the service. Empty: forwarding headers are ignored.
+            in front of the service, and ``"unix"`` for a peer on a unix socket (nginx in
+            front of ``uvicorn --uds``: servers report such a peer without an address). Empty:
+            forwarding headers are ignored.
         header: ``"x-forwarded-for"`` (nginx, HAProxy, cloud load balancers) or
             ``"forwarded"`` (RFC 7239).
 
@@ -57,12 +59,17 @@ class TrustedProxies:
             raise ValueError(f"header must be 'x-forwarded-for' or 'forwarded', got {header!r}")
         self.header = header.encode()
         networks: list[IPNetwork] = []
+        self.unix = False
         for proxy in proxies:
+            if proxy.strip().lower() == "unix":
+                self.unix = True
+                continue
             try:
                 networks.append(ipaddress.ip_network(proxy.strip(), strict=False))
             except ValueError:
                 raise ValueError(
-                    f"trusted_proxies entries must be IP addresses or CIDR networks, got {proxy!r}"
+                    "trusted_proxies entries must be IP addresses, CIDR networks or 'unix', "
+                    f"got {proxy!r}"
                 ) from None
         self.networks: tuple[IPNetwork, ...] = tuple(networks)
 
@@ -73,7 +80,7 @@ class TrustedProxies:
         return proxies if isinstance(proxies, TrustedProxies) else cls(proxies)
 
     def __bool__(self) -> bool:
-        return bool(self.networks)
+        return bool(self.networks) or self.unix
 
     def is_trusted(self, address: IPAddress) -> bool:
         return any(address in network for network in self.networks)
@@ -88,12 +95,16 @@ class TrustedProxies:
     def client(self, scope: Scope) -> str | None:
         """The client address of ``scope``: the peer, or the first untrusted forwarded hop."""
         peer_info = scope.get("client")
-        peer: str | None = str(peer_info[0]) if peer_info else None
-        if not self.networks or peer is None:
+        peer: str | None = str(peer_info[0]) if peer_info and peer_info[0] else None
+        if peer is None:
+            if not self.unix:  # no address: a unix socket peer (or a server that says nothing)
+                return None
+        elif not self.networks:
             return peer
-        peer_address = _parse_address(peer)
-        if peer_address is None or not self.is_trusted(peer_address):
-            return peer
+        else:
+            peer_address = _parse_address(peer)
+            if peer_address is None or not self.is_trusted(peer_address):
+                return peer
         hops = _forwarded_hops(scope["headers"], self.header)
         if not hops:
             return peer

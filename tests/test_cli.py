@@ -816,3 +816,52 @@ def test_configure_logging(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert record["request_id"] == "-"
     assert second.endswith(" INFO cli.test [-] plain line")
+
+
+def test_run_ignores_forwarding_headers_from_an_untrusted_local_client(
+    serve: Callable[..., Server],
+) -> None:
+    # uvicorn's own proxy_headers would believe any local peer: the command turns it off.
+    server = serve("run", "tests.apps.cli_target:app")
+    assert server.client.get("/hello", headers={"X-Forwarded-For": "203.0.113.7"}).is_success
+    assert server.client.get("/hello", headers={"X-Forwarded-For": "not-an-ip"}).is_success
+    assert server.stop() == 0
+    clients = {r["client"] for r in server.access_records() if r["path"] == "/hello"}
+    assert clients == {"127.0.0.1"}
+
+
+def test_run_on_a_unix_socket_trusts_the_proxy_in_front(tmp_path: Path) -> None:
+    socket_path = tmp_path / "service.sock"
+    stdout_path = tmp_path / "stdout.log"
+    with stdout_path.open("wb") as stdout:
+        process = subprocess.Popen(
+            [*MODULE, "run", "tests.apps.cli_target:app", "--uds", str(socket_path)],
+            cwd=ROOT,
+            env=clean_env(),
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while not socket_path.exists():  # a connect to a missing socket leaks httpcore's socket
+            assert process.poll() is None and time.monotonic() < deadline, stdout_path.read_text()
+            time.sleep(0.05)
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://proxied"
+        ) as client:
+            while True:
+                try:
+                    if client.get("/health/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert process.poll() is None and time.monotonic() < deadline, stdout_path.read_text()
+                time.sleep(0.05)
+            for address in ("203.0.113.7", "203.0.113.8"):
+                assert client.get("/hello", headers={"X-Forwarded-For": address}).is_success
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    records = [json.loads(line) for line in stdout_path.read_text().splitlines() if line.strip()]
+    clients = [r["client"] for r in records if r.get("path") == "/hello"]
+    assert clients == ["203.0.113.7", "203.0.113.8"]

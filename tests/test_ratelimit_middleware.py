@@ -892,3 +892,26 @@ async def test_ipv6_clients_share_a_budget_per_64_network() -> None:
 def test_a_string_where_a_list_is_expected_is_refused() -> None:
     with pytest.raises(ValueError, match=r"must be a list of paths, e.g. \['/internal'\]"):
         RateLimitMiddleware(ok_app, exempt_paths="/internal")
+
+
+def test_unix_socket_peers_are_trusted_proxies_only_when_listed() -> None:
+    forwarded = [(XFF, b"203.0.113.7, 10.0.0.1")]
+    unix = TrustedProxies(["unix", "10.0.0.0/8"])
+    assert unix.client(scope_from(None, forwarded)) == "203.0.113.7"
+    assert TrustedProxies(["unix"]).client(scope_from(None, forwarded)) == "10.0.0.1"
+    assert TrustedProxies(["10.0.0.0/8"]).client(scope_from(None, forwarded)) is None
+    assert TrustedProxies(["unix"]).client(scope_from("198.51.100.9", forwarded)) == "198.51.100.9"
+    assert TrustedProxies(["UNIX"]) and not TrustedProxies([])
+    with pytest.raises(ValueError, match="IP addresses, CIDR networks or 'unix'"):
+        TrustedProxies(["unix:/run/nginx.sock"])
+
+
+async def test_clients_behind_a_unix_socket_proxy_get_buckets_of_their_own() -> None:
+    app = RateLimitMiddleware(ok_app, limit="2/minute", trusted_proxies=["unix"])
+
+    async def from_client(address: str) -> int:
+        scope = scope_from(None, [(XFF, address.encode())])
+        return (await call(app, scope)).status
+
+    assert [await from_client("203.0.113.1") for _ in range(3)] == [200, 200, 429]
+    assert await from_client("203.0.113.2") == 200  # not the first client's bucket

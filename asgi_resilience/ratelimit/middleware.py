@@ -218,7 +218,7 @@ class RateLimitMiddleware(ContextMiddleware):
         self._last_error: Exception | None = None
         self._last_error_log = -math.inf
         self.uniform = not (
-            self.policies or self.exempting or self.proxies.networks or callable(cost)
+            self.policies or self.exempting or self.proxies or callable(cost)
         )
 
     async def handle(
@@ -234,7 +234,7 @@ class RateLimitMiddleware(ContextMiddleware):
                 await self.app(scope, receive, send)
                 return
             policy = self._policy_for(path) if self.policies else self.default_policy
-            client = self.proxies.apply(context, scope) if self.proxies.networks else context.client
+            client = self.proxies.apply(context, scope) if self.proxies else context.client
             cost = self.cost if isinstance(self.cost, int) else self._cost(scope)
         if self.key is not None:
             key = policy.bucket + self._identity(scope, client)
