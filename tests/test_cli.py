@@ -855,7 +855,9 @@ def test_run_on_a_unix_socket_trusts_the_proxy_in_front(tmp_path: Path) -> None:
                         break
                 except httpx.TransportError:
                     pass
-                assert process.poll() is None and time.monotonic() < deadline, stdout_path.read_text()
+                assert process.poll() is None and time.monotonic() < deadline, (
+                    stdout_path.read_text()
+                )
                 time.sleep(0.05)
             for address in ("203.0.113.7", "203.0.113.8"):
                 assert client.get("/hello", headers={"X-Forwarded-For": address}).is_success

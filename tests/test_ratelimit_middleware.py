@@ -915,3 +915,39 @@ async def test_clients_behind_a_unix_socket_proxy_get_buckets_of_their_own() -> 
 
     assert [await from_client("203.0.113.1") for _ in range(3)] == [200, 200, 429]
     assert await from_client("203.0.113.2") == 200  # not the first client's bucket
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+async def test_a_refused_request_is_recorded_under_its_route_template(
+    framework: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fastapi import FastAPI
+    from starlette.routing import Mount
+
+    async def item(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("item")
+
+    if framework == "starlette":
+        inner: ASGIApp = Starlette(routes=[Mount("/api", routes=[Route("/items/{item_id}", item)])])
+        template = "/api/items/{item_id}"
+    else:
+        api = FastAPI()
+        api.get("/items/{item_id}")(lambda item_id: {"item": item_id})
+        inner, template = api, "/items/{item_id}"
+    registry = CollectorRegistry()
+    app = resilient(inner, rate_limit="1/minute", registry=registry)
+    caplog.set_level(logging.INFO, "asgi_resilience.access")
+    path = template.replace("{item_id}", "7")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        assert [(await client.get(path)).status_code for _ in range(2)] == [200, 429]
+    routes = [
+        getattr(r, "route", None) for r in caplog.records if r.name == "asgi_resilience.access"
+    ]
+    assert routes == [template, template]
+    limited = registry.get_sample_value(
+        "http_server_request_duration_seconds_count",
+        {"method": "GET", "route": template, "status_code": "429"},
+    )
+    assert limited == 1

@@ -217,9 +217,7 @@ class RateLimitMiddleware(ContextMiddleware):
         self._unreported_errors = 0
         self._last_error: Exception | None = None
         self._last_error_log = -math.inf
-        self.uniform = not (
-            self.policies or self.exempting or self.proxies or callable(cost)
-        )
+        self.uniform = not (self.policies or self.exempting or self.proxies or callable(cost))
 
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
@@ -288,6 +286,8 @@ class RateLimitMiddleware(ContextMiddleware):
     async def _send_429(
         self, context: RequestContext, scope: Scope, send: Send, retry_after: float
     ) -> None:
+        if "route" not in scope:  # refused before routing: name the route it would have taken
+            _name_route(self.app, scope)
         headers = []
         if math.isfinite(retry_after):
             seconds = max(1, math.ceil(retry_after))
@@ -360,6 +360,52 @@ class RateLimitMiddleware(ContextMiddleware):
             "denying" if self.deny_on_error else "allowing",
             "timed out" if isinstance(error, TimeoutError) else str(error) or repr(error),
         )
+
+
+def _name_route(app: Any, scope: Scope) -> None:
+    """Put the route ``scope`` would reach in ``app`` into ``scope["route"]`` (and its router
+    into ``scope["router"]``), as Starlette's router does, so that a refused request is recorded
+    under its route template. Only refused requests pay for this match; admitted ones are
+    routed by the application itself. Apps without a Starlette router are left as they are."""
+    router = _router_of(app)
+    if router is None:
+        return
+    from starlette.routing import Match, Mount
+
+    routes, child = router.routes, dict(scope)
+    for _ in range(16):  # Mounts within Mounts, as deep as any real app goes
+        for route in routes:
+            try:
+                match, found = route.matches(child)
+            except Exception:  # a custom route that cannot match this scope
+                continue
+            if match is Match.FULL:
+                break
+        else:
+            return
+        child.update(found)
+        if isinstance(route, Mount) and route.routes:
+            routes = route.routes
+            continue
+        scope["route"], scope["router"] = route, scope.get("router", router)
+        return
+
+
+def _router_of(app: Any) -> Any:
+    """The Starlette ``Router`` of the first app in the chain of ``.app`` attributes that has one
+    (Starlette and FastAPI apps, middleware around them)."""
+    from starlette.routing import Router
+
+    for _ in range(32):
+        if isinstance(app, Router):
+            return app
+        router = getattr(app, "router", None)
+        if isinstance(router, Router):
+            return router
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
 
 
 def _route_matcher(route: str) -> Callable[[str], bool]:
