@@ -17,8 +17,9 @@ import asyncio
 import os
 import uuid
 from time import perf_counter
+from typing import Any
 
-from asgi_resilience.ratelimit import MemoryBackend, parse_rates, strategy_for
+from asgi_resilience.ratelimit import BackendError, MemoryBackend, parse_rates, strategy_for
 
 STRATEGIES = ("gcra", "fixed-window", "sliding-window")
 RATES = parse_rates("1000000/second")  # never denies: every decision stores state
@@ -45,55 +46,116 @@ def memory_us(strategy_name: str, decisions: int, rounds: int = 7, fast: bool = 
     return min(samples)
 
 
-async def redis_figures(url: str, strategy_name: str, decisions: int) -> tuple[float, float]:
-    import redis.asyncio as redis_asyncio
+async def commands_run(backend: Any) -> int:
+    """Commands a client sent that Redis ran (``INFO commandstats``): each ``EVALSHA`` or
+    ``EVAL`` is one decision's command; the scripts' own GET/SET/TIME run inside the server."""
+    info = await backend.servers.call(b"", b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n", 5.0)
+    total = 0
+    for line in info.decode().splitlines():
+        name, _, fields = line.partition(":")
+        if name in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_script|load"):
+            total += int(fields.split(",")[0].partition("=")[2])
+    return total
 
+
+async def redis_figures(
+    url: str, strategy_name: str, decisions: int, concurrency: int
+) -> tuple[float, float]:
+    """Decisions per second of one process with ``concurrency`` decisions in flight, and
+    commands sent per decision (counted by Redis)."""
     from asgi_resilience.ratelimit.redis import RedisBackend
 
-    client = redis_asyncio.from_url(url)
     prefix = f"bench:{uuid.uuid4().hex}:"
-    backend = RedisBackend(client, prefix=prefix)
+    backend = RedisBackend.from_url(url, prefix=prefix, timeout=1.0)
     strategy = strategy_for(strategy_name)
     try:
-        await backend.decide(strategy, "warm-up", RATES, 1)  # loads the script once
-        before = await client.info("commandstats")
+        await backend.decide(strategy, "warm-up", RATES, 1)  # connects, loads the scripts
+        before = await commands_run(backend)
+        counter = iter(range(decisions))
+
+        async def worker() -> None:
+            for i in counter:
+                await backend.decide(strategy, f"ip:10.0.{i % 250}.{i % 7}", RATES, 1)
+
         start = perf_counter()
-        for i in range(decisions):
-            await backend.decide(strategy, f"ip:10.0.0.{i % 250}", RATES, 1)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = perf_counter() - start
-        after = await client.info("commandstats")
-        # Commands a client sends (Lua's own GET/SET/TIME are counted by Redis too, but they
-        # run inside the server): each EVALSHA or EVAL is one round trip.
-        round_trips = sum(
-            after[name]["calls"] - before.get(name, {"calls": 0})["calls"]
-            for name in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_script|load")
-            if name in after
-        )
-        per_decision = round_trips / decisions
-        async for key in client.scan_iter(match=f"{prefix}*"):
-            await client.delete(key)
-        return elapsed / decisions * 1000, per_decision
+        per_decision = (await commands_run(backend) - before - 1) / decisions  # less INFO's own
+        return decisions / elapsed, per_decision
     finally:
-        await client.aclose()
+        await backend.aclose()
+
+
+async def burst_admitted(url: str, count: int) -> int:
+    """Admitted of ``count`` simultaneous requests against ``50/minute`` shared through Redis
+    by four middleware instances in one process (GCRA: 50, plus what refills meanwhile)."""
+    from asgi_resilience.ratelimit import RateLimitMiddleware
+    from asgi_resilience.ratelimit.redis import RedisBackend
+
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    prefix = f"bench:{uuid.uuid4().hex}:"
+    backends = [RedisBackend.from_url(url, prefix=prefix) for _ in range(4)]
+    apps = [RateLimitMiddleware(ok, limit="50/minute", backend=b) for b in backends]
+    statuses: list[int] = []
+
+    async def one(app: Any) -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b""}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/",
+            "headers": [],
+            "client": ("203.0.113.5", 1),
+        }
+        await app(scope, receive, send)
+
+    try:
+        await asyncio.gather(*(one(apps[i % 4]) for i in range(count)))
+    finally:
+        for backend in backends:
+            await backend.aclose()
+    return statuses.count(200)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decisions", type=int, default=20_000)
-    parser.add_argument("--redis-decisions", type=int, default=2_000)
+    parser.add_argument("--redis-decisions", type=int, default=20_000)
     args = parser.parse_args()
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    print(f"{'strategy':<16} {'memory µs':>10} {'redis ms':>9} {'round trips':>12}")
+    levels = (1, 100, 1000)
+    header = "".join(f"{f'redis/s @{n}':>14}" for n in levels)
+    print(f"{'strategy':<16} {'memory µs':>10}{header} {'commands/decision':>18}")
     for name in STRATEGIES:
         memory = memory_us(name, args.decisions)
         try:
-            redis_ms, commands = asyncio.run(redis_figures(url, name, args.redis_decisions))
-            redis_part = f"{redis_ms:>9.3f} {commands:>12.2f}"
-        except OSError as exc:
+            figures = [
+                asyncio.run(redis_figures(url, name, args.redis_decisions, n)) for n in levels
+            ]
+            rates = "".join(f"{per_second:>14,.0f}" for per_second, _ in figures)
+            redis_part = f"{rates} {max(c for _, c in figures):>18.2f}"
+        except BackendError as exc:
             redis_part = f"  (Redis unreachable: {exc})"
-        print(f"{name:<16} {memory:>10.2f} {redis_part}")
+        print(f"{name:<16} {memory:>10.2f}{redis_part}")
     fast = memory_us("gcra", args.decisions, fast=True)
     print(f"{'gcra, one rate':<16} {fast:>10.2f}    (decide_gcra: the middleware's path)")
+    try:
+        bursts = {count: asyncio.run(burst_admitted(url, count)) for count in (200, 1000, 5000)}
+        print(
+            "admitted of a burst, 50/minute, 4 instances: "
+            + ", ".join(f"{count:,} -> {admitted}" for count, admitted in bursts.items())
+        )
+    except BackendError as exc:
+        print(f"bursts: Redis unreachable: {exc}")
 
 
 if __name__ == "__main__":
