@@ -538,6 +538,7 @@ def test_main_run_wraps_the_app_and_serves_it(fake_uvicorn: FakeUvicorn) -> None
         "log_config": None,
         "access_log": False,
         "log_level": "warning",
+        "proxy_headers": False,  # trusted_proxies alone names the client
     }
     handler = signal.getsignal(signal.SIGTERM)
     assert callable(handler)
