@@ -951,3 +951,67 @@ async def test_a_refused_request_is_recorded_under_its_route_template(
         {"method": "GET", "route": template, "status_code": "429"},
     )
     assert limited == 1
+
+
+class FlakyBackend:
+    """Fails while ``failing`` is set, else decides in memory."""
+
+    def __init__(self) -> None:
+        self.failing = True
+        self.memory = MemoryBackend()
+
+    async def decide(
+        self, strategy: Strategy, key: str, rates: Sequence[Rate], cost: int
+    ) -> Decision:
+        if self.failing:
+            raise BackendError("connection refused")
+        return self.memory.decide_now(strategy, key, rates, cost)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_the_throttled_warning_counts_every_failure_since_the_last_one(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asgi_resilience.ratelimit import middleware
+
+    clock = FakeClock(1000.0)
+    monkeypatch.setattr(middleware, "monotonic", clock)
+    backend = FlakyBackend()
+    app = RateLimitMiddleware(ok_app, backend=backend)
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "asgi_resilience.ratelimit"]
+
+    for _ in range(7):
+        assert (await request(app)).status == 200
+    assert warnings() == [
+        "Rate limit backend failed 1 time, allowing; last error: connection refused"
+    ]
+    clock.now += 4
+    for _ in range(5):
+        await request(app)
+    assert len(warnings()) == 1  # within 10 s of the last warning: counted, held back
+    clock.now += 6
+    backend.failing = False  # Redis is back: the next decision reports what was held back
+    assert "ratelimit" in (await request(app)).headers
+    assert warnings()[1:] == [
+        "Rate limit backend failed 11 times in 10 s, allowing; last error: connection refused"
+    ]
+    clock.now += 60
+    await request(app)
+    assert len(warnings()) == 2  # nothing new to report
+    assert app.backend_errors == 12
+
+
+async def test_a_request_decided_without_the_backend_is_marked_in_the_access_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "asgi_resilience.access")
+    app = resilient(RateLimitMiddleware(ok_app, backend=FailingBackend()))
+    ok = resilient(RateLimitMiddleware(ok_app, limit="1/minute"))
+    assert (await request(app)).status == 200
+    assert [(await request(ok)).status for _ in range(2)] == [200, 429]
+    marks = [getattr(r, "rate_limited", None) for r in caplog.records if r.name.endswith("access")]
+    assert marks == ["error", False, True]
