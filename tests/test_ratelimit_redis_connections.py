@@ -4,9 +4,11 @@ clients, bad URLs, a server answering nonsense, and our own busy event loop."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -258,3 +260,26 @@ async def test_the_stall_timer_asks_the_socket_before_failing(answered: bool) ->
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_backend_outlives_the_event_loop_it_first_ran_in(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Two ``asyncio.run`` in turn (a reloaded server, a test runner): the second loop gets a
+    connection of its own; the first loop's is dropped, never used across loops. (A transport
+    of a closed loop cannot be closed through it: its socket is closed when it is collected,
+    with asyncio's ResourceWarning, as for anything left open when a loop ends.)"""
+    backend = RedisBackend.from_url(redis_url, prefix=redis_prefix)
+
+    async def decide() -> int:
+        return (await backend.decide(GCRA, "client", RATES, 1)).statuses[0].remaining
+
+    assert asyncio.run(decide()) == 4
+    with warnings.catch_warnings(record=True) as dropped:
+        warnings.simplefilter("always")
+        assert asyncio.run(decide()) == 3
+        gc.collect()
+    assert any(issubclass(w.category, ResourceWarning) for w in dropped)
+    assert len(backend.connections) == 1
+    asyncio.run(backend.aclose())
+    assert backend.connections == []

@@ -7,9 +7,6 @@ import asyncio
 import collections
 import logging
 import math
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,8 +19,8 @@ from asgi_resilience.ratelimit import RateLimitMiddleware
 from asgi_resilience.ratelimit.redis import RedisBackend
 from asgi_resilience.types import ASGIApp
 from tests.asgi import Response
-from tests.redis_servers import RedisServer, free_port, own_redis
-from tests.test_ratelimit_redis import ok_app, request
+from tests.redis_servers import RedisServer, own_redis
+from tests.test_ratelimit_redis import four_uvicorn_workers, ok_app, request
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis.asyncio: asyncio only
@@ -228,39 +225,9 @@ async def drive(port: int, connections: int, seconds: float) -> collections.Coun
 
 @pytest.fixture
 def four_workers(redis_url: str, redis_prefix: str, tmp_path: Path) -> Iterator[int]:
-    port, log_path = free_port(), tmp_path / "uvicorn.log"
-    env = {**os.environ, "REDIS_URL": redis_url, "RATE_LIMIT_PREFIX": redis_prefix}
-    env["RATE_LIMIT"] = "50/minute"
-    command = [sys.executable, "-m", "uvicorn", "tests.apps.ratelimited:app", "--workers", "4"]
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [*command, "--port", str(port), "--no-access-log", "--log-level", "warning"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while not asyncio.run(_answers(port)):
-            assert server.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-        time.sleep(2)  # every worker up, each past its startup checks
+    with four_uvicorn_workers(redis_url, redis_prefix, "50/minute", tmp_path) as (port, log):
         yield port
-    finally:
-        server.terminate()
-        server.wait(15)
-    assert "Rate limit backend failed" not in log_path.read_text()
-
-
-async def _answers(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    return True
+    assert "Rate limit backend failed" not in log.read_text()
 
 
 @pytest.mark.parametrize("connections", [64, 256])

@@ -196,7 +196,7 @@ class Pipe(asyncio.Protocol):
 
     def close(self) -> None:
         self._lose(BackendError(f"the connection to Redis at {self.address} was closed"))
-        if self.transport is not None:
+        if self.transport is not None and not self.loop.is_closed():
             self.transport.close()
 
 

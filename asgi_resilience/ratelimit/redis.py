@@ -74,7 +74,9 @@ class _Link:
         the background while decisions fail at once, so none waits on a server that failed."""
         loop = asyncio.get_running_loop()
         pipe = self.pipe
-        if pipe is not None and pipe.loop is loop and pipe.error is None:
+        if pipe is not None and pipe.loop is not loop:  # made in an event loop since gone
+            pipe.close()
+        elif pipe is not None and pipe.error is None:
             if pipe.stalled_at is None:
                 return pipe
             if time.monotonic() - pipe.stalled_at < _GIVE_UP:
@@ -109,6 +111,9 @@ class _Link:
         return pipe
 
     def close(self) -> None:
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.get_loop().is_closed():
+            opening.cancel()  # a connection that would be opened after the close
         if self.pipe is not None:
             self.pipe.close()
             self.pipe = None
@@ -118,11 +123,12 @@ class _Link:
         return [str(pipe.address)] if pipe is not None and pipe.error is None else []
 
 
-def _retrieve(task: asyncio.Task[Pipe]) -> None:
-    """Read a connection attempt's outcome, so an attempt nobody waits for any more (every
-    caller cancelled) is not reported as an exception never retrieved."""
-    if not task.cancelled():
-        task.exception()
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Read the outcome of work nobody may wait for any more (a connection attempt whose
+    callers were all cancelled, the reply to ``ASKING``), so that it is not reported as an
+    exception never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _call(link: _Link, command: bytes, timeout: float, *, wait: bool = False) -> Any:
@@ -201,7 +207,7 @@ class _Cluster:
             link = self.link(address)
             if asking:  # ASKING and the command, back to back on the same connection
                 pipe = await link.get(timeout)
-                pipe.call(pack(b"ASKING"), timeout).add_done_callback(_retrieve_reply)
+                pipe.call(pack(b"ASKING"), timeout).add_done_callback(_retrieve)
                 reply = await pipe.call(command, timeout)
             else:
                 reply = await _call(link, command, timeout)
@@ -228,7 +234,7 @@ class _Cluster:
     def _reload(self, timeout: float) -> None:
         if self._loading is None:
             self._loading = asyncio.get_running_loop().create_task(self._load(timeout))
-            self._loading.add_done_callback(_retrieve)  # type: ignore[arg-type]
+            self._loading.add_done_callback(_retrieve)
 
     async def _load(self, timeout: float) -> None:
         try:
@@ -265,11 +271,6 @@ class _Cluster:
 
     def connected(self) -> list[str]:
         return [address for link in self.links.values() for address in link.connected()]
-
-
-def _retrieve_reply(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def _slot_map(reply: Any, asked: Address) -> list[Address]:
