@@ -934,8 +934,15 @@ async def test_a_refused_request_is_recorded_under_its_route_template(
         api = FastAPI()
         api.get("/items/{item_id}")(lambda item_id: {"item": item_id})
         inner, template = api, "/items/{item_id}"
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
     registry = CollectorRegistry()
-    app = resilient(inner, rate_limit="1/minute", registry=registry)
+    app = resilient(inner, rate_limit="1/minute", registry=registry, tracer_provider=provider)
     caplog.set_level(logging.INFO, "asgi_resilience.access")
     path = template.replace("{item_id}", "7")
     async with httpx.AsyncClient(
@@ -951,6 +958,9 @@ async def test_a_refused_request_is_recorded_under_its_route_template(
         {"method": "GET", "route": template, "status_code": "429"},
     )
     assert limited == 1
+    spans = exporter.get_finished_spans()
+    assert [span.name for span in spans] == [f"GET {template}"] * 2
+    assert [span.attributes and span.attributes["http.route"] for span in spans] == [template] * 2
 
 
 class FlakyBackend:
