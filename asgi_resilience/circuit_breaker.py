@@ -40,6 +40,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 import anyio
 from prometheus_client import CollectorRegistry
 
+from .context import remaining_time
 from .exceptions import CircuitOpenError
 from .lifespan import Lifespan
 from .metrics import Metrics
@@ -239,8 +240,13 @@ class CircuitBreaker:
 
         Raises:
             CircuitOpenError: the breaker is open, or half-open with every trial permit taken.
-            TimeoutError: the call was cancelled after ``timeout`` seconds.
+            TimeoutError: the call was cancelled after ``timeout`` seconds, or the current
+                request's deadline (``TimeoutMiddleware``) has passed: then ``fn`` is not
+                called, and nothing is counted against the dependency.
         """
+        left = remaining_time()
+        if left is not None and left <= 0:
+            raise TimeoutError(f"the request's deadline passed before calling {self.name!r}")
         async with self:
             return await fn(*args, **kwargs)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from time import gmtime, perf_counter, strftime, time
 from typing import Any, Literal
 
@@ -30,6 +30,9 @@ __all__ = [
     "PathSet",
     "RequestContext",
     "format_timestamp",
+    "get_deadline",
+    "path_matcher",
+    "remaining_time",
     "route_template",
     "trace_id_of",
     "utc_timestamp",
@@ -256,6 +259,47 @@ class ContextMiddleware:
 
 
 _timestamp_cache: tuple[int, str] = (0, "")
+
+
+def path_matcher(route: str, *, option: str = "routes") -> Callable[[str], bool]:
+    """A test of request paths against a ``routes`` key: a route template (``"/items/{item_id}"``,
+    Starlette's syntax and converters) or a path prefix (``"/admin"``: it and everything below).
+
+    Raises:
+        ValueError: ``route`` does not start with ``/``.
+    """
+    if not isinstance(route, str) or not route.startswith("/"):
+        raise ValueError(f"{option} keys must start with '/', got {route!r}")
+    if "{" in route:
+        from starlette.routing import compile_path
+
+        regex = compile_path(route)[0]
+        return lambda path: regex.match(path) is not None
+    prefix = route.rstrip("/")
+    return lambda path: path == prefix or path.startswith(prefix + "/") or not prefix
+
+
+# The request's deadline (anyio.current_time() clock), set by TimeoutMiddleware for the request.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "asgi_resilience_deadline", default=None
+)
+
+
+def get_deadline() -> float | None:
+    """The current request's deadline on the ``anyio.current_time()`` clock, or ``None`` when
+    no ``TimeoutMiddleware`` gave it one."""
+    return _deadline.get()
+
+
+def remaining_time() -> float | None:
+    """Seconds left before the current request's deadline (0 once it passed), or ``None``
+    without a deadline. Inside a running event loop only."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return None
+    import anyio
+
+    return max(0.0, deadline - anyio.current_time())
 
 
 class PathSet:

@@ -58,8 +58,9 @@ class Metrics:
     number of middlewares, lifespans and apps share it. Attributes are the collectors named in
     the design (``request_duration``, ``time_to_first_byte``, ``active_requests``,
     ``response_body_bytes``, ``exceptions``, ``rate_limit_decisions``, ``startup_checks``,
-    ``shutdown_resources``, ``health_check_up``, ``breaker_state``, ``breaker_calls``). The
-    six the request path updates are ``asgi_resilience.series`` collectors in a single process
+    ``shutdown_resources``, ``health_check_up``, ``breaker_state``, ``breaker_calls``,
+    ``concurrency_limit``, ``concurrency_in_flight``, ``load_shed``, ``request_timeouts``). The
+    ten the request path updates are ``asgi_resilience.series`` collectors in a single process
     with the GIL (``labels()`` by position or name, ``remove()``, ``clear()``; children with
     ``observe``, ``inc``, ``dec``, ``set``), prometheus_client's in multiprocess mode; the
     others always the latter.
@@ -107,6 +108,30 @@ class Metrics:
             "asgi_resilience_rate_limit_decisions",
             "Rate limit decisions.",
             ["policy", "outcome"],
+            registry=registry,
+        )
+        self.concurrency_limit = request_path.Gauge(
+            "asgi_resilience_concurrency_limit",
+            "Requests the concurrency limit lets in at once (adaptive: its current value).",
+            [],
+            registry=registry,
+        )
+        self.concurrency_in_flight = request_path.Gauge(
+            "asgi_resilience_concurrency_in_flight",
+            "Requests inside the concurrency limit now.",
+            [],
+            registry=registry,
+        )
+        self.load_shed = request_path.Counter(
+            "asgi_resilience_load_shed",
+            "Requests refused by the concurrency limit (503), by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.request_timeouts = request_path.Counter(
+            "asgi_resilience_request_timeouts",
+            "Requests cut off at their deadline: before the response started (504) or during it.",
+            ["phase"],
             registry=registry,
         )
         self.startup_checks = Histogram(

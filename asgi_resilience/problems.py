@@ -56,13 +56,15 @@ def render_error(
     errors: list[Any] | None = None,
     exception: BaseException | None = None,
     error_format: ErrorFormat | None = None,
+    problem_type: str | None = None,
 ) -> tuple[Message, Message]:
     """Build the ``http.response.start`` and body messages of an error response.
 
     The shape is ``error_format`` if given, else the one ``ErrorMiddleware`` chose for this
     request, else a problem. ``exception`` details (type, message, traceback) are included only
-    when the request's context is in debug mode. Marks the context so ``ErrorMiddleware`` leaves
-    the response alone.
+    when the request's context is in debug mode. ``problem_type`` is the problem's ``type`` URI
+    (``about:blank`` without). Marks the context so ``ErrorMiddleware`` leaves the response
+    alone.
     """
     title = title or status_phrase(status)
     code = code or snake_case(title)
@@ -87,7 +89,7 @@ def render_error(
         }
     else:
         content_type = PROBLEM_CONTENT_TYPE
-        body = {"type": "about:blank", "title": title, "status": status}
+        body = {"type": problem_type or "about:blank", "title": title, "status": status}
         if detail:
             body["detail"] = detail
         body["instance"] = scope.get("path", "")

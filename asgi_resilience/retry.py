@@ -19,6 +19,7 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar
 import anyio
 
 from .calls import describe_error
+from .context import remaining_time
 from .exceptions import CircuitOpenError
 
 __all__ = ["ExceptionTypes", "Retry", "retry"]
@@ -92,8 +93,13 @@ class Retry:
         self.logger = logger if logger is not None else _logger
 
     async def call(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """``await fn(*args, **kwargs)``, retried as configured."""
+        """``await fn(*args, **kwargs)``, retried as configured; never past ``deadline`` nor
+        past the current request's (``remaining_time()``), whichever comes first."""
         deadline_at = None if self.deadline is None else self.clock() + self.deadline
+        left = remaining_time()
+        if left is not None:
+            request_at = self.clock() + left
+            deadline_at = request_at if deadline_at is None else min(deadline_at, request_at)
         attempt = 0
         while True:
             attempt += 1

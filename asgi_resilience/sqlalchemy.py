@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from time import perf_counter
@@ -37,7 +38,7 @@ from typing import Any, Generic, TypeVar, cast, overload
 
 import anyio
 import anyio.to_thread
-from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
@@ -45,6 +46,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
 from .calls import describe_error, in_daemon_thread
+from .context import remaining_time
 from .exceptions import AsgiResilienceError
 from .lifespan import Lifespan
 
@@ -261,12 +263,19 @@ class Database(Generic[SessionT]):
         An ``AsyncSession`` on an async engine, a ``Session`` on a sync one; both with
         ``expire_on_commit=False``, so objects stay readable after a commit without more I/O.
         Nothing is committed for you: call ``commit()`` or use ``transaction()``.
+
+        Inside a request with a deadline (``TimeoutMiddleware``), every transaction of the
+        session on PostgreSQL starts with ``SET LOCAL statement_timeout`` to the time left, so
+        a slow query ends with the request instead of running on after the client got its 504.
         """
         engine = self._usable_engine()
         if isinstance(engine, AsyncEngine):
             session: AsyncSession | Session = AsyncSession(engine, expire_on_commit=False)
         else:
             session = Session(engine, expire_on_commit=False)
+        left = remaining_time()
+        if left is not None and engine.dialect.name == "postgresql":
+            _limit_statements(session, time.monotonic() + left)
         try:
             yield cast(SessionT, session)
         finally:
@@ -343,3 +352,16 @@ async def _apply(session: AsyncSession | Session, action: Callable[[Session], ob
         await session.run_sync(action)
     else:
         await anyio.to_thread.run_sync(action, session)
+
+
+def _limit_statements(session: AsyncSession | Session, deadline: float) -> None:
+    """Make each transaction of ``session`` start with a ``statement_timeout`` of the time left
+    before ``deadline`` (``time.monotonic()``); ``SET LOCAL`` ends with the transaction, so the
+    pooled connection keeps its own setting."""
+    sync_session = session.sync_session if isinstance(session, AsyncSession) else session
+
+    def set_statement_timeout(session: Session, transaction: Any, connection: Any) -> None:
+        milliseconds = max(1, int((deadline - time.monotonic()) * 1000))
+        connection.exec_driver_sql(f"SET LOCAL statement_timeout = {milliseconds}")
+
+    event.listen(sync_session, "after_begin", set_statement_timeout)

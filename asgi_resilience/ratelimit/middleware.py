@@ -12,9 +12,8 @@ from typing import Any, Literal
 
 import anyio
 from prometheus_client import CollectorRegistry
-from starlette.routing import compile_path
 
-from ..context import ContextMiddleware, PathSet, RequestContext
+from ..context import ContextMiddleware, PathSet, RequestContext, path_matcher
 from ..metrics import Metrics
 from ..problems import send_error
 from ..proxies import TrustedProxies
@@ -193,7 +192,7 @@ class RateLimitMiddleware(ContextMiddleware):
         self.key = _key_function(key)
         self.proxies = TrustedProxies.of(trusted_proxies)
         self.policies = tuple(
-            _Policy.build(route, route_limit, _route_matcher(route))
+            _Policy.build(route, route_limit, path_matcher(route, option="routes"))
             for route, route_limit in (routes or {}).items()
         )
         self.default_policy = _Policy.build("*", limit, lambda path: True)
@@ -406,16 +405,6 @@ def _router_of(app: Any) -> Any:
         if app is None:
             return None
     return None
-
-
-def _route_matcher(route: str) -> Callable[[str], bool]:
-    if not route.startswith("/"):
-        raise ValueError(f"routes keys must start with '/', got {route!r}")
-    if "{" in route:
-        regex = compile_path(route)[0]  # Starlette's own template syntax, converters included
-        return lambda path: regex.match(path) is not None
-    prefix = route.rstrip("/")
-    return lambda path: path == prefix or path.startswith(prefix + "/") or not prefix
 
 
 def _key_function(key: str | KeyFunction) -> KeyFunction | None:

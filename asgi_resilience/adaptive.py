@@ -1,0 +1,107 @@
+"""``AdaptiveLimit``: a concurrency limit that follows the application's latency.
+
+The algorithm is TCP Vegas as Netflix's concurrency-limits applies it to servers (its
+``VegasLimit``): latency at no load is the baseline; the extra latency of a window of requests
+says how many of them were queueing inside the application rather than working, and the limit
+moves to keep that queue small. Written here because no Python library offers one; Envoy's
+adaptive concurrency filter and concurrency-limits' Gradient2 are the same idea with other
+estimators.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["AdaptiveLimit"]
+
+# Vegas' thresholds, as shares of the limit (concurrency-limits uses 3 and 6 log10(limit),
+# which overshoots a small capacity by half): the queue inside the application is kept between
+# 10% and 20% of the limit, and the limit moves 5% a window (at least one request).
+_LEAST_QUEUED, _MOST_QUEUED, _STEP = 0.1, 0.2, 0.05
+_NO_LOAD = 2  # requests inside at most, for a window's latency to be the no-load latency
+
+
+class AdaptiveLimit:
+    """A limit between ``min_limit`` and ``max_limit`` fed one latency sample per request.
+
+    Samples are grouped in windows of ``window`` requests. For each window, with ``baseline``
+    the lowest latency seen (the latency at no load) and ``latency`` the window's average,
+    ``queue = limit * (1 - baseline / latency)`` estimates the requests that waited inside the
+    application. A queue below 10% of the limit (at least 1) raises the limit by 5%
+    (at least 1; only if the window kept at least half the limit busy: an idle service learns
+    nothing about its capacity); a queue above 20% (at least 2) lowers it by as much.
+    The limit settles a few requests above the concurrency the application serves at its
+    unloaded latency, backs off when latency rises and recovers when it falls.
+
+    The baseline never rises under load (a baseline learnt from loaded windows would let the
+    limit creep up with the latency). An application that became slower for good pushes the
+    limit down; a window with at most two requests inside measures the new no-load latency, and
+    the limit grows back from it.
+
+    Args:
+        min_limit: the floor.
+        max_limit: the ceiling.
+        initial: the starting limit (20 within the bounds by default).
+        window: samples per adjustment.
+    """
+
+    def __init__(
+        self,
+        *,
+        min_limit: int = 1,
+        max_limit: int = 1000,
+        initial: int | None = None,
+        window: int = 20,
+    ) -> None:
+        if not 1 <= min_limit <= max_limit:
+            raise ValueError(
+                f"need 1 <= min_limit <= max_limit, got min_limit={min_limit}, "
+                f"max_limit={max_limit}"
+            )
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window!r}")
+        self.min_limit, self.max_limit = min_limit, max_limit
+        start = 20 if initial is None else initial
+        self._limit = float(min(max_limit, max(min_limit, start)))
+        self.window = window
+        self._baseline: float | None = None
+        self._total = 0.0
+        self._count = 0
+        self._busiest = 0
+        self._lowest = math.inf
+
+    @property
+    def limit(self) -> int:
+        return int(self._limit)
+
+    @property
+    def baseline(self) -> float | None:
+        """The latency at no load, as far as measured (``None`` before the first window)."""
+        return self._baseline
+
+    def observe(self, latency: float, in_flight: int) -> None:
+        """One request took ``latency`` seconds with ``in_flight`` requests inside."""
+        if not latency > 0:
+            return  # a clock that did not move says nothing
+        self._total += latency
+        self._count += 1
+        self._busiest = max(self._busiest, in_flight)
+        self._lowest = min(self._lowest, latency)
+        if self._count >= self.window:
+            self._adjust()
+
+    def _adjust(self) -> None:
+        average, lowest, busiest = self._total / self._count, self._lowest, self._busiest
+        busy = busiest * 2 >= self._limit
+        self._total, self._count, self._busiest, self._lowest = 0.0, 0, 0, math.inf
+        limit = self._limit
+        if self._baseline is None or lowest < self._baseline or busiest <= _NO_LOAD:
+            self._baseline = lowest  # with so few inside, what a window measures is no load
+        baseline = self._baseline
+        queue = limit * (1 - baseline / average)
+        step = max(1.0, limit * _STEP)
+        if queue > max(2.0, limit * _MOST_QUEUED):
+            limit -= step
+        elif queue < max(1.0, limit * _LEAST_QUEUED) and busy:
+            limit += step
+        self._limit = min(float(self.max_limit), max(float(self.min_limit), limit))
