@@ -287,3 +287,61 @@ def test_a_backend_outlives_the_event_loop_it_first_ran_in(
         assert asyncio.run(decide_and_close()) == 3
         gc.collect()
     assert any(issubclass(w.category, ResourceWarning) for w in dropped)
+
+
+@ASYNCIO_ONLY
+async def test_a_connection_closed_by_a_healthy_redis_costs_no_decision(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """An idle timeout, a proxy or ``CLIENT KILL`` closes our connection: the next decisions
+    wait for the new one instead of failing."""
+    backend = RedisBackend.from_url(redis_url, prefix=redis_prefix)
+    try:
+        assert (await backend.decide(GCRA, "client", RATES, 1)).allowed
+        with redis.Redis.from_url(redis_url) as client:
+            ours = [c for c in client.client_list() if c["cmd"] in ("evalsha", "eval")]
+            for connection in ours:
+                client.client_kill_filter(_id=connection["id"])
+        await asyncio.sleep(0.05)  # the close reaches us
+        decisions = [await backend.decide(GCRA, "client", RATES, 1) for _ in range(3)]
+        assert [d.statuses[0].remaining for d in decisions] == [3, 2, 1]
+    finally:
+        await backend.aclose()
+
+
+@ASYNCIO_ONLY
+async def test_closing_during_the_first_connection_is_a_backend_error() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, never answers, until we hang up
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    backend = RedisBackend.from_url(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0")
+    try:
+        deciding = asyncio.ensure_future(backend.decide(GCRA, "client", RATES, 1))
+        await asyncio.sleep(0.01)
+        await backend.aclose()
+        with pytest.raises(BackendError, match="closed"):
+            await deciding  # not a CancelledError, which would escape the middleware
+        await asyncio.sleep(0.05)  # our hang-up reaches the server
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@ASYNCIO_ONLY
+async def test_repeated_failures_raise_fresh_errors() -> None:
+    backend = RedisBackend.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nobody listens
+    errors = []
+    for _ in range(3):
+        with pytest.raises(BackendError) as raised:
+            await backend.decide(GCRA, "client", RATES, 1)
+        errors.append(raised.value)
+    await backend.aclose()
+    assert len({id(error) for error in errors}) == 3  # none re-raised with a growing traceback
+    assert all("127.0.0.1" in str(error) for error in errors)
+
+
+def test_a_prefix_with_braces_is_refused() -> None:
+    with pytest.raises(ValueError, match="prefix must not contain"):
+        RedisBackend(prefix="app:{rl}:")

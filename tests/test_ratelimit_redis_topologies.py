@@ -181,3 +181,12 @@ async def test_an_unknown_service_fails_the_ping(redis_sentinel: SentinelSet) ->
             await backend.ping()
     finally:
         await backend.aclose()
+
+
+async def test_a_plain_url_at_a_replica_fails_the_ping(redis_sentinel: SentinelSet) -> None:
+    backend = RedisBackend.from_url(redis_sentinel.replica.url)
+    try:
+        with pytest.raises(BackendError, match="is a replica, not the master"):
+            await backend.ping()
+    finally:
+        await backend.aclose()

@@ -131,7 +131,7 @@ class Pipe(asyncio.Protocol):
         for ``timeout`` seconds while it owes this reply (see the module docstring).
         """
         if self.error is not None:
-            raise self.error
+            raise BackendError(str(self.error))  # a fresh one: a shared one's traceback grows
         if self.stalled_at is not None:
             raise BackendError(f"Redis at {self.address} is not answering")
         future = self.loop.create_future()
@@ -148,8 +148,16 @@ class Pipe(asyncio.Protocol):
         self.transport.write(b"".join(out))
         if len(self._pending) == len(out):  # nothing owed from before: the wait starts now
             self._heard = time.monotonic()
-        if self._timer is None:
-            self._timer = self.loop.call_at(self._heard + self._pending[0][1], self._check)
+        self._arm(self._heard + self._pending[0][1])
+
+    def _arm(self, deadline: float) -> None:
+        """Have the stall timer fire at ``deadline``, or sooner if it already would."""
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return
+            timer.cancel()  # armed by calls with a longer timeout (the connection's setup)
+        self._timer = self.loop.call_at(deadline, self._check)
 
     def _check(self) -> None:
         """The stall timer: fail everything owed if Redis has been silent too long."""
@@ -161,11 +169,11 @@ class Pipe(asyncio.Protocol):
         deadline = self._heard + self._pending[0][1]
         now = time.monotonic()
         if now < deadline:
-            self._timer = self.loop.call_at(deadline, self._check)
+            self._arm(deadline)
             return
         if self._unread():  # Redis answered; we were too busy to read it yet
             self._heard = now
-            self._timer = self.loop.call_at(now + self._pending[0][1], self._check)
+            self._arm(now + self._pending[0][1])
             return
         self.stalled_at = now
         error = BackendError(
@@ -178,9 +186,11 @@ class Pipe(asyncio.Protocol):
     def _unread(self) -> bool:
         if self._fd < 0:
             return False
+        poller = select.poll()  # not select.select(): it fails for descriptors above 1023
+        poller.register(self._fd, select.POLLIN)
         try:
-            return bool(select.select([self._fd], [], [], 0)[0])
-        except (OSError, ValueError):
+            return bool(poller.poll(0))
+        except OSError:
             return False
 
     def _lose(self, error: BackendError) -> None:

@@ -46,6 +46,7 @@ _SHA = {s.name: hashlib.sha1(s.lua.encode()).hexdigest().encode() for s in _STRA
 _LOAD_SCRIPTS = tuple(pack(b"SCRIPT", b"LOAD", s.lua.encode()) for s in _STRATEGIES)
 _GIVE_UP = 1.0  # seconds a silent connection may keep Redis' answers owed before a new one
 _RETRY_CONNECT = 0.1  # seconds between two connection attempts to a server that failed one
+_CONNECT_TIMEOUT = 1.0  # seconds a connection (locate, connect, log in, load scripts) may take
 _SLOTS = 16384
 _MAX_REDIRECTS = 5
 
@@ -56,58 +57,85 @@ class _WrongKind(BackendError):
 
 
 class _Link:
-    """The pipe to one server: opened on first use (one attempt at a time, shared), failing
-    fast while Redis is silent or a connect just failed, replaced when lost or given up on."""
+    """The pipe to one server and its life: opened on first use (one attempt at a time,
+    shared by every caller), replaced when lost, given up on after a long silence.
 
-    def __init__(self, locate: Callable[[float], Awaitable[Address]], *, sentinel: bool) -> None:
+    Who waits for a connection: the first one, and the startup ping, wait for it (up to the
+    connect timeout); after a connection was closed (an idle timeout, a proxy, a restart)
+    decisions wait for the new one up to their own timeout, since a healthy Redis may close a
+    connection at any time; after a silence or a failed connection attempt they fail at once
+    (for ``_RETRY_CONNECT`` seconds after a failed attempt: one attempt per interval, not one
+    per request) while the next connection is opened in the background.
+    """
+
+    def __init__(self, locate: Callable[[float], Awaitable[Address]], *, role: bool) -> None:
         self.locate = locate
-        self.sentinel = sentinel
+        self.role = role  # check at connect that the server is a master, not a replica
         self.pipe: Pipe | None = None
         self._opening: asyncio.Task[Pipe] | None = None
-        self._retry_at = -math.inf
-        self._error: BackendError | None = None
+        self._failing_until = -math.inf
+        self._failure = ""
 
     async def get(self, timeout: float, *, wait: bool = False) -> Pipe:
-        """A usable pipe; ``call`` sites check ``self.pipe`` first and come here only when it
-        is missing, lost, stalled or from another event loop. Only the first connection (and
-        a ``wait``: the startup ping) is waited for: after a failure the next one is opened in
-        the background while decisions fail at once, so none waits on a server that failed."""
+        """A usable pipe (``_call`` checks ``self.pipe`` itself first: its fast path)."""
         loop = asyncio.get_running_loop()
-        pipe = self.pipe
+        pipe, patience = self.pipe, timeout  # how long a decision may wait for a reconnect
         if pipe is not None and pipe.loop is not loop:  # made in an event loop since gone
             pipe.close()
-        elif pipe is not None and pipe.error is None:
+            pipe = self.pipe = None
+        if pipe is None:
+            patience = math.inf  # the first connection
+        elif pipe.error is None:
             if pipe.stalled_at is None:
                 return pipe
             if time.monotonic() - pipe.stalled_at < _GIVE_UP:
                 raise BackendError(f"Redis at {pipe.address} is not answering")
             pipe.close()  # silent too long: a half-open connection, or a server still stopped
-        first = self._error is None and (pipe is None or pipe.loop is not loop)
+            patience = 0.0
+        if time.monotonic() < self._failing_until and not wait:
+            raise BackendError(self._failure)  # a fresh error: its traceback stays short
         opening = self._opening
         if opening is None or opening.get_loop() is not loop:
-            if time.monotonic() < self._retry_at and self._error is not None:
-                raise self._error  # one connection attempt per interval, not one per request
-            opening = self._opening = loop.create_task(self._open(timeout))
+            connect_timeout = max(timeout, _CONNECT_TIMEOUT)  # nobody waits on most of them
+            opening = self._opening = loop.create_task(self._open(connect_timeout))
             opening.add_done_callback(_retrieve)
-        if not (first or wait):
-            lost = self._error or (pipe.error if pipe is not None else None)
-            raise BackendError(f"reconnecting to Redis ({lost or 'the connection was lost'})")
-        return await asyncio.shield(opening)
+        if wait:
+            patience = math.inf
+        try:
+            if patience == math.inf:
+                return await asyncio.shield(opening)
+            return await asyncio.wait_for(asyncio.shield(opening), patience)
+        except asyncio.TimeoutError:
+            raise BackendError(f"reconnecting to Redis ({self.pipe_error(pipe)})") from None
+        except asyncio.CancelledError:
+            if opening.cancelled():  # closed meanwhile (aclose), not this caller cancelled
+                raise BackendError("the Redis backend was closed") from None
+            raise
+
+    @staticmethod
+    def pipe_error(pipe: Pipe | None) -> str:
+        return str(pipe.error) if pipe is not None and pipe.error else "the connection was lost"
 
     async def _open(self, timeout: float) -> Pipe:
-        setup = [*_LOAD_SCRIPTS, pack(b"ROLE")] if self.sentinel else _LOAD_SCRIPTS
+        setup = [*_LOAD_SCRIPTS, pack(b"ROLE")] if self.role else _LOAD_SCRIPTS
         try:
             address = await self.locate(timeout)
             pipe, replies = await open_pipe(address, timeout, setup)
-            if self.sentinel and not (replies[-1] and replies[-1][0] == b"master"):
+            if self.role and not (replies[-1] and replies[-1][0] == b"master"):
                 pipe.close()
-                raise BackendError(f"Redis at {address} is not the master (a failover?)")
-        except BackendError as exc:
-            self._retry_at, self._error = time.monotonic() + _RETRY_CONNECT, exc
-            raise
+                raise BackendError(
+                    f"Redis at {address} is a replica, not the master: point the URL at the "
+                    "master, or use redis+sentinel:// to find it"
+                )
+        except Exception as exc:  # a sentinel's odd reply, a refused login, a dead server
+            self._failing_until = time.monotonic() + _RETRY_CONNECT
+            self._failure = str(exc) if isinstance(exc, BackendError) else repr(exc)
+            raise BackendError(self._failure) from exc
         finally:
-            self._opening = None
-        self.pipe, self._error = pipe, None
+            if self._opening is asyncio.current_task():
+                self._opening = None
+        self.pipe = pipe
+        self._failing_until = -math.inf
         return pipe
 
     def close(self) -> None:
@@ -196,21 +224,25 @@ class _Cluster:
     def link(self, address: Address) -> _Link:
         link = self.links.get(address)
         if link is None:
-            link = self.links[address] = _Link(_fixed(address), sentinel=False)
+            link = self.links[address] = _Link(_fixed(address), role=False)
         return link
 
     async def call(self, slot_tag: bytes, command: bytes, timeout: float) -> Any:
         slot = binascii.crc_hqx(slot_tag, 0) % _SLOTS
         slots = self.slots if self.slots is not None else await self.load(timeout)
         address, asking = slots[slot], False
-        for _ in range(_MAX_REDIRECTS):
+        for _ in range(_MAX_REDIRECTS + 1):  # the first try, then each redirect
             link = self.link(address)
-            if asking:  # ASKING and the command, back to back on the same connection
-                pipe = await link.get(timeout)
-                pipe.call(pack(b"ASKING"), timeout).add_done_callback(_retrieve)
-                reply = await pipe.call(command, timeout)
-            else:
-                reply = await _call(link, command, timeout)
+            try:
+                if asking:  # ASKING and the command, back to back on the same connection
+                    pipe = await link.get(timeout)
+                    pipe.call(pack(b"ASKING"), timeout).add_done_callback(_retrieve)
+                    reply = await pipe.call(command, timeout)
+                else:
+                    reply = await _call(link, command, timeout)
+            except BackendError:
+                self._reload(timeout)  # a primary gone: its replica may own the slots now
+                raise
             if not isinstance(reply, ReplyError):
                 return reply
             kind, _, where = str(reply).partition(" ")
@@ -248,9 +280,12 @@ class _Cluster:
                     errors.append(str(exc))
                     continue
                 if isinstance(reply, ReplyError):
-                    raise _WrongKind(
-                        f"Redis at {address} is not a cluster node ({reply}): use 'redis://'"
-                    )
+                    if "cluster support disabled" in str(reply):
+                        raise _WrongKind(
+                            f"Redis at {address} is not a cluster node ({reply}): use 'redis://'"
+                        )
+                    errors.append(f"{address}: {reply}")  # LOADING, CLUSTERDOWN: the next one
+                    continue
                 self.slots = _slot_map(reply, address)
                 return
             raise BackendError(f"no Redis Cluster node answered: {'; '.join(errors)}")
@@ -315,6 +350,11 @@ class RedisBackend:
     ) -> None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(
+                f"prefix must not contain '{{' or '}}', got {prefix!r}: Redis Cluster would hash "
+                "the braces' content instead of each key's own hash tag"
+            )
         self.client = client
         self.prefix = prefix
         self.clock = clock
@@ -455,7 +495,7 @@ def _decision(reply: Sequence[Any], rates: Sequence[Rate]) -> Decision:
 def _servers_of(client: Any) -> _Single | _Cluster:
     """The servers a redis-py client is configured for."""
     if client is None:
-        return _Single(_Link(_fixed(Address()), sentinel=False))
+        return _Single(_Link(_fixed(Address()), role=True))
     from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.sentinel import SentinelConnectionPool
 
@@ -468,13 +508,11 @@ def _servers_of(client: Any) -> _Single | _Cluster:
             _address(s.connection_pool.connection_kwargs) for s in pool.sentinel_manager.sentinels
         ]
         master = _address(pool.connection_kwargs)
-        return _Single(
-            _Link(_sentinel_locator(sentinels, pool.service_name, master), sentinel=True)
-        )
+        return _Single(_Link(_sentinel_locator(sentinels, pool.service_name, master), role=True))
     kwargs = dict(pool.connection_kwargs)
     if "SSL" in pool.connection_class.__name__:
         kwargs["ssl"] = True
-    return _Single(_Link(_fixed(_address(kwargs)), sentinel=False))
+    return _Single(_Link(_fixed(_address(kwargs)), role=True))
 
 
 def _servers_from_url(url: str) -> _Single | _Cluster:
@@ -485,7 +523,8 @@ def _servers_from_url(url: str) -> _Single | _Cluster:
         hosts, _, path = rest.partition("/")
         username, _, password = userinfo.partition(":")
         login = {"username": unquote(username) or None, "password": unquote(password) or None}
-        nodes = [_host_port(node, url) for node in hosts.split(",") if node.strip()]
+        default_port = 26379 if scheme == "redis+sentinel" else 6379
+        nodes = [_host_port(n, url, default_port) for n in hosts.split(",") if n.strip()]
         if not nodes:
             raise ValueError(f"no host in the Redis URL {url!r}: expected {scheme}://host:port")
         if scheme == "redis+cluster":
@@ -498,7 +537,7 @@ def _servers_from_url(url: str) -> _Single | _Cluster:
             )
         master = _address({**login, "db": int(db.strip("/") or 0)})
         sentinels = [Address(h, p) for h, p in nodes]
-        return _Single(_Link(_sentinel_locator(sentinels, service, master), sentinel=True))
+        return _Single(_Link(_sentinel_locator(sentinels, service, master), role=True))
     if scheme not in ("redis", "rediss", "unix"):
         raise ValueError(
             f"unknown Redis URL scheme in {url!r}: expected redis://, rediss://, unix://, "
@@ -506,13 +545,13 @@ def _servers_from_url(url: str) -> _Single | _Cluster:
         )
     kwargs: dict[str, Any] = dict(parse_url(url))
     kwargs["ssl"] = scheme == "rediss"
-    return _Single(_Link(_fixed(_address(kwargs)), sentinel=False))
+    return _Single(_Link(_fixed(_address(kwargs)), role=True))
 
 
-def _host_port(node: str, url: str) -> tuple[str, int]:
+def _host_port(node: str, url: str, default_port: int) -> tuple[str, int]:
     parts = urlsplit(f"//{node.strip()}")
     try:
-        port = parts.port or 6379
+        port = parts.port or default_port
     except ValueError:
         raise ValueError(f"invalid port in {node!r} of the Redis URL {url!r}") from None
     if not parts.hostname:
