@@ -71,6 +71,25 @@ def _path(value: str) -> str:
     return path
 
 
+def _count_or_zero(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError("expected a whole number such as 100") from None
+    if count < 0:
+        raise ValueError("expected a whole number >= 0")
+    return count
+
+
+def _concurrency(value: str) -> int | str:
+    if value.strip().lower() == "adaptive":
+        return "adaptive"
+    count = _count_or_zero(value)
+    if count < 1:
+        raise ValueError("expected a whole number >= 1 or 'adaptive'")
+    return count
+
+
 def _optional_path(value: str) -> str | None:
     return None if value.strip().lower() in _NONE else _path(value)
 
@@ -152,6 +171,11 @@ PARSERS: Mapping[str, Callable[[str], Any]] = {
     "metrics": _boolean,
     "metrics_path": _optional_path,
     "tracing": _boolean,
+    "max_concurrency": _concurrency,
+    "max_queue": _count_or_zero,
+    "queue_timeout": _seconds,
+    "timeout": _seconds,
+    "max_body_size": _count_or_zero,
 }
 
 

@@ -18,6 +18,7 @@ from .health import HealthApp
 from .lifespan import Lifespan
 from .lifespan_middleware import LifespanMiddleware
 from .metrics import MetricsMiddleware, metrics_app
+from .overload import BodyLimitMiddleware, ConcurrencyLimitMiddleware, TimeoutMiddleware
 from .proxies import TrustedProxies
 from .ratelimit import (
     Backend,
@@ -92,6 +93,11 @@ _DEFAULTS: dict[str, Any] = {
     "metrics": True,
     "metrics_path": "/metrics",
     "tracing": True,
+    "max_concurrency": None,
+    "max_queue": None,
+    "queue_timeout": 1.0,
+    "timeout": None,
+    "max_body_size": None,
 }
 
 
@@ -129,6 +135,13 @@ def resilient(
     registry: CollectorRegistry | None = None,
     tracing: bool = DEFAULT,
     tracer_provider: TracerProvider | None = None,
+    max_concurrency: int | Literal["adaptive"] | None = DEFAULT,
+    max_queue: int | None = DEFAULT,
+    queue_timeout: float = DEFAULT,
+    timeout: float | None = DEFAULT,
+    timeout_routes: Mapping[str, float | None] | None = None,
+    max_body_size: int | None = DEFAULT,
+    body_limit_routes: Mapping[str, int | None] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ResilientApp:
     """Wrap ``app`` in the asgi_resilience stack and return the new ASGI application.
@@ -182,7 +195,17 @@ def resilient(
             default; inject one per test).
         tracing: open an OpenTelemetry SERVER span per request (a pass-through without SDK).
         tracer_provider: the provider for those spans (the global one by default).
-
+        max_concurrency: requests inside the app at once (a number, or ``"adaptive"``), with
+            load shedding (``ConcurrencyLimitMiddleware``); ``None``: no limit.
+        max_queue: requests that may wait for a place (default: the limit); needs
+            ``max_concurrency``.
+        queue_timeout: seconds a request may wait for a place.
+        timeout: seconds a request may take before it is cancelled and answered 504
+            (``TimeoutMiddleware``); ``None``: no deadline.
+        timeout_routes: route template or path prefix -> seconds (``None``: no deadline).
+        max_body_size: bytes a request body may have, 413 beyond (``BodyLimitMiddleware``);
+            ``None``: no limit.
+        body_limit_routes: route template or path prefix -> bytes (``None``: no limit).
         environ: where ``ASGI_RESILIENCE_<OPTION>`` variables are read (``os.environ`` by
             default; ``{}`` to ignore the environment). Keyword arguments win over them.
 
@@ -236,6 +259,13 @@ def _build(
     registry: CollectorRegistry | None,
     tracing: bool,
     tracer_provider: TracerProvider | None,
+    max_concurrency: int | Literal["adaptive"] | None,
+    max_queue: int | None,
+    queue_timeout: float,
+    timeout: float | None,
+    timeout_routes: Mapping[str, float | None] | None,
+    max_body_size: int | None,
+    body_limit_routes: Mapping[str, int | None] | None,
 ) -> ResilientApp:
     """``resilient()`` once every option is known."""
     lifespan = lifespan if lifespan is not None else Lifespan(registry=registry)
@@ -248,6 +278,22 @@ def _build(
     stack: ASGIApp = app
     if envelope:
         stack = EnvelopeMiddleware(stack, exclude_paths=envelope_exclude_paths)
+    if max_body_size is not None or body_limit_routes:
+        stack = BodyLimitMiddleware(stack, max_body_size=max_body_size, routes=body_limit_routes)
+    if max_concurrency is not None:
+        stack = ConcurrencyLimitMiddleware(
+            stack,
+            limit=max_concurrency,
+            max_queue=max_queue,
+            queue_timeout=queue_timeout,
+            exempt_paths=probes,
+            registry=registry,
+        )
+    elif max_queue is not None:
+        raise ConfigurationError(
+            "max_queue does nothing without max_concurrency: set max_concurrency (a number or "
+            "'adaptive') too, or leave max_queue out"
+        )
     if rate_limit is not None:
         if rate_limit_key == "user":
             raise ConfigurationError(
@@ -281,6 +327,8 @@ def _build(
             backend_timeout=rate_limit_backend_timeout,
             registry=registry,
         )
+    if timeout is not None or timeout_routes:
+        stack = TimeoutMiddleware(stack, timeout=timeout, routes=timeout_routes, registry=registry)
     endpoints: dict[str, ASGIApp] = {}
     health = None
     if health_path is not None:

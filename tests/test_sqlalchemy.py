@@ -491,3 +491,41 @@ async def test_a_blocked_sync_check_does_not_start_a_thread_per_probe() -> None:
             await anyio.sleep(0.01)
     assert await db.check() >= 0
     engine.dispose()
+
+
+@ASYNCIO_ONLY
+@pytest.mark.postgres
+async def test_a_request_deadline_becomes_each_transactions_statement_timeout(
+    asyncpg_url: URL,
+) -> None:
+    from asgi_resilience.overload import TimeoutMiddleware
+
+    db: Database[AsyncSession] = Database(asyncpg_url, name="deadline")
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            async with db.transaction() as session:
+                show = text("SHOW statement_timeout")
+                seen["inside"] = (await session.execute(show)).scalar_one()
+                await session.execute(text("SELECT pg_sleep(5)"))
+        except Exception as exc:  # cancelled by PostgreSQL, before our own deadline
+            seen["error"] = str(exc)
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    from tests.asgi import call, http_scope
+
+    try:
+        response = await call(TimeoutMiddleware(app, timeout=2.0), http_scope())
+        async with db.session() as session:  # outside a request: the server's own setting
+            seen["outside"] = (await session.execute(text("SHOW statement_timeout"))).scalar_one()
+    finally:
+        await db.dispose()
+    milliseconds = int(seen["inside"].removesuffix("ms")) if seen["inside"].endswith("ms") else 0
+    if seen["inside"].endswith("s") and not seen["inside"].endswith("ms"):
+        milliseconds = int(float(seen["inside"][:-1]) * 1000)
+    assert 1000 < milliseconds <= 2000, seen
+    assert "statement timeout" in seen.get("error", ""), seen
+    assert response.status == 503  # the app's answer: PostgreSQL ended the statement in time
+    assert seen["outside"] == "0"  # SET LOCAL ended with the transaction

@@ -1,0 +1,535 @@
+"""Overload protection: concurrency limits and load shedding, adaptive limits, deadlines, body
+size limits; alone and in resilient()."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import anyio
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+from asgi_resilience import resilient
+from asgi_resilience.adaptive import AdaptiveLimit
+from asgi_resilience.overload import (
+    OVERLOADED_TYPE,
+    BodyLimitMiddleware,
+    ConcurrencyLimitMiddleware,
+    TimeoutMiddleware,
+    get_deadline,
+    remaining_time,
+)
+from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
+from tests.asgi import Response, call, http_scope
+from tests.fakes import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+
+def held_receive(body: bytes = b"") -> tuple[Callable[[], Awaitable[Message]], anyio.Event]:
+    """A server's receive: the body, then nothing until the client leaves (``leave.set()``)."""
+    leave = anyio.Event()
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    return receive, leave
+
+
+class Gate:
+    """An app whose requests stay inside until ``open`` is set; counts who got in."""
+
+    def __init__(self) -> None:
+        self.open = anyio.Event()
+        self.inside = 0
+        self.entered = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.inside += 1
+        self.entered += 1
+        try:
+            await self.open.wait()
+        finally:
+            self.inside -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+
+async def request(app: ASGIApp, path: str = "/work") -> Response:
+    receive, _ = held_receive()
+    return await call(app, http_scope(path=path), receive=receive)
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+# --- concurrency limit ----------------------------------------------------------------------------
+
+
+async def test_four_run_two_wait_and_four_are_shed_at_once() -> None:
+    gate, registry = Gate(), CollectorRegistry()
+    limited = ConcurrencyLimitMiddleware(gate, limit=4, max_queue=2, registry=registry)
+    app = resilient(limited, registry=CollectorRegistry())
+    responses: list[Response] = []
+
+    async def one() -> None:
+        responses.append(await request(app))
+
+    async with anyio.create_task_group() as tasks:
+        for _ in range(10):
+            tasks.start_soon(one)
+        with anyio.fail_after(2):
+            while len(responses) < 4:  # noqa: ASYNC110 - the four beyond the queue, at once
+                await anyio.sleep(0.001)
+        assert (gate.inside, limited.queued, limited.in_flight) == (4, 2, 4)
+        assert sample(registry, "asgi_resilience_concurrency_in_flight") == 4
+        assert sample(registry, "asgi_resilience_load_shed_total", reason="queue_full") == 4
+        gate.open.set()
+    statuses = Counter(response.status for response in responses)
+    assert statuses == {503: 4, 200: 6}
+    assert gate.entered == 6  # the two waiters ran after the first four
+    shed = responses[0]
+    assert shed.status == 503 and shed.headers["retry-after"] == "1"
+    assert shed.headers["content-type"] == "application/problem+json"
+    problem = shed.json()
+    assert (problem["type"], problem["code"]) == (OVERLOADED_TYPE, "overloaded")
+    assert problem["request_id"] == shed.headers["x-request-id"]
+    assert (limited.in_flight, limited.queued) == (0, 0)
+
+
+async def test_a_waiter_past_the_queue_timeout_is_shed() -> None:
+    gate, registry = Gate(), CollectorRegistry()
+    app = ConcurrencyLimitMiddleware(gate, limit=1, queue_timeout=0.05, registry=registry)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(request, app)
+        await anyio.sleep(0.01)
+        started = anyio.current_time()
+        shed = await request(app)
+        waited = anyio.current_time() - started
+        gate.open.set()
+    assert shed.status == 503 and 0.05 <= waited < 0.5
+    assert "within 0.05 s" in shed.json()["detail"]
+    assert sample(registry, "asgi_resilience_load_shed_total", reason="queue_timeout") == 1
+    assert app.queued == 0 and app.in_flight == 0
+
+
+async def test_probes_metrics_websockets_and_lifespan_are_never_limited() -> None:
+    gate = Gate()
+    app = resilient(ConcurrencyLimitMiddleware(gate, limit=1, max_queue=0))
+    scopes: list[str] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        scopes.append(scope["type"])
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(request, app)
+        await anyio.sleep(0.01)
+        assert (await request(app)).status == 503  # full
+        for path in ("/health/live", "/metrics", "/livez"):
+            assert (await request(app, path)).status == 200, path
+        passing = ConcurrencyLimitMiddleware(inner, limit=1, max_queue=0)
+        passing.in_flight = 1  # full, yet these go through
+        await passing({"type": "websocket", "path": "/ws"}, held_receive()[0], _no_send)
+        await passing({"type": "lifespan"}, held_receive()[0], _no_send)
+        gate.open.set()
+    assert scopes == ["websocket", "lifespan"]
+
+
+async def _no_send(message: Message) -> None:
+    raise AssertionError(f"nothing is sent here: {message}")
+
+
+async def test_a_cancelled_or_disconnected_waiter_frees_its_place() -> None:
+    gate = Gate()
+    app = ConcurrencyLimitMiddleware(gate, limit=1, max_queue=1, queue_timeout=5)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(request, app)
+        await anyio.sleep(0.01)
+        with anyio.move_on_after(0.02):  # the waiter's task is cancelled (a server timeout)
+            await request(app)
+        assert app.queued == 0
+        receive, leave = held_receive()
+        messages: list[Message] = []
+
+        async def record(message: Message) -> None:
+            messages.append(message)
+
+        async def waiting_then_gone() -> None:
+            await app(http_scope(path="/work"), receive, record)
+
+        tasks.start_soon(waiting_then_gone)
+        await anyio.sleep(0.01)
+        assert app.queued == 1
+        leave.set()  # the client disconnects while queued
+        await anyio.sleep(0.01)
+        assert app.queued == 0 and messages == []  # nobody to answer
+        tasks.start_soon(request, app)  # its place is free for the next
+        await anyio.sleep(0.01)
+        assert app.queued == 1
+        gate.open.set()
+    assert gate.entered == 2 and app.in_flight == 0
+
+
+async def test_a_waiter_gets_the_body_it_arrived_with() -> None:
+    seen: list[bytes] = []
+    gate = Gate()
+
+    async def echo(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/hold":
+            await gate(scope, receive, send)
+            return
+        seen.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = ConcurrencyLimitMiddleware(echo, limit=1, max_queue=1)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(request, app, "/hold")
+        await anyio.sleep(0.01)
+        receive, _ = held_receive(b"payload")
+
+        async def post() -> None:
+            await call(app, http_scope(path="/post", method="POST"), receive=receive)
+
+        tasks.start_soon(post)
+        await anyio.sleep(0.01)
+        gate.open.set()
+    assert seen == [b"payload"]
+
+
+def test_concurrency_options_are_checked() -> None:
+    for options, message in [
+        ({"limit": 0}, "limit must be a whole number >= 1 or 'adaptive'"),
+        ({"limit": "lots"}, "limit must be"),
+        ({"max_queue": -1}, "max_queue must be a whole number >= 0"),
+        ({"queue_timeout": 0}, "queue_timeout"),
+        ({"min_limit": 5, "max_limit": 2}, "must not exceed max_limit"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ConcurrencyLimitMiddleware(Gate(), **options)  # type: ignore[arg-type]
+
+
+# --- adaptive limit -------------------------------------------------------------------------------
+
+
+def served(limit: AdaptiveLimit, capacity: int, base: float, samples: int) -> list[int]:
+    """A simulated server: up to ``capacity`` requests run at ``base`` latency, more share it
+    (latency grows with concurrency beyond it); the limiter keeps ``limit`` requests inside."""
+    limits = []
+    for _ in range(samples):
+        inside = limit.limit
+        limit.observe(base * max(1.0, inside / capacity), inside)
+        limits.append(limit.limit)
+    return limits
+
+
+def test_the_adaptive_limit_finds_the_capacity_backs_off_and_recovers() -> None:
+    limit = AdaptiveLimit(min_limit=2, max_limit=200)
+    first = served(limit, capacity=20, base=0.01, samples=600)
+    assert 20 <= first[-1] <= 24  # near the capacity: latency within 20% of the minimum
+    assert all(20 <= value <= 24 for value in first[200:])  # and stays there
+    lower = served(limit, capacity=8, base=0.01, samples=600)  # latency rises: back off
+    assert lower[-1] < 12 and 0.01 * lower[-1] / 8 <= 0.0125
+    higher = served(limit, capacity=60, base=0.01, samples=1500)  # it falls again: recover
+    assert 60 <= higher[-1] <= 72
+    slower = served(limit, capacity=20, base=0.03, samples=3000)  # slower for good
+    assert 20 <= slower[-1] <= 26
+    assert min(first + lower + higher + slower) >= 2
+
+
+def test_the_adaptive_limit_stays_within_its_bounds_and_needs_load_to_grow() -> None:
+    capped = AdaptiveLimit(min_limit=5, max_limit=30)
+    assert max(served(capped, capacity=1000, base=0.01, samples=2000)) == 30
+    assert min(served(capped, capacity=1, base=0.01, samples=2000)) == 5
+    idle = AdaptiveLimit(initial=10)
+    for _ in range(1000):
+        idle.observe(0.01, 1)  # one request at a time: nothing says more would fit
+    assert idle.limit == 10
+
+
+async def test_the_middleware_adapts_its_limit_and_shows_it() -> None:
+    clock, registry = FakeClock(100.0), CollectorRegistry()
+
+    async def slow_under_load(scope: Scope, receive: Receive, send: Send) -> None:
+        clock.now += 0.01 * app.in_flight  # this app's latency is its concurrency
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = ConcurrencyLimitMiddleware(
+        slow_under_load, limit="adaptive", min_limit=1, max_limit=50, registry=registry, clock=clock
+    )
+    assert app.limit == 20 and sample(registry, "asgi_resilience_concurrency_limit") == 20
+    for _ in range(200):
+        await request(app)
+    # One at a time: 10 ms each, no queueing measured, but nothing kept it busy either.
+    assert app.limit == 20
+    app.adaptive.observe(0.5, 20)  # type: ignore[union-attr]
+    for _ in range(19):
+        app._sample(0.5)  # twenty busy samples fifty times slower than the baseline
+    assert app.limit < 20
+    assert sample(registry, "asgi_resilience_concurrency_limit") == app.limit
+
+
+# --- deadlines ------------------------------------------------------------------------------------
+
+
+async def test_a_handler_past_its_deadline_is_cancelled_and_answered_504() -> None:
+    cleaned_up, left = [], []
+
+    async def slow(request: Request) -> PlainTextResponse:
+        left.append(remaining_time())
+        try:
+            await anyio.sleep(1)
+        finally:
+            cleaned_up.append(True)
+        return PlainTextResponse("late")  # pragma: no cover - cancelled first
+
+    registry = CollectorRegistry()
+    app = resilient(Starlette(routes=[Route("/slow", slow)]), timeout=0.2, registry=registry)
+    started = anyio.current_time()
+    response = await request(app, "/slow")
+    elapsed = anyio.current_time() - started
+    assert response.status == 504 and 0.2 <= elapsed < 0.6
+    problem = response.json()
+    assert (
+        problem["code"] == "timeout" and problem["request_id"] == response.headers["x-request-id"]
+    )
+    assert cleaned_up == [True]
+    assert left[0] is not None and 0.1 < left[0] <= 0.2
+    assert sample(registry, "asgi_resilience_request_timeouts_total", phase="before_response") == 1
+
+
+async def test_remaining_time_counts_down_and_is_none_without_a_deadline() -> None:
+    readings: list[float | None] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        readings.append(remaining_time())
+        await anyio.sleep(0.05)
+        readings.append(remaining_time())
+        deadline = get_deadline()
+        assert deadline is not None and deadline > anyio.current_time()
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    assert (await request(TimeoutMiddleware(app, timeout=5))).status == 204
+    first, second = readings
+    assert first is not None and second is not None and 4.9 < first <= 5
+    assert first - second >= 0.04
+    assert remaining_time() is None and get_deadline() is None
+
+
+async def test_a_response_that_stalls_past_the_deadline_is_cut_off_logged_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def stalling() -> AsyncIterator[bytes]:
+        yield b"first part"
+        await anyio.sleep(5)
+        yield b"never"  # pragma: no cover
+
+    async def stream(request: Request) -> StreamingResponse:
+        return StreamingResponse(stalling())
+
+    registry = CollectorRegistry()
+    app = resilient(Starlette(routes=[Route("/s", stream)]), timeout=0.1, registry=registry)
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(TimeoutError, match="cut off"):  # the server closes the connection
+        await request(app, "/s")
+    cut = [r for r in caplog.records if r.name == "asgi_resilience.overload"]
+    assert len(cut) == 1 and "cut off" in cut[0].getMessage()
+    assert sample(registry, "asgi_resilience_request_timeouts_total", phase="during_response") == 1
+
+
+async def test_per_route_deadlines_by_template_and_prefix() -> None:
+    async def sleepy(request: Request) -> JSONResponse:
+        await anyio.sleep(0.15)
+        return JSONResponse({"ok": True})
+
+    routes = [Route("/reports/{id}", sleepy), Route("/admin/x", sleepy), Route("/other", sleepy)]
+    app = TimeoutMiddleware(
+        Starlette(routes=routes), timeout=0.05, routes={"/reports/{id}": 1.0, "/admin": None}
+    )
+    assert (await request(app, "/reports/7")).status == 200
+    assert (await request(app, "/admin/x")).status == 200
+    assert (await request(app, "/other")).status == 504
+
+
+def test_timeout_options_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"timeout \(the default\) must be a number of seconds"):
+        TimeoutMiddleware(Gate(), timeout=0)
+    with pytest.raises(ValueError, match=r"routes\['/x'\]"):
+        TimeoutMiddleware(Gate(), routes={"/x": "soon"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="routes keys must start with '/'"):
+        TimeoutMiddleware(Gate(), routes={"x": 1.0})
+
+
+# --- body limits ----------------------------------------------------------------------------------
+
+
+async def test_a_declared_body_over_the_limit_is_refused_before_the_app_runs() -> None:
+    called = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        called.append(scope["path"])  # pragma: no cover - must not run
+
+    limited = resilient(BodyLimitMiddleware(app, max_body_size=1_048_576))
+    scope = http_scope(path="/upload", method="POST")
+    scope["headers"] = [(b"content-length", str(2 * 1_048_576).encode())]
+    response = await call(limited, scope)
+    assert response.status == 413 and response.json()["code"] == "payload_too_large"
+    assert called == []
+
+
+async def test_a_chunked_body_is_cut_at_the_limit_and_answered_413() -> None:
+    async def upload(request: Request) -> JSONResponse:
+        return JSONResponse({"size": len(await request.body())})
+
+    app = resilient(
+        BodyLimitMiddleware(
+            Starlette(routes=[Route("/up", upload, methods=["POST"])]), max_body_size=1000
+        )
+    )
+    chunks = [b"x" * 400] * 5
+
+    def chunked(parts: list[bytes]) -> Callable[[], Awaitable[Message]]:
+        queue = list(parts)
+
+        async def receive() -> Message:
+            if queue:
+                part = queue.pop(0)
+                return {"type": "http.request", "body": part, "more_body": bool(queue)}
+            await anyio.sleep_forever()
+            raise AssertionError  # pragma: no cover
+
+        return receive
+
+    scope = http_scope(path="/up", method="POST")
+    response = await call(app, scope, receive=chunked(chunks))
+    assert response.status == 413
+    within = await call(app, http_scope(path="/up", method="POST"), receive=chunked(chunks[:2]))
+    assert (within.status, within.json()) == (200, {"size": 800})  # unchanged
+
+
+async def test_body_limits_by_route_and_httpx_end_to_end() -> None:
+    async def upload(request: Request) -> JSONResponse:
+        return JSONResponse({"size": len(await request.body())})
+
+    routes = [
+        Route("/files/{name}", upload, methods=["PUT"]),
+        Route("/small", upload, methods=["PUT"]),
+    ]
+    app = resilient(
+        Starlette(routes=routes),
+        max_body_size=100,
+        body_limit_routes={"/files/{name}": 10_000},
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://t"
+    ) as client:
+        assert (await client.put("/files/a", content=b"y" * 5000)).json() == {"size": 5000}
+        assert (await client.put("/small", content=b"y" * 5000)).status_code == 413
+        assert (await client.put("/small", content=b"y" * 50)).status_code == 200
+
+
+def test_body_limit_options_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"max_body_size .* whole number of bytes"):
+        BodyLimitMiddleware(Gate(), max_body_size=-1)
+
+
+# --- in resilient() -------------------------------------------------------------------------------
+
+
+def test_everything_is_off_by_default_and_on_by_option_or_environment() -> None:
+    def layers(app: ASGIApp) -> list[str]:
+        return [type(layer).__name__ for layer in _walk(app)]
+
+    plain = layers(resilient(Gate()))
+    assert not {"ConcurrencyLimitMiddleware", "TimeoutMiddleware", "BodyLimitMiddleware"} & set(
+        plain
+    )
+    environ = {
+        "ASGI_RESILIENCE_MAX_CONCURRENCY": "8",
+        "ASGI_RESILIENCE_TIMEOUT": "2.5",
+        "ASGI_RESILIENCE_MAX_BODY_SIZE": "1000",
+    }
+    configured = resilient(Gate(), environ=environ)
+    found = layers(configured)
+    order = [
+        name
+        for name in found
+        if name
+        in (
+            "TimeoutMiddleware",
+            "RateLimitMiddleware",
+            "ConcurrencyLimitMiddleware",
+            "BodyLimitMiddleware",
+        )
+    ]
+    assert order == ["TimeoutMiddleware", "ConcurrencyLimitMiddleware", "BodyLimitMiddleware"]
+    adaptive = resilient(Gate(), max_concurrency="adaptive", max_queue=5, queue_timeout=0.5)
+    limiter = next(a for a in _walk(adaptive) if isinstance(a, ConcurrencyLimitMiddleware))
+    assert limiter.adaptive is not None and limiter.max_queue == 5 and limiter.queue_timeout == 0.5
+    with pytest.raises(ValueError, match="max_queue"):
+        resilient(Gate(), max_queue=5)  # without max_concurrency it would limit nothing
+
+
+def _walk(app: object) -> list[object]:
+    """The layers from ``app`` inwards (``ResilientApp.stack``, each middleware's ``app``)."""
+    found = []
+    layer: object | None = app
+    while layer is not None:
+        found.append(layer)
+        layer = getattr(layer, "stack", None) or getattr(layer, "app", None)
+    return found
+
+
+async def test_retry_and_circuit_breaker_stop_at_the_request_deadline() -> None:
+    from asgi_resilience import CircuitBreaker, Retry
+
+    attempts: list[float] = []
+    called: list[bool] = []
+
+    async def flaky() -> None:
+        attempts.append(anyio.current_time())
+        raise ConnectionError("down")
+
+    async def dependency() -> None:
+        called.append(True)  # pragma: no cover - never called past the deadline
+
+    breaker = CircuitBreaker("payments", registry=CollectorRegistry())
+    outcome: dict[str, BaseException] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        policy = Retry(attempts=50, backoff=0.05, max_backoff=0.05, deadline=60)
+        try:
+            await policy.call(flaky)
+        except ConnectionError as exc:
+            outcome["retry"] = exc
+        try:
+            await anyio.sleep(1)  # past the deadline: cancelled there
+        finally:
+            with anyio.CancelScope(shield=True):  # clean-up code calling a dependency
+                try:
+                    await breaker.call(dependency)
+                except TimeoutError as exc:
+                    outcome["breaker"] = exc
+
+    started = anyio.current_time()
+    response = await request(TimeoutMiddleware(app, timeout=0.3))
+    assert response.status == 504
+    assert isinstance(outcome["retry"], ConnectionError)  # gave up at the deadline, not at 60 s
+    assert attempts and attempts[-1] - started < 0.3  # no attempt started past it
+    assert "deadline passed" in str(outcome["breaker"]) and called == []
