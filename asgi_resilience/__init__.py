@@ -36,6 +36,14 @@ from .lifespan import (
 )
 from .lifespan_middleware import LifespanMiddleware
 from .metrics import Metrics, MetricsMiddleware, metrics_app
+from .overload import (
+    AdaptiveLimit,
+    BodyLimitMiddleware,
+    ConcurrencyLimitMiddleware,
+    TimeoutMiddleware,
+    get_deadline,
+    remaining_time,
+)
 from .proxies import TrustedProxies
 from .ratelimit import (
     Backend,
@@ -58,16 +66,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccessLogMiddleware",
+    "AdaptiveLimit",
     "AppError",
     "AsgiResilienceError",
     "Backend",
     "BackendError",
     "BadRequest",
+    "BodyLimitMiddleware",
     "BuiltinEndpoints",
     "Check",
     "CheckResult",
     "CircuitBreaker",
     "CircuitOpenError",
+    "ConcurrencyLimitMiddleware",
     "ConfigurationError",
     "Conflict",
     "EnvelopeMiddleware",
@@ -91,6 +102,7 @@ __all__ = [
     "Retry",
     "ServiceUnavailable",
     "StartupError",
+    "TimeoutMiddleware",
     "TooManyRequests",
     "TracingMiddleware",
     "TrustedProxies",
@@ -99,9 +111,11 @@ __all__ = [
     "__version__",
     "add_envelope_meta",
     "generate_request_id",
+    "get_deadline",
     "get_request_id",
     "metrics_app",
     "parse_rates",
+    "remaining_time",
     "render_error",
     "resilient",
     "retry",

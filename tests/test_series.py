@@ -143,8 +143,12 @@ def test_request_metrics_use_prometheus_client_where_lock_free_cannot_hold(
     assert isinstance(fast.rate_limit_decisions, series.Counter)
     assert isinstance(fast.startup_checks, prometheus_client.Histogram)  # not on the request path
 
-    # Multiprocess mode: prometheus_client chose file-backed values at import.
-    monkeypatch.setattr(values, "ValueClass", object())
+    # Multiprocess mode: prometheus_client chose file-backed values at import (a value class
+    # of its own; collectors without labels make their value at once, so it must work).
+    class FileBackedValue(values.MutexValue):
+        pass
+
+    monkeypatch.setattr(values, "ValueClass", FileBackedValue)
     assert not series.lock_free()
     shared = Metrics(CollectorRegistry())
     assert isinstance(shared.request_duration, prometheus_client.Histogram)
