@@ -10,7 +10,7 @@ estimators.
 
 from __future__ import annotations
 
-import math
+from collections import deque
 
 __all__ = ["AdaptiveLimit"]
 
@@ -18,7 +18,6 @@ __all__ = ["AdaptiveLimit"]
 # which overshoots a small capacity by half): the queue inside the application is kept between
 # 10% and 20% of the limit, and the limit moves 5% a window (at least one request).
 _LEAST_QUEUED, _MOST_QUEUED, _STEP = 0.1, 0.2, 0.05
-_NO_LOAD = 2  # requests inside at most, for a window's latency to be the no-load latency
 
 
 class AdaptiveLimit:
@@ -52,23 +51,25 @@ class AdaptiveLimit:
         max_limit: int = 1000,
         initial: int | None = None,
         window: int = 20,
+        baseline_windows: int = 100,
     ) -> None:
         if not 1 <= min_limit <= max_limit:
             raise ValueError(
                 f"need 1 <= min_limit <= max_limit, got min_limit={min_limit}, "
                 f"max_limit={max_limit}"
             )
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window!r}")
+        if window < 1 or baseline_windows < 1:
+            raise ValueError(
+                f"window and baseline_windows must be >= 1, got {window!r}, {baseline_windows!r}"
+            )
         self.min_limit, self.max_limit = min_limit, max_limit
         start = 20 if initial is None else initial
         self._limit = float(min(max_limit, max(min_limit, start)))
         self.window = window
-        self._baseline: float | None = None
+        self._averages: deque[float] = deque(maxlen=baseline_windows)
         self._total = 0.0
         self._count = 0
         self._busiest = 0
-        self._lowest = math.inf
 
     @property
     def limit(self) -> int:
@@ -77,7 +78,7 @@ class AdaptiveLimit:
     @property
     def baseline(self) -> float | None:
         """The latency at no load, as far as measured (``None`` before the first window)."""
-        return self._baseline
+        return min(self._averages) if self._averages else None
 
     def observe(self, latency: float, in_flight: int) -> None:
         """One request took ``latency`` seconds with ``in_flight`` requests inside."""
@@ -86,18 +87,16 @@ class AdaptiveLimit:
         self._total += latency
         self._count += 1
         self._busiest = max(self._busiest, in_flight)
-        self._lowest = min(self._lowest, latency)
         if self._count >= self.window:
             self._adjust()
 
     def _adjust(self) -> None:
-        average, lowest, busiest = self._total / self._count, self._lowest, self._busiest
-        busy = busiest * 2 >= self._limit
-        self._total, self._count, self._busiest, self._lowest = 0.0, 0, 0, math.inf
+        average = self._total / self._count
+        busy = self._busiest * 2 >= self._limit
+        self._total, self._count, self._busiest = 0.0, 0, 0
+        self._averages.append(average)
+        baseline = min(self._averages)
         limit = self._limit
-        if self._baseline is None or lowest < self._baseline or busiest <= _NO_LOAD:
-            self._baseline = lowest  # with so few inside, what a window measures is no load
-        baseline = self._baseline
         queue = limit * (1 - baseline / average)
         step = max(1.0, limit * _STEP)
         if queue > max(2.0, limit * _MOST_QUEUED):

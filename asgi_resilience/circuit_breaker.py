@@ -244,9 +244,6 @@ class CircuitBreaker:
                 request's deadline (``TimeoutMiddleware``) has passed: then ``fn`` is not
                 called, and nothing is counted against the dependency.
         """
-        left = remaining_time()
-        if left is not None and left <= 0:
-            raise TimeoutError(f"the request's deadline passed before calling {self.name!r}")
         async with self:
             return await fn(*args, **kwargs)
 
@@ -266,6 +263,9 @@ class CircuitBreaker:
         return protected
 
     async def __aenter__(self) -> CircuitBreaker:
+        left = remaining_time()
+        if left is not None and left <= 0:  # before admitting: nothing counts against the call
+            raise TimeoutError(f"the request's deadline passed before calling {self.name!r}")
         call = self._admit()
         _entered.set((*_entered.get(), call))
         if self.timeout is not None:

@@ -133,17 +133,21 @@ class TimeoutMiddleware(ContextMiddleware):
         if outer is not None and outer < deadline:
             deadline = outer  # an outer deadline that is sooner still holds
         started = False
+        cancel_scope = anyio.CancelScope(deadline=deadline)
 
-        async def send_watching_start(message: Message) -> None:
+        async def send_watching_the_response(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                # Answered: background work after the response is not held to the deadline.
+                cancel_scope.deadline = math.inf
 
         token = _deadline.set(deadline)
         try:
-            with anyio.CancelScope(deadline=deadline) as cancel_scope:
-                await self.app(scope, receive, send_watching_start)
+            with cancel_scope:
+                await self.app(scope, receive, send_watching_the_response)
         finally:
             _deadline.reset(token)
         if not cancel_scope.cancelled_caught:
@@ -160,7 +164,9 @@ class TimeoutMiddleware(ContextMiddleware):
             scope["path"],
             timeout,
         )
-        raise TimeoutError(f"the response was cut off at its {timeout:g} s deadline")
+        error = TimeoutError(f"the response was cut off at its {timeout:g} s deadline")
+        context.exception_logged = error  # logged here: the error layer only passes it on
+        raise error
 
 
 # --- body size ------------------------------------------------------------------------------------
@@ -294,8 +300,8 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
     Args:
         app: the ASGI application.
         limit: requests inside at once, or ``"adaptive"``.
-        max_queue: requests that may wait (default: the limit, or ``max_limit`` when
-            adaptive); 0: none wait.
+        max_queue: requests that may wait (default: as many as the limit, the adaptive
+            limit's current value included); 0: none wait.
         queue_timeout: seconds a request may wait.
         min_limit: the adaptive limit's floor (and its starting point's lower bound).
         max_limit: the adaptive limit's ceiling.
@@ -330,13 +336,13 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
             raise ValueError(f"limit must be a whole number >= 1 or 'adaptive', got {limit!r}")
         else:
             self.limit = limit
-        if max_queue is None:
-            max_queue = max_limit if self.adaptive else self.limit
-        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+        if max_queue is not None and (
+            isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0
+        ):
             raise ValueError(f"max_queue must be a whole number >= 0, got {max_queue!r}")
         _seconds("queue_timeout")("the option", queue_timeout)
         self.app = app
-        self.max_queue = max_queue
+        self._max_queue = max_queue  # None: as many as the limit, adaptive or not
         self.queue_timeout = float(queue_timeout)
         self.retry_after = b"%d" % max(1, math.ceil(queue_timeout))
         self.exempt = PathSet(exempt_paths, option="exempt_paths")
@@ -353,6 +359,11 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
     @property
     def queued(self) -> int:
         return len(self._waiters)
+
+    @property
+    def max_queue(self) -> int:
+        """Requests that may wait now: ``max_queue``, or the current limit without one."""
+        return self.limit if self._max_queue is None else self._max_queue
 
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
@@ -395,7 +406,10 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
             nonlocal gone
             size = 0
             while size <= 65_536:  # beyond that the app reads the rest, and any disconnect
-                message = await receive()
+                try:
+                    message = await receive()
+                except Exception:  # the server lost the connection: as good as a disconnect
+                    message = {"type": "http.disconnect"}
                 buffered.append(message)
                 if message["type"] == "http.disconnect":
                     gone = True

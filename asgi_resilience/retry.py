@@ -104,6 +104,8 @@ class Retry:
         while True:
             attempt += 1
             remaining = None if deadline_at is None else deadline_at - self.clock()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"no time left to call {getattr(fn, '__qualname__', fn)}")
             try:
                 with anyio.fail_after(remaining):
                     return await fn(*args, **kwargs)

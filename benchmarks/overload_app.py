@@ -20,7 +20,10 @@ from asgi_resilience import resilient
 WORK_SECONDS = float(os.environ.get("OVERLOAD_WORK", "0.002"))
 
 
-async def work(request: Request) -> PlainTextResponse:
+def work(request: Request) -> PlainTextResponse:
+    """CPU for ``OVERLOAD_WORK`` seconds, in a plain ``def``: Starlette runs it in its thread
+    pool, as it runs any blocking handler, so requests overlap as they do in real services
+    (an ``async def`` spinning the CPU would block the event loop and never be concurrent)."""
     end = time.perf_counter() + WORK_SECONDS
     while time.perf_counter() < end:  # CPU, as a handler that computes or serializes
         pass

@@ -534,3 +534,113 @@ async def test_retry_and_circuit_breaker_stop_at_the_request_deadline() -> None:
     assert attempts and attempts[-1] - started < 0.3
     assert isinstance(outcome.get("retry", ConnectionError()), ConnectionError)
     assert "deadline passed" in str(outcome["breaker"]) and called == []
+
+
+def test_the_adaptive_limit_holds_on_noisy_latency_and_recovers_from_a_raised_floor() -> None:
+    import random
+
+    rnd = random.Random(7)
+    noisy = AdaptiveLimit(min_limit=1, max_limit=200)
+    for _ in range(3000):  # 10 to 30 ms whatever the load: nothing says to back off
+        noisy.observe(rnd.uniform(0.01, 0.03), noisy.limit)
+    assert noisy.limit >= 15  # held, not collapsed (it fell to 4 on the fastest request alone)
+    loaded = AdaptiveLimit(min_limit=1, max_limit=200)
+    for _ in range(3000):  # capacity 20, latency +-50% around what the load gives
+        inside = loaded.limit
+        loaded.observe(0.01 * max(1.0, inside / 20) * rnd.uniform(0.5, 1.5), inside)
+    assert 16 <= loaded.limit <= 32
+    floor = AdaptiveLimit(min_limit=5, max_limit=200)
+    served(floor, capacity=20, base=0.01, samples=2000)
+    assert 20 <= served(floor, capacity=20, base=0.03, samples=4000)[-1] <= 26  # 3x slower
+
+
+async def test_background_work_after_a_complete_response_is_not_cut_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from starlette.background import BackgroundTask
+
+    finished: list[bool] = []
+
+    async def later() -> None:
+        await anyio.sleep(0.15)
+        finished.append(True)
+
+    async def answer(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("done", background=BackgroundTask(later))
+
+    registry = CollectorRegistry()
+    app = resilient(Starlette(routes=[Route("/a", answer)]), timeout=0.05, registry=registry)
+    caplog.set_level(logging.WARNING)
+    response = await request(app, "/a")
+    assert (response.status, response.body, finished) == (200, b"done", [True])
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sample(registry, "asgi_resilience_request_timeouts_total", phase="during_response") == 0
+
+
+async def test_a_cut_off_response_is_logged_once_in_the_stack(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def stalling() -> AsyncIterator[bytes]:
+        yield b"part"
+        await anyio.sleep(5)
+
+    async def stream(request: Request) -> StreamingResponse:
+        return StreamingResponse(stalling())
+
+    app = resilient(Starlette(routes=[Route("/s", stream)]), timeout=0.05)
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(TimeoutError):
+        await request(app, "/s")
+    problems = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "access" not in r.name
+    ]
+    assert [r.name for r in problems] == ["asgi_resilience.overload"]
+
+
+async def test_a_server_error_while_queued_counts_as_a_disconnect() -> None:
+    gate = Gate()
+    app = ConcurrencyLimitMiddleware(gate, limit=1, max_queue=1, queue_timeout=5)
+    messages: list[Message] = []
+
+    async def broken_receive() -> Message:
+        raise OSError("connection reset")
+
+    async def record(message: Message) -> None:
+        messages.append(message)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(request, app)
+        await anyio.sleep(0.01)
+        await app(http_scope(path="/work"), broken_receive, record)  # returns, no ExceptionGroup
+        assert app.queued == 0 and messages == []
+        gate.open.set()
+
+
+async def test_the_adaptive_queue_follows_the_limit() -> None:
+    app = ConcurrencyLimitMiddleware(Gate(), limit="adaptive", min_limit=3, max_limit=50)
+    assert app.max_queue == app.limit == 20
+    app.limit = 7
+    assert app.max_queue == 7
+    fixed = ConcurrencyLimitMiddleware(Gate(), limit=4, max_queue=0)
+    assert fixed.max_queue == 0
+
+
+async def test_a_breaker_used_as_a_context_manager_respects_the_deadline_too() -> None:
+    from asgi_resilience import CircuitBreaker
+
+    breaker = CircuitBreaker("search", registry=CollectorRegistry())
+    outcome: list[BaseException] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await anyio.sleep(1)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    async with breaker:
+                        raise AssertionError("not entered")  # pragma: no cover
+                except TimeoutError as exc:
+                    outcome.append(exc)
+
+    assert (await request(TimeoutMiddleware(app, timeout=0.05))).status == 504
+    assert len(outcome) == 1 and breaker.state == "closed"
