@@ -244,18 +244,22 @@ async def test_the_stall_timer_asks_the_socket_before_failing(answered: bool) ->
         pipe = Pipe(Address(), asyncio.get_running_loop())
         pipe.connection_made(SocketOnlyTransport(ours))  # type: ignore[arg-type]
         reply = pipe.call(pack(b"PING"), 0.02)
+        second = pipe.call(pack(b"PING"), 0.02)
         if answered:  # Redis' answer is there, unread: the loop has not polled yet
             theirs.sendall(b"+PONG\r\n")
         await asyncio.sleep(0.05)  # the timer fires meanwhile
         assert reply.done() is not answered
         assert (pipe.stalled_at is None) is answered
         if answered:
+            theirs.sendall(b"+PONG\r\n")
+            await asyncio.sleep(0.01)
             pipe.data_received(ours.recv(64))  # the loop gets to it
-            assert reply.result() == b"PONG"
+            assert reply.result() == second.result() == b"PONG"
         else:
             with pytest.raises(BackendError, match="did not answer within 20 ms"):
                 reply.result()
-            pipe.data_received(b"+PONG\r\n")  # the late reply is dropped, and the pipe usable
+            assert reply.exception() is not second.exception()  # each caller its own error
+            pipe.data_received(b"+PONG\r\n+PONG\r\n")  # late replies dropped, pipe usable
             assert pipe.usable
     finally:
         ours.close()

@@ -176,12 +176,13 @@ class Pipe(asyncio.Protocol):
             self._arm(now + self._pending[0][1])
             return
         self.stalled_at = now
-        error = BackendError(
+        message = (
             f"Redis at {self.address} did not answer within {self._pending[0][1] * 1000:.0f} ms"
         )
         for future, _ in self._pending:  # kept: their late replies are read and dropped
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(BackendError(message))  # one each: a shared one's
+                # traceback would grow with every caller that raises it
 
     def _unread(self) -> bool:
         if self._fd < 0:
@@ -199,7 +200,7 @@ class Pipe(asyncio.Protocol):
         while self._pending:
             future = self._pending.popleft()[0]
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(BackendError(str(error)))  # one each, as in _check
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
