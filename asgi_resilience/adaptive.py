@@ -28,7 +28,8 @@ class AdaptiveLimit:
     ``queue = limit * (1 - baseline / latency)`` estimates the requests that waited inside the
     application. A queue below 10% of the limit (at least 1) raises the limit by 5%
     (at least 1; only if the window kept at least half the limit busy: an idle service learns
-    nothing about its capacity); a queue above 20% (at least 2) lowers it by as much.
+    nothing about its capacity); a queue above 20% (at least 2) lowers it by as much, or
+    straight to where the measured latency says the queue would be 15%, whichever is lower.
     The limit settles a few requests above the concurrency the application serves at its
     unloaded latency, backs off when latency rises and recovers when it falls.
 
@@ -100,7 +101,10 @@ class AdaptiveLimit:
         queue = limit * (1 - baseline / average)
         step = max(1.0, limit * _STEP)
         if queue > max(2.0, limit * _MOST_QUEUED):
-            limit -= step
+            # Far above: straight to the limit whose queue the latency says would be moderate,
+            # not 5% a window (a cold start at 20 on a service that holds 4 would take dozens).
+            moderate = limit * baseline / average * (1 + (_LEAST_QUEUED + _MOST_QUEUED) / 2)
+            limit = min(limit - step, moderate)
         elif queue < max(1.0, limit * _LEAST_QUEUED) and busy:
             limit += step
         self._limit = min(float(self.max_limit), max(float(self.min_limit), limit))
