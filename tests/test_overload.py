@@ -627,3 +627,9 @@ async def test_a_breaker_used_as_a_context_manager_respects_the_deadline_too() -
 
     assert (await request(TimeoutMiddleware(app, timeout=0.05))).status == 504
     assert len(outcome) == 1 and breaker.state == "closed"
+
+
+def test_a_cold_adaptive_limit_far_above_the_capacity_comes_down_within_a_few_windows() -> None:
+    limit = AdaptiveLimit(min_limit=1, max_limit=100)  # starts at 20
+    limits = served(limit, capacity=2, base=0.01, samples=100)  # five windows of 20
+    assert limits[-1] <= 4  # not 5% a window: that would still be above 15
