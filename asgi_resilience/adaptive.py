@@ -24,7 +24,7 @@ class AdaptiveLimit:
     """A limit between ``min_limit`` and ``max_limit`` fed one latency sample per request.
 
     Samples are grouped in windows of ``window`` requests. For each window, with ``baseline``
-    the lowest latency seen (the latency at no load) and ``latency`` the window's average,
+    the latency at no load (below) and ``latency`` the window's average,
     ``queue = limit * (1 - baseline / latency)`` estimates the requests that waited inside the
     application. A queue below 10% of the limit (at least 1) raises the limit by 5%
     (at least 1; only if the window kept at least half the limit busy: an idle service learns
@@ -33,16 +33,19 @@ class AdaptiveLimit:
     The limit settles a few requests above the concurrency the application serves at its
     unloaded latency, backs off when latency rises and recovers when it falls.
 
-    The baseline never rises under load (a baseline learnt from loaded windows would let the
-    limit creep up with the latency). An application that became slower for good pushes the
-    limit down; a window with at most two requests inside measures the new no-load latency, and
-    the limit grows back from it.
+    The baseline is the lowest window average of the last ``baseline_windows`` windows:
+    averages, so that one fast request (a cache hit, a 404) does not set it; the last windows
+    only, so that an application that became slower for good is measured anew once its faster
+    windows have passed. It is learnt from the service's lighter moments: a service started
+    straight into overload measures only loaded windows, and its limit then grows towards
+    ``max_limit`` (warm the service up first, or keep ``max_limit`` near a safe value).
 
     Args:
         min_limit: the floor.
         max_limit: the ceiling.
         initial: the starting limit (20 within the bounds by default).
         window: samples per adjustment.
+        baseline_windows: windows the baseline is the lowest average of.
     """
 
     def __init__(

@@ -265,7 +265,8 @@ class Database(Generic[SessionT]):
         Nothing is committed for you: call ``commit()`` or use ``transaction()``.
 
         Inside a request with a deadline (``TimeoutMiddleware``), every transaction of the
-        session on PostgreSQL starts with ``SET LOCAL statement_timeout`` to the time left, so
+        session on PostgreSQL starts with ``SET LOCAL statement_timeout`` to the time left (less a
+        margin: PostgreSQL ends the statement just before the deadline would), so
         a slow query ends with the request instead of running on after the client got its 504.
         """
         engine = self._usable_engine()
@@ -356,12 +357,15 @@ async def _apply(session: AsyncSession | Session, action: Callable[[Session], ob
 
 def _limit_statements(session: AsyncSession | Session, deadline: float) -> None:
     """Make each transaction of ``session`` start with a ``statement_timeout`` of the time left
-    before ``deadline`` (``time.monotonic()``); ``SET LOCAL`` ends with the transaction, so the
-    pooled connection keeps its own setting."""
+    before ``deadline`` (``time.monotonic()``), less a margin (a tenth, at most 100 ms);
+    ``SET LOCAL`` ends with the transaction, so the pooled connection keeps its own setting."""
     sync_session = session.sync_session if isinstance(session, AsyncSession) else session
 
     def set_statement_timeout(session: Session, transaction: Any, connection: Any) -> None:
-        milliseconds = max(1, int((deadline - time.monotonic()) * 1000))
+        left = deadline - time.monotonic()
+        # A little before the deadline: PostgreSQL ends the statement first, so the app gets
+        # the error (and the connection stays usable) instead of being cancelled mid-query.
+        milliseconds = max(1, int((left - min(0.1, left / 10)) * 1000))
         connection.exec_driver_sql(f"SET LOCAL statement_timeout = {milliseconds}")
 
     event.listen(sync_session, "after_begin", set_statement_timeout)
