@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -634,3 +636,79 @@ def test_an_adaptive_limit_far_above_the_capacity_comes_down_within_a_few_window
     assert 20 <= served(limit, capacity=20, base=0.01, samples=400)[-1] <= 24
     limits = served(limit, capacity=2, base=0.01, samples=100)  # the capacity falls tenfold
     assert limits[-1] <= 4  # within five windows; 5% a window would still be above 15
+
+
+async def test_five_hundred_at_once_never_exceed_the_limit_and_the_rest_are_shed() -> None:
+    gate, registry = Gate(), CollectorRegistry()
+    app = ConcurrencyLimitMiddleware(gate, limit=8, max_queue=16, registry=registry)
+    responses: list[Response] = []
+    peak = 0
+
+    async def one() -> None:
+        responses.append(await request(app))
+
+    async with anyio.create_task_group() as tasks:
+        for _ in range(500):
+            tasks.start_soon(one)
+        with anyio.fail_after(5):
+            while len(responses) < 476:
+                peak = max(peak, gate.inside)
+                await anyio.sleep(0.001)
+        assert (gate.inside, app.queued) == (8, 16)
+        gate.open.set()
+    assert peak <= 8 and gate.entered == 24
+    assert Counter(r.status for r in responses) == {200: 24, 503: 476}
+    assert (app.in_flight, app.queued) == (0, 0)
+    assert sample(registry, "asgi_resilience_load_shed_total", reason="queue_full") == 476
+
+
+def test_under_uvicorn_two_hundred_connections_never_exceed_the_limit(tmp_path: Path) -> None:
+    """Over real HTTP: 200 connections at once against limit 8 + queue 8 (0.2 s), 50 ms work."""
+    import asyncio
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    log = (tmp_path / "uvicorn.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "tests.apps.overloaded:app", "--port", str(port)],
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    async def drive() -> tuple[list[httpx.Response], Any]:
+        base = f"http://127.0.0.1:{port}"
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=base, limits=limits, timeout=10) as client:
+            for _ in range(400):
+                try:
+                    if (await client.get("/health/ready")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+            responses: list[httpx.Response] = []
+
+            async def one() -> None:
+                responses.append(await client.get("/work"))
+
+            for _ in range(3):  # three rounds of 200 at once
+                await asyncio.gather(*(one() for _ in range(200)))
+            return responses, (await client.get("/peak")).json()
+
+    try:
+        responses, peak = asyncio.run(drive())
+    finally:
+        server.terminate()
+        server.wait(15)
+        log.close()
+    statuses = Counter(response.status_code for response in responses)
+    assert set(statuses) == {200, 503} and sum(statuses.values()) == 600
+    assert peak == {"peak": 8, "inside": 0}  # full, never more
+    shed = next(r for r in responses if r.status_code == 503)
+    assert shed.headers["retry-after"] == "1" and shed.json()["code"] == "overloaded"
+    assert shed.json()["request_id"] == shed.headers["x-request-id"]

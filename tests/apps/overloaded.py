@@ -1,0 +1,43 @@
+"""A slow app behind a concurrency limit, served by uvicorn in tests/test_overload.py.
+
+``/work`` sleeps 50 ms (I/O-bound, as a handler waiting on a database); ``/peak`` reports the
+most requests that were inside ``/work`` at once. Limit 8, queue 8, 0.2 s queue timeout.
+"""
+
+from __future__ import annotations
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route
+
+from asgi_resilience import resilient
+
+inside = 0
+peak = 0
+
+
+async def work(request: Request) -> PlainTextResponse:
+    global inside, peak
+    inside += 1
+    peak = max(peak, inside)
+    try:
+        await anyio.sleep(0.05)
+    finally:
+        inside -= 1
+    return PlainTextResponse("done")
+
+
+async def report(request: Request) -> JSONResponse:
+    return JSONResponse({"peak": peak, "inside": inside})
+
+
+app = resilient(
+    Starlette(routes=[Route("/work", work), Route("/peak", report)]),
+    max_concurrency=8,
+    max_queue=8,
+    queue_timeout=0.2,
+    access_log=False,
+    environ={},
+)
