@@ -4,8 +4,8 @@ Each option that is a plain value has a variable: ``ASGI_RESILIENCE_RATE_LIMIT="
 ``ASGI_RESILIENCE_TRUSTED_PROXIES="10.0.0.0/8,127.0.0.1"``, ``ASGI_RESILIENCE_DEBUG=false``.
 Values are parsed and validated when the app is built; a bad one raises ``ConfigurationError``
 naming the variable and the value. Keyword arguments win over the environment. Options that are
-objects (``lifespan``, ``registry``, ``tracer_provider``, ``access_logger``, ``rate_limit_routes``,
-a callable ``rate_limit_key``) have no variable.
+objects (``lifespan``, ``registry``, ``tracer_provider``, ``access_logger``, ``access_log_sink``,
+``rate_limit_routes``, a callable ``rate_limit_key``) have no variable.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ def _seconds(value: str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError("expected a positive number of seconds")
     return seconds
+
+
+def _seconds_or_off(value: str) -> float | None:
+    return None if value.strip().lower() in ("off", "none") else _seconds(value)
 
 
 def _seconds_or_zero(value: str) -> float:
@@ -174,6 +178,7 @@ PARSERS: Mapping[str, Callable[[str], Any]] = {
     "max_concurrency": _concurrency,
     "max_queue": _count_or_zero,
     "queue_timeout": _seconds,
+    "max_lag": _seconds_or_off,
     "timeout": _seconds,
     "max_body_size": _count_or_zero,
 }

@@ -39,6 +39,7 @@ __all__ = [
     "AdaptiveLimit",
     "BodyLimitMiddleware",
     "ConcurrencyLimitMiddleware",
+    "LoopLag",
     "TimeoutMiddleware",
     "get_deadline",
     "remaining_time",
@@ -275,6 +276,85 @@ class _BodyCounter:
 # --- concurrency ----------------------------------------------------------------------------------
 
 
+class LoopLag:
+    """How far behind its schedule the event loop runs: the wait a request has had before any
+    middleware saw it.
+
+    A concurrency limit counts the requests inside it, but under overload the queue that
+    grows is the one in front of it: bytes in socket buffers and requests whose tasks the loop
+    has not run yet (a handler that computes, a blocking call, threads holding the GIL). A
+    heartbeat every ``interval`` seconds measures how late it fires; while a beat is overdue,
+    the time since it was due counts too, so a loop stuck in one long step is seen from inside
+    that step. The idea of ``toobusy-js`` and Fastify's ``under-pressure``
+    (``maxEventLoopDelay``); written here because no ASGI library measures it. Runs on asyncio
+    (a timer, no task) and trio (a system task); started by the first request of each loop.
+
+    Args:
+        interval: seconds between beats.
+        gauge: an ``asgi_resilience_event_loop_lag_seconds`` child set at each beat.
+    """
+
+    def __init__(self, interval: float = 0.005, gauge: Any = None) -> None:
+        self.interval = interval
+        self.gauge = gauge
+        self.measured = 0.0
+        self._due = math.inf  # when the next beat should fire, on the loop's clock
+        self._loop: Any = None  # the asyncio loop or trio root task beating now
+        self._time: Callable[[], float] = anyio.current_time
+
+    def __call__(self) -> float:
+        """Seconds the loop is behind now (0.0 before the first beat)."""
+        overdue = self._time() - self._due
+        return overdue if overdue > self.measured else self.measured
+
+    def ensure_running(self) -> None:
+        """Start beating on the running loop unless already beating there."""
+        import asyncio
+
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio: anyio's other backend, trio
+            import trio
+
+            loop: object = trio.lowlevel.current_root_task()
+            if loop is self._loop:
+                return
+            self._loop = loop
+            self._time = trio.current_time
+            self._due = trio.current_time() + self.interval
+            trio.lowlevel.spawn_system_task(self._trio_beats)
+            return
+        if running is self._loop:
+            return
+        self._loop = running
+        self._time = running.time
+        self._due = running.time() + self.interval
+        running.call_at(self._due, self._asyncio_beat, running)
+
+    def _record(self, now: float) -> None:
+        self.measured = max(0.0, now - self._due)
+        self._due = now + self.interval
+        if self.gauge is not None:
+            self.gauge.set(self.measured)
+
+    def _asyncio_beat(self, loop: Any) -> None:
+        if loop is not self._loop:
+            return  # a newer loop took over
+        self._record(loop.time())
+        loop.call_at(self._due, self._asyncio_beat, loop)
+
+    async def _trio_beats(self) -> None:
+        import trio
+
+        root = trio.lowlevel.current_root_task()
+        while root is self._loop:
+            await trio.sleep_until(self._due)
+            self._record(trio.current_time())
+
+
+_SHED_REASONS = ("queue_full", "queue_timeout", "loop_lag")
+
+
 class _Waiter:
     __slots__ = ("event", "granted")
 
@@ -293,9 +373,18 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
     problem type and ``Retry-After`` (``queue_timeout`` rounded up: by then a place may be
     free). A waiter whose client disconnects, or whose task is cancelled, leaves the queue.
     ``exempt_paths`` (probes and ``/metrics`` by default) are never limited. With
-    ``limit="adaptive"`` the limit follows measured latency (``AdaptiveLimit``). Metrics:
-    ``asgi_resilience_concurrency_limit``, ``asgi_resilience_concurrency_in_flight``,
-    ``asgi_resilience_load_shed_total{reason}`` (``queue_full``, ``queue_timeout``).
+    ``limit="adaptive"`` the limit follows measured latency (``AdaptiveLimit``).
+
+    The queue that grows first under overload is often in front of any middleware: requests
+    the event loop has not reached yet (a handler computing on the loop, a blocking call,
+    threads holding the GIL). While the loop runs more than ``max_lag`` seconds behind
+    (``LoopLag``), new requests are shed at once, cheaply, instead of being admitted after a
+    wait they could not see: without it, a service whose handlers compute on the loop is never
+    more than one request "in flight" and the limit never sheds while its clients time out.
+
+    Metrics: ``asgi_resilience_concurrency_limit``, ``asgi_resilience_concurrency_in_flight``,
+    ``asgi_resilience_event_loop_lag_seconds``, ``asgi_resilience_load_shed_total{reason}``
+    (``queue_full``, ``queue_timeout``, ``loop_lag``).
 
     Args:
         app: the ASGI application.
@@ -303,6 +392,9 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
         max_queue: requests that may wait (default: as many as the limit, the adaptive
             limit's current value included); 0: none wait.
         queue_timeout: seconds a request may wait.
+        max_lag: seconds the event loop may run behind before new requests are shed
+            (``loop_lag``); ``None``: not watched. The default, 0.1 s, is past a garbage
+            collection's pause and well short of a client's patience.
         min_limit: the adaptive limit's floor (and its starting point's lower bound).
         max_limit: the adaptive limit's ceiling.
         exempt_paths: paths (and their subpaths) never limited.
@@ -319,6 +411,7 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
         queue_timeout: float = 1.0,
         min_limit: int = 1,
         max_limit: int = 1000,
+        max_lag: float | None = 0.1,
         exempt_paths: Iterable[str] = PROBE_PATHS,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] | None = None,
@@ -352,7 +445,10 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
         metrics = Metrics.for_registry(registry)
         self._limit_gauge = metrics.concurrency_limit.labels()
         self._in_flight_gauge = metrics.concurrency_in_flight.labels()
-        self._shed = {r: metrics.load_shed.labels(r) for r in ("queue_full", "queue_timeout")}
+        self._shed = {r: metrics.load_shed.labels(r) for r in _SHED_REASONS}
+        _seconds("max_lag")("the option", max_lag)
+        self.max_lag = max_lag
+        self.lag = None if max_lag is None else LoopLag(gauge=metrics.event_loop_lag.labels())
         self._limit_gauge.set(self.limit)
         self._in_flight_gauge.set(0)
 
@@ -371,6 +467,11 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
         if scope["path"] in self.exempt:
             await self.app(scope, receive, send)
             return
+        if self.lag is not None:
+            self.lag.ensure_running()
+            if self.lag() > self.max_lag:  # type: ignore[operator]
+                await self._shed_request(context, scope, send, "loop_lag")
+                return
         if self.in_flight < self.limit and not self._waiters:
             self.in_flight += 1
         else:
@@ -470,11 +571,12 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
         self, context: RequestContext, scope: Scope, send: Send, reason: str
     ) -> None:
         self._shed[reason].inc()
-        detail = (
-            "The service is at capacity and its queue is full; retry later"
-            if reason == "queue_full"
-            else f"No capacity came free within {self.queue_timeout:g} s; retry later"
-        )
+        if reason == "queue_full":
+            detail = "The service is at capacity and its queue is full; retry later"
+        elif reason == "queue_timeout":
+            detail = f"No capacity came free within {self.queue_timeout:g} s; retry later"
+        else:
+            detail = "The service is running behind its incoming requests; retry later"
         await send_error(
             context,
             scope,

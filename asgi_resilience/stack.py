@@ -96,6 +96,7 @@ _DEFAULTS: dict[str, Any] = {
     "max_concurrency": None,
     "max_queue": None,
     "queue_timeout": 1.0,
+    "max_lag": 0.1,
     "timeout": None,
     "max_body_size": None,
 }
@@ -138,6 +139,7 @@ def resilient(
     max_concurrency: int | Literal["adaptive"] | None = DEFAULT,
     max_queue: int | None = DEFAULT,
     queue_timeout: float = DEFAULT,
+    max_lag: float | None = DEFAULT,
     timeout: float | None = DEFAULT,
     timeout_routes: Mapping[str, float | None] | None = None,
     max_body_size: int | None = DEFAULT,
@@ -200,6 +202,9 @@ def resilient(
         max_queue: requests that may wait for a place (default: the limit); needs
             ``max_concurrency``.
         queue_timeout: seconds a request may wait for a place.
+        max_lag: shed at once while the event loop runs more than this many seconds behind
+            (the wait before the stack sees a request); ``None``: never; needs
+            ``max_concurrency``.
         timeout: seconds a request may take before it is cancelled and answered 504
             (``TimeoutMiddleware``); ``None``: no deadline.
         timeout_routes: route template or path prefix -> seconds (``None``: no deadline).
@@ -262,6 +267,7 @@ def _build(
     max_concurrency: int | Literal["adaptive"] | None,
     max_queue: int | None,
     queue_timeout: float,
+    max_lag: float | None,
     timeout: float | None,
     timeout_routes: Mapping[str, float | None] | None,
     max_body_size: int | None,
@@ -286,6 +292,7 @@ def _build(
             limit=max_concurrency,
             max_queue=max_queue,
             queue_timeout=queue_timeout,
+            max_lag=max_lag,
             exempt_paths=probes,
             registry=registry,
         )

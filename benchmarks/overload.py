@@ -49,7 +49,7 @@ class Server:
         self.port = free_port()
         env = {**os.environ, "OVERLOAD_VARIANT": variant, "OVERLOAD_LIMIT": str(limit)}
         command = [*pinned(1), sys.executable, "-m", "uvicorn", "benchmarks.overload_app:app"]
-        command += ["--port", str(self.port), "--no-access-log", "--log-level", "warning"]
+        command += ["--port", str(self.port), "--no-access-log", "--log-level", "error"]
         if uvicorn_limit is not None:
             command += ["--limit-concurrency", str(uvicorn_limit)]
         self.process = subprocess.Popen(command, cwd=ROOT, env=env)
@@ -106,23 +106,35 @@ class Outcome:
     lost: int = 0
 
 
-async def open_loop(port: int, rate: float, seconds: float) -> Outcome:
-    """Send ``rate`` requests a second for ``seconds``, each on an idle connection or a new
-    one, never waiting for earlier answers."""
+async def open_loop(
+    port: int, rate: float, seconds: float, connections: int | None = None
+) -> Outcome:
+    """Send ``rate`` requests a second for ``seconds``, never waiting for earlier answers.
+
+    Each request goes out on an idle connection, or a new one. With ``connections``, at most
+    that many are open, as a load balancer's pool to one instance: a request finding them all
+    busy waits for one (its wait counts in its latency, and past ``GIVE_UP`` it is lost)."""
     outcome = Outcome()
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    pool = asyncio.Semaphore(connections or 1_000_000)
     tasks: set[asyncio.Task[None]] = set()
     start = time.monotonic()
 
-    async def one(due: float) -> None:
+    async def exchange() -> tuple[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
         connection = idle.pop() if idle else await asyncio.open_connection("127.0.0.1", port)
-        reader, writer = connection
         try:
-            writer.write(REQUEST)
-            status = await asyncio.wait_for(read_status(reader), GIVE_UP)
+            connection[1].write(REQUEST)
+            return await read_status(connection[0]), connection
+        except BaseException:
+            connection[1].close()
+            raise
+
+    async def one(due: float) -> None:
+        try:
+            async with asyncio.timeout_at(asyncio.get_running_loop().time() + GIVE_UP), pool:
+                status, connection = await exchange()
         except (TimeoutError, OSError, asyncio.IncompleteReadError):
             outcome.lost += 1
-            writer.close()
             return
         latency = time.monotonic() - due
         if status == 200:
@@ -163,15 +175,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--limit", type=int, default=4, help="the fixed limits' concurrency")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=["none", "uvicorn", "fixed", "adaptive"],
+        help="run these variants only (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--load", action="append", type=float, help="these loads only (default 0.5 1 2 4)"
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=None,
+        help="at most this many connections, as a load balancer's pool (default: no bound)",
+    )
     args = parser.parse_args()
     if os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
         os.sched_setaffinity(0, {0})  # the generator on CPU 0, the server on CPU 1
     variants = [
-        ("no protection", "none", None),
-        (f"uvicorn --limit-concurrency {args.limit * 2}", "none", args.limit * 2),
-        (f"ours, fixed {args.limit} + queue {args.limit}", "fixed", None),
-        ("ours, adaptive", "adaptive", None),
+        ("none", "no protection", "none", None),
+        ("uvicorn", f"uvicorn --limit-concurrency {args.limit * 2}", "none", args.limit * 2),
+        ("fixed", f"ours, fixed {args.limit} + queue {args.limit}", "fixed", None),
+        ("adaptive", "ours, adaptive", "adaptive", None),
     ]
+    chosen = [v[1:] for v in variants if not args.only or v[0] in args.only]
     server = Server("none", args.limit)
     try:
         measured = asyncio.run(capacity(server.port))
@@ -184,12 +212,14 @@ def main() -> None:
         f"{'variant':<34} {'load':>5} {'goodput/s':>10} {'% of cap':>9} {'p50 ms':>8} "
         f"{'p99 ms':>8} {'shed p99 ms':>12} {'shed':>6} {'lost':>6}"
     )
-    for name, variant, uvicorn_limit in variants:
-        for load in (0.5, 1, 2, 4):
+    for name, variant, uvicorn_limit in chosen:
+        for load in args.load or (0.5, 1, 2, 4):
             server = Server(variant, args.limit, uvicorn_limit)
             try:
                 asyncio.run(open_loop(server.port, measured * 0.25, 1))  # warm up
-                outcome = asyncio.run(open_loop(server.port, measured * load, args.seconds))
+                outcome = asyncio.run(
+                    open_loop(server.port, measured * load, args.seconds, args.connections)
+                )
             finally:
                 server.stop()
             good = sum(1 for latency in outcome.admitted if latency <= OBJECTIVE)

@@ -4,6 +4,7 @@ size limits; alone and in resilient()."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from asgi_resilience.overload import (
     OVERLOADED_TYPE,
     BodyLimitMiddleware,
     ConcurrencyLimitMiddleware,
+    LoopLag,
     TimeoutMiddleware,
     get_deadline,
     remaining_time,
@@ -640,7 +642,8 @@ def test_an_adaptive_limit_far_above_the_capacity_comes_down_within_a_few_window
 
 async def test_five_hundred_at_once_never_exceed_the_limit_and_the_rest_are_shed() -> None:
     gate, registry = Gate(), CollectorRegistry()
-    app = ConcurrencyLimitMiddleware(gate, limit=8, max_queue=16, registry=registry)
+    # max_lag off: the counts below are the queue's alone, however busy the machine is
+    app = ConcurrencyLimitMiddleware(gate, limit=8, max_queue=16, max_lag=None, registry=registry)
     responses: list[Response] = []
     peak = 0
 
@@ -698,8 +701,17 @@ def test_under_uvicorn_two_hundred_connections_never_exceed_the_limit(tmp_path: 
 
             for _ in range(3):  # three rounds of 200 at once
                 await asyncio.gather(*(one() for _ in range(200)))
-            return responses, (await client.get("/peak")).json()
+            peak = (await client.get("/peak")).json()
+            # 100 at once computing 20 ms each on the loop: in flight never passes 1, so only
+            # the loop's lag can shed; unshed, the last would be answered after 2 s.
+            began = time.perf_counter()
+            computed = await asyncio.gather(*(client.get("/compute") for _ in range(100)))
+            slowest.append(time.perf_counter() - began)
+            metrics.append((await client.get("/metrics")).text)
+            return responses + computed, peak
 
+    slowest: list[float] = []
+    metrics: list[str] = []
     try:
         responses, peak = asyncio.run(drive())
     finally:
@@ -707,8 +719,104 @@ def test_under_uvicorn_two_hundred_connections_never_exceed_the_limit(tmp_path: 
         server.wait(15)
         log.close()
     statuses = Counter(response.status_code for response in responses)
-    assert set(statuses) == {200, 503} and sum(statuses.values()) == 600
+    assert set(statuses) == {200, 503} and sum(statuses.values()) == 700
     assert peak == {"peak": 8, "inside": 0}  # full, never more
+    computed = Counter(response.status_code for response in responses[600:])
+    assert computed[200] >= 1 and computed[503] >= 10, computed
+    assert slowest[0] < 1.5  # all 100 answered well before 100 x 20 ms had run
+    assert f'asgi_resilience_load_shed_total{{reason="loop_lag"}} {computed[503]}.0' in metrics[0]
     shed = next(r for r in responses if r.status_code == 503)
     assert shed.headers["retry-after"] == "1" and shed.json()["code"] == "overloaded"
     assert shed.json()["request_id"] == shed.headers["x-request-id"]
+
+
+# --- the wait in front of the limit: event-loop lag -----------------------------------------------
+
+
+async def test_loop_lag_sees_a_blocked_loop_from_inside_the_blocking_step() -> None:
+    lag = LoopLag(interval=0.005)
+    lag.ensure_running()
+    await anyio.sleep(0.05)  # beats on time
+    assert lag() < 0.03
+    time.sleep(0.12)  # noqa: ASYNC251 - the loop stuck in one step: no beat can fire
+    assert lag() >= 0.1
+    await anyio.sleep(0.03)  # the late beat measured it, and the next ones are on time again
+    assert lag() < 0.03
+    lag.ensure_running()  # once per loop: a second call starts no second heartbeat
+    await anyio.sleep(0.02)
+    assert lag() < 0.03
+
+
+async def test_requests_that_reach_a_stuck_loop_are_shed_at_once() -> None:
+    """One handler blocks the loop 0.2 s (a sync call in an async handler); requests that
+    arrived meanwhile are shed with ``loop_lag``, cheaply; once the loop keeps up, all run."""
+    registry = CollectorRegistry()
+
+    responses: list[Response] = []
+
+    async def one(path: str) -> None:
+        responses.append(await request(app, path))
+
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/block":
+            for _ in range(20):
+                tasks.start_soon(one, "/work")  # they arrive now, their turn comes after
+            time.sleep(0.2)  # noqa: ASYNC251 - a blocking call in a handler, on purpose
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    app = resilient(endpoint, max_concurrency=100, max_lag=0.05, registry=registry, environ={})
+    await request(app, "/warm")  # the heartbeat starts with the first request
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(one, "/block")
+    statuses = Counter(r.status for r in responses)
+    assert statuses == {200: 1, 503: 20}
+    shed = next(r for r in responses if r.status == 503)
+    assert shed.json()["code"] == "overloaded" and shed.headers["retry-after"] == "1"
+    assert shed.json()["request_id"] == shed.headers["x-request-id"]
+    assert "behind" in shed.json()["detail"]
+    assert sample(registry, "asgi_resilience_load_shed_total", reason="loop_lag") == 20
+    await anyio.sleep(0.001)  # the late beat runs and records how late it was
+    assert sample(registry, "asgi_resilience_event_loop_lag_seconds") >= 0.15  # type: ignore[operator]
+    await anyio.sleep(0.05)
+    assert (await request(app)).status == 200  # caught up: admitted again
+    assert sample(registry, "asgi_resilience_event_loop_lag_seconds") < 0.05  # type: ignore[operator]
+
+
+async def test_handlers_computing_on_the_loop_are_bounded_by_the_lag_not_admitted_by_hundreds() -> (
+    None
+):
+    """300 requests at once, each computing 2 ms on the loop: none ever waits in front of the
+    limit, so the limit alone (1,000) admits them all and the last waits 0.6 s. With
+    ``max_lag=0.03`` those arriving after the loop fell 30 ms behind are shed instead."""
+    admitted = 0
+
+    async def compute(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal admitted
+        admitted += 1
+        end = time.perf_counter() + 0.002
+        while time.perf_counter() < end:
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    for max_lag, expected in ((None, range(300, 301)), (0.03, range(8, 40))):
+        registry = CollectorRegistry()
+        app = ConcurrencyLimitMiddleware(compute, limit=1000, max_lag=max_lag, registry=registry)
+        admitted = 0
+        await request(app)
+        await anyio.sleep(0.02)
+        admitted = 0
+        responses: list[Response] = []
+
+        async def one() -> None:
+            responses.append(await request(app))  # noqa: B023
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(300):
+                tasks.start_soon(one)
+        assert admitted in expected, (max_lag, admitted)
+        statuses = Counter(r.status for r in responses)
+        assert statuses[200] == admitted and statuses[503] == 300 - admitted
+        shed = sample(registry, "asgi_resilience_load_shed_total", reason="loop_lag")
+        assert shed == (300 - admitted if max_lag else 0)
