@@ -7,7 +7,7 @@ response envelopes; each middleware also works alone.
 
 from __future__ import annotations
 
-from .access_log import AccessLogMiddleware, JsonFormatter
+from .access_log import AccessLogMiddleware, JsonFormatter, JsonLinesSink
 from .circuit_breaker import CircuitBreaker, Retry, retry
 from .config import ConfigurationError
 from .context import RequestContext
@@ -87,6 +87,7 @@ __all__ = [
     "Forbidden",
     "HealthApp",
     "JsonFormatter",
+    "JsonLinesSink",
     "Lifespan",
     "LifespanMiddleware",
     "LoopLag",

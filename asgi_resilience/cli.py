@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .access_log import JsonFormatter
+from .access_log import JsonFormatter, JsonLinesSink
 from .config import ConfigurationError
 from .lifespan import Lifespan, StartupError
 from .request_id import RequestIdLogFilter
@@ -147,9 +147,13 @@ def load_app(target: str) -> ASGIApp:
     return app  # type: ignore[no-any-return]
 
 
-def _wrapped(target: str) -> ResilientApp:
+def _wrapped(target: str, *, plain: bool = True) -> ResilientApp:
+    """``target`` wrapped with ``resilient()``; with JSON logs, its access log goes through a
+    ``JsonLinesSink`` on stdout, the same lines for a fraction of the cost of ``logging``."""
     app = load_app(target)
-    return app if isinstance(app, ResilientApp) else resilient(app)
+    if isinstance(app, ResilientApp):
+        return app
+    return resilient(app) if plain else resilient(app, access_log_sink=JsonLinesSink(sys.stdout))
 
 
 def configure_logging(level: str = "info", *, plain: bool = False) -> None:
@@ -169,8 +173,9 @@ def configure_logging(level: str = "info", *, plain: bool = False) -> None:
 
 def worker_app() -> ResilientApp:
     """The app of one uvicorn worker process (``--workers`` above 1): uvicorn's factory."""
-    configure_logging(plain=os.environ.get(_PLAIN_VARIABLE) == "1")
-    return _wrapped(os.environ[_TARGET_VARIABLE])
+    plain = os.environ.get(_PLAIN_VARIABLE) == "1"
+    configure_logging(plain=plain)
+    return _wrapped(os.environ[_TARGET_VARIABLE], plain=plain)
 
 
 def run(
@@ -209,7 +214,7 @@ def run(
     # our own receives it, so the process can report a clean stop with exit code 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     if workers == 1:
-        uvicorn.run(_wrapped(target), **options)
+        uvicorn.run(_wrapped(target, plain=plain), **options)
         return 0
     _wrapped(target)  # fail here, once, rather than in every worker
     metrics_dir = tempfile.mkdtemp(prefix="asgi-resilience-metrics-")

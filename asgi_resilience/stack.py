@@ -10,7 +10,7 @@ from typing import Any, Literal
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from .access_log import DEFAULT_EXCLUDE_PATHS, AccessLogMiddleware
+from .access_log import DEFAULT_EXCLUDE_PATHS, AccessLogMiddleware, JsonLinesSink
 from .config import ConfigurationError, options_from_env
 from .envelope import EnvelopeMiddleware
 from .errors import ErrorMiddleware
@@ -112,6 +112,7 @@ def resilient(
     trust_incoming_request_id: bool = DEFAULT,
     access_log: bool = DEFAULT,
     access_logger: logging.Logger | None = None,
+    access_log_sink: JsonLinesSink | None = None,
     access_log_exclude_paths: Iterable[str] = DEFAULT,
     slow_threshold: float = DEFAULT,
     errors: bool = DEFAULT,
@@ -167,6 +168,8 @@ def resilient(
         trust_incoming_request_id: keep a valid id sent by the client or a proxy.
         access_log: log one record per request (``asgi_resilience.access``).
         access_logger: log there instead.
+        access_log_sink: write the access log's JSON lines to this ``JsonLinesSink`` instead
+            of ``logging`` (closed, so flushed, when the lifespan shuts down).
         access_log_exclude_paths: paths not logged (probes and scrapes by default).
         slow_threshold: seconds after which a request is logged as a warning.
         errors: normalize errors into JSON bodies.
@@ -240,6 +243,7 @@ def _build(
     trust_incoming_request_id: bool,
     access_log: bool,
     access_logger: logging.Logger | None,
+    access_log_sink: JsonLinesSink | None,
     access_log_exclude_paths: Iterable[str],
     slow_threshold: float,
     errors: bool,
@@ -358,11 +362,15 @@ def _build(
     if errors:
         stack = ErrorMiddleware(stack, debug=debug, format="envelope" if envelope else "problem")
     if access_log:
+        if access_log_sink is not None:
+            name = _unique("access-log-sink", lifespan.resource_names)
+            lifespan.add_resource(name, access_log_sink.flush, timeout=2)
         if access_log_exclude_paths is DEFAULT_EXCLUDE_PATHS:
             access_log_exclude_paths = probes
         stack = AccessLogMiddleware(
             stack,
             logger=access_logger,
+            sink=access_log_sink,
             exclude_paths=access_log_exclude_paths,
             slow_threshold=slow_threshold,
             trusted_proxies=proxies,

@@ -3,9 +3,17 @@
 One small Starlette JSON endpoint, no sockets: every variant answers the same request in
 interleaved rounds (so machine noise hits all of them alike), and the median microseconds per
 request of each variant is printed with its ratio to the bare app. The access log writes real
-JSON lines through a ``logging.FileHandler`` to ``/dev/null``.
+JSON lines to ``/dev/null``: through a ``logging.FileHandler`` (the default), or through a
+``JsonLinesSink`` (the variants marked "sink").
 
     python -m benchmarks.overhead [--rounds 30] [--requests 2000]
+    python -m benchmarks.overhead --instructions [--variant NAME ...]
+
+``--instructions`` counts instead of timing: each variant runs in its own process under
+``valgrind --tool=callgrind`` (instrumentation switched on just before the requests), once
+with 200 and once with 1,200 requests, and (I(1200) - I(200)) / 1000 is its instructions per
+request: start-up and warm-up cancel out, and the count does not depend on what else the
+machine runs.
 """
 
 from __future__ import annotations
@@ -15,7 +23,11 @@ import asyncio
 import logging
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from time import perf_counter
 from typing import Any
 
@@ -30,6 +42,7 @@ from asgi_resilience import (
     EnvelopeMiddleware,
     ErrorMiddleware,
     JsonFormatter,
+    JsonLinesSink,
     MetricsMiddleware,
     RateLimitMiddleware,
     RequestIdLogFilter,
@@ -105,10 +118,14 @@ def variants(access_logger: logging.Logger) -> dict[str, ASGIApp]:
         "environ": {},
     }
     quiet = {**pipeline, "access_log": False}
+    sink = JsonLinesSink(open(os.devnull, "w"))  # open for the whole run
     return {
         "bare": make_app(),
         "RequestIdMiddleware": RequestIdMiddleware(make_app()),
         "AccessLogMiddleware": AccessLogMiddleware(make_app(), logger=access_logger),
+        "AccessLogMiddleware (sink)": AccessLogMiddleware(
+            make_app(), logger=access_logger, sink=sink
+        ),
         "ErrorMiddleware": ErrorMiddleware(make_app()),
         "EnvelopeMiddleware": EnvelopeMiddleware(make_app()),
         "RateLimitMiddleware (memory)": RateLimitMiddleware(
@@ -117,6 +134,7 @@ def variants(access_logger: logging.Logger) -> dict[str, ASGIApp]:
         "MetricsMiddleware": MetricsMiddleware(make_app(), registry=CollectorRegistry()),
         "TracingMiddleware (no SDK)": TracingMiddleware(make_app()),
         "resilient() pipeline": resilient(make_app(), **pipeline),
+        "pipeline, sink": resilient(make_app(), **pipeline, access_log_sink=sink),
         "pipeline + rate limit": resilient(make_app(), **pipeline, rate_limit=UNLIMITED),
         "pipeline, no access log": resilient(make_app(), **quiet),
         "  + rate limit": resilient(make_app(), **quiet, rate_limit=UNLIMITED),
@@ -188,12 +206,81 @@ def paired_difference(samples: dict[str, list[float]], with_: str, without: str)
     return statistics.median(a - b for a, b in pairs)
 
 
+SMALL, LARGE = 200, 1_200  # requests of the two counted runs
+
+
+def instrument(on: bool) -> None:
+    """Switch callgrind's instrumentation of this process on or off."""
+    command = ["callgrind_control", f"--instr={'on' if on else 'off'}", str(os.getpid())]
+    subprocess.run(command, check=True, capture_output=True)
+
+
+async def counted(app: ASGIApp, requests: int) -> None:
+    """Warm up, switch callgrind's instrumentation on, run ``requests``, switch it off."""
+    await run_round(app, 200)
+    instrument(True)
+    await run_round(app, requests)
+    instrument(False)
+
+
+def instructions(name: str, requests: int) -> int:
+    """Instructions callgrind counted for ``requests`` requests of variant ``name``."""
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "callgrind.out"
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--instr-atstart=no",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                "-m",
+                "benchmarks.overhead",
+                "--count",
+                name,
+                str(requests),
+            ],
+            check=True,
+            capture_output=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        for line in out.read_text().splitlines():
+            if line.startswith("totals:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"callgrind reported no total for {name!r}")
+
+
+def print_instructions(names: list[str]) -> None:
+    per_request: dict[str, float] = {}
+    print(f"{'variant':<28} {'instructions/request':>21} {'x bare':>8} {'added':>9}")
+    for name in ["bare", *[n for n in names if n != "bare"]]:
+        small, large = instructions(name, SMALL), instructions(name, LARGE)
+        per_request[name] = (large - small) / (LARGE - SMALL)
+        bare = per_request["bare"]
+        value = per_request[name]
+        print(
+            f"{name:<28} {value / 1000:>20.0f}k {value / bare:>8.2f} {(value - bare) / 1000:>8.0f}k"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--instructions", action="store_true", help="count, under callgrind")
+    parser.add_argument("--variant", action="append", help="with --instructions: only these")
+    parser.add_argument("--count", nargs=2, metavar=("VARIANT", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     apps = variants(configure_access_log())
+    if args.count:  # one counted run, inside callgrind
+        asyncio.run(counted(apps[args.count[0]], int(args.count[1])))
+        return
+    if args.instructions:
+        unknown = set(args.variant or ()) - set(apps)
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(apps)}")
+        print_instructions(args.variant or list(apps))
+        return
     samples = asyncio.run(measure(apps, args.rounds, args.requests, lambda _: None))
     print_table(samples)
     # What the rate limiter adds where the request context already exists (the stack's case):

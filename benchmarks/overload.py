@@ -129,10 +129,13 @@ async def open_loop(
             connection[1].close()
             raise
 
+    async def pooled() -> tuple[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        async with pool:
+            return await exchange()
+
     async def one(due: float) -> None:
         try:
-            async with asyncio.timeout_at(asyncio.get_running_loop().time() + GIVE_UP), pool:
-                status, connection = await exchange()
+            status, connection = await asyncio.wait_for(pooled(), GIVE_UP)
         except (TimeoutError, OSError, asyncio.IncompleteReadError):
             outcome.lost += 1
             return

@@ -703,14 +703,11 @@ def test_under_uvicorn_two_hundred_connections_never_exceed_the_limit(tmp_path: 
                 await asyncio.gather(*(one() for _ in range(200)))
             peak = (await client.get("/peak")).json()
             # 100 at once computing 20 ms each on the loop: in flight never passes 1, so only
-            # the loop's lag can shed; unshed, the last would be answered after 2 s.
-            began = time.perf_counter()
+            # the loop's lag can shed; unshed, all 100 would run, the last after 2 s.
             computed = await asyncio.gather(*(client.get("/compute") for _ in range(100)))
-            slowest.append(time.perf_counter() - began)
             metrics.append((await client.get("/metrics")).text)
             return responses + computed, peak
 
-    slowest: list[float] = []
     metrics: list[str] = []
     try:
         responses, peak = asyncio.run(drive())
@@ -722,8 +719,8 @@ def test_under_uvicorn_two_hundred_connections_never_exceed_the_limit(tmp_path: 
     assert set(statuses) == {200, 503} and sum(statuses.values()) == 700
     assert peak == {"peak": 8, "inside": 0}  # full, never more
     computed = Counter(response.status_code for response in responses[600:])
-    assert computed[200] >= 1 and computed[503] >= 10, computed
-    assert slowest[0] < 1.5  # all 100 answered well before 100 x 20 ms had run
+    # Most never ran: shed at once (a loaded machine stretches the 20 ms, not the outcome).
+    assert computed[200] >= 1 and computed[503] >= 30, computed
     assert f'asgi_resilience_load_shed_total{{reason="loop_lag"}} {computed[503]}.0' in metrics[0]
     shed = next(r for r in responses if r.status_code == 503)
     assert shed.headers["retry-after"] == "1" and shed.json()["code"] == "overloaded"
@@ -733,8 +730,19 @@ def test_under_uvicorn_two_hundred_connections_never_exceed_the_limit(tmp_path: 
 # --- the wait in front of the limit: event-loop lag -----------------------------------------------
 
 
+class Recorded:
+    """A gauge child that keeps every value set."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def set(self, value: float) -> None:
+        self.values.append(value)
+
+
 async def test_loop_lag_sees_a_blocked_loop_from_inside_the_blocking_step() -> None:
-    lag = LoopLag(interval=0.005)
+    gauge = Recorded()
+    lag = LoopLag(interval=0.005, gauge=gauge)
     lag.ensure_running()
     await anyio.sleep(0.05)  # beats on time
     assert lag() < 0.03
@@ -742,6 +750,7 @@ async def test_loop_lag_sees_a_blocked_loop_from_inside_the_blocking_step() -> N
     assert lag() >= 0.1
     await anyio.sleep(0.03)  # the late beat measured it, and the next ones are on time again
     assert lag() < 0.03
+    assert max(gauge.values) >= 0.1 and gauge.values[-1] < 0.03  # what the metric showed
     lag.ensure_running()  # once per loop: a second call starts no second heartbeat
     await anyio.sleep(0.02)
     assert lag() < 0.03
@@ -776,10 +785,11 @@ async def test_requests_that_reach_a_stuck_loop_are_shed_at_once() -> None:
     assert shed.json()["request_id"] == shed.headers["x-request-id"]
     assert "behind" in shed.json()["detail"]
     assert sample(registry, "asgi_resilience_load_shed_total", reason="loop_lag") == 20
-    await anyio.sleep(0.001)  # the late beat runs and records how late it was
-    assert sample(registry, "asgi_resilience_event_loop_lag_seconds") >= 0.15  # type: ignore[operator]
-    await anyio.sleep(0.05)
-    assert (await request(app)).status == 200  # caught up: admitted again
+    with anyio.fail_after(5):  # caught up: admitted again
+        status = 503
+        while status != 200:
+            await anyio.sleep(0.01)
+            status = (await request(app)).status
     assert sample(registry, "asgi_resilience_event_loop_lag_seconds") < 0.05  # type: ignore[operator]
 
 
