@@ -123,18 +123,19 @@ class AccessLogMiddleware(ContextMiddleware):
         method = scope["method"]
         path = scope["path"]
         args = (method, path, status if status is not None else "-", duration * 1000)
-        fields: dict[str, Any] = {}
-        fields["request_id"] = context.request_id
-        fields["method"] = method
-        fields["path"] = path
-        fields["route"] = context.route(scope)
-        fields["status"] = status
-        fields["duration_ms"] = round(duration * 1_000_000) / 1000  # to the microsecond
-        fields["ttfb_ms"] = round((started - context.start) * 1_000_000) / 1000 if started else None
-        fields["bytes_sent"] = context.bytes_sent
-        fields["client"] = self.proxies.apply(context, scope) if self.proxies else context.client
-        fields["user_agent"] = _user_agent(scope)
-        fields["http_version"] = scope.get("http_version")
+        fields: dict[str, Any] = {  # one literal: cheaper than eleven stores
+            "request_id": context.request_id,
+            "method": method,
+            "path": path,
+            "route": context.route(scope),
+            "status": status,
+            "duration_ms": round(duration * 1_000_000) / 1000,  # to the microsecond
+            "ttfb_ms": round((started - context.start) * 1_000_000) / 1000 if started else None,
+            "bytes_sent": context.bytes_sent,
+            "client": self.proxies.apply(context, scope) if self.proxies else context.client,
+            "user_agent": _user_agent(scope),
+            "http_version": scope.get("http_version"),
+        }
         trace_id = context.current_trace_id()
         if trace_id is not None:
             fields["trace_id"] = trace_id
@@ -313,13 +314,12 @@ class JsonLinesSink:
             return
         payload: dict[str, Any] = {
             "timestamp": format_timestamp(time()),
-            "level": logging.getLevelName(level),
+            "level": logging.getLevelName(level),  # as the record's, names added later included
             "logger": logger,
             "message": message,
+            **self.static_fields,
+            **fields,
         }
-        if self.static_fields:
-            payload.update(self.static_fields)
-        payload.update(fields)
         try:
             line = _encode(payload)
         except (TypeError, ValueError, RecursionError):
