@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from .context import ContextMiddleware, ErrorFormat, RequestContext
@@ -32,9 +33,12 @@ _DEVELOPMENT_ENVIRONMENTS = frozenset({"development", "dev", "local"})
 _BODY_HEADERS = frozenset({b"content-type", b"content-length", b"content-encoding"})
 
 
-def default_debug() -> bool:
-    """Debug mode from the environment: ``APP_ENV`` or ``ENVIRONMENT`` is development/dev/local."""
-    environment = os.environ.get("APP_ENV") or os.environ.get("ENVIRONMENT") or ""
+def default_debug(environ: Mapping[str, str] | None = None) -> bool:
+    """Debug mode from the environment (``os.environ`` unless ``environ`` is given): ``APP_ENV``
+    or ``ENVIRONMENT`` is development/dev/local."""
+    if environ is None:
+        environ = os.environ
+    environment = environ.get("APP_ENV") or environ.get("ENVIRONMENT") or ""
     return environment.strip().lower() in _DEVELOPMENT_ENVIRONMENTS
 
 

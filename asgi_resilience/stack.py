@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from .access_log import DEFAULT_EXCLUDE_PATHS, AccessLogMiddleware, JsonLinesSink
 from .config import ConfigurationError, options_from_env
 from .envelope import EnvelopeMiddleware
-from .errors import ErrorMiddleware
+from .errors import ErrorMiddleware, default_debug
 from .health import HealthApp
 from .lifespan import Lifespan
 from .lifespan_middleware import LifespanMiddleware
@@ -214,8 +214,10 @@ def resilient(
         max_body_size: bytes a request body may have, 413 beyond (``BodyLimitMiddleware``);
             ``None``: no limit.
         body_limit_routes: route template or path prefix -> bytes (``None``: no limit).
-        environ: where ``ASGI_RESILIENCE_<OPTION>`` variables are read (``os.environ`` by
-            default; ``{}`` to ignore the environment). Keyword arguments win over them.
+        environ: where ``ASGI_RESILIENCE_<OPTION>`` variables and ``APP_ENV``/``ENVIRONMENT``
+            are read (``os.environ`` by default; ``{}`` to ignore the environment). Keyword
+            arguments win over them. (``PROMETHEUS_MULTIPROC_DIR`` is always read from
+            ``os.environ``, as prometheus_client itself reads it.)
 
     Raises:
         ValueError: an option is invalid, or ``app`` is already wrapped.
@@ -229,8 +231,11 @@ def resilient(
         for name, value in locals().items()
         if name not in ("app", "environ") and value is not DEFAULT
     }
-    from_env = options_from_env(os.environ if environ is None else environ)
-    return _build(app, **{**_DEFAULTS, **from_env, **given})
+    env = os.environ if environ is None else environ
+    options = {**_DEFAULTS, **options_from_env(env), **given}
+    if options["debug"] is None:  # APP_ENV / ENVIRONMENT, read from the same mapping
+        options["debug"] = default_debug(env)
+    return _build(app, **options)
 
 
 def _build(

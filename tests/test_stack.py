@@ -260,6 +260,19 @@ async def test_debug_default_comes_from_the_environment(monkeypatch: pytest.Monk
     assert "hunter2" in json.dumps(response.json())
 
 
+async def test_debug_default_comes_from_the_environ_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``environ={}`` ignores the process environment, APP_ENV included."""
+    monkeypatch.setenv("APP_ENV", "development")
+    async with client_for(resilient(starlette_app(), environ={})) as client:
+        hidden = (await client.get("/fail")).json()
+    monkeypatch.delenv("APP_ENV")
+    given = resilient(starlette_app(), environ={"ENVIRONMENT": "local"})
+    async with client_for(given) as client:
+        shown = (await client.get("/fail")).json()
+    assert "hunter2" not in json.dumps(hidden) and "exception" not in hidden
+    assert shown["exception"]["message"] == "db password is hunter2"
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the Redis client is asyncio-only
 async def test_one_lifespan_can_serve_two_stacks() -> None:
     """An app factory called twice with a module-level Lifespan must not fail to register."""
