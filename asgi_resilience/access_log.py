@@ -5,13 +5,13 @@ from __future__ import annotations
 import atexit
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable, Iterable
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from time import monotonic, perf_counter, time
 from typing import Any, TextIO
 
+from ._checks import check_seconds
 from .context import PROBE_PATHS, ContextMiddleware, PathSet, RequestContext, format_timestamp
 from .proxies import TrustedProxies
 from .types import ASGIApp, Receive, Scope, Send
@@ -71,10 +71,7 @@ class AccessLogMiddleware(ContextMiddleware):
         if sink is not None and not isinstance(sink, JsonLinesSink):
             raise ValueError(f"sink must be a JsonLinesSink or None, got {sink!r}")
         self.sink = sink
-        if not slow_threshold > 0:
-            raise ValueError(
-                f"slow_threshold must be a positive number of seconds, got {slow_threshold!r}"
-            )
+        check_seconds("slow_threshold", slow_threshold)
         self.app = app
         self.excluded = PathSet(exclude_paths, option="exclude_paths")
         self.logger = logger if logger is not None else _logger
@@ -282,14 +279,7 @@ class JsonLinesSink:
                 f"buffer_size must be a whole number of characters >= 0 (0: write every line "
                 f"at once), got {buffer_size!r}"
             )
-        if (
-            isinstance(flush_interval, bool)
-            or not isinstance(flush_interval, int | float)
-            or not 0 < flush_interval < math.inf
-        ):
-            raise ValueError(
-                f"flush_interval must be a number of seconds > 0, got {flush_interval!r}"
-            )
+        check_seconds("flush_interval", flush_interval)
         if stream is not None and not callable(getattr(stream, "write", None)):
             raise ValueError(f"stream must be a text stream with write(), got {stream!r}")
         self._stream = stream

@@ -26,6 +26,7 @@ import anyio.from_thread
 import anyio.lowlevel
 from prometheus_client import CollectorRegistry
 
+from ._checks import check_seconds
 from .calls import call as _call
 from .calls import describe_error
 from .exceptions import AsgiResilienceError
@@ -159,19 +160,10 @@ class Lifespan:
         logger: logging.Logger | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        for option, value in (
-            ("startup_timeout", startup_timeout),
-            ("shutdown_timeout", shutdown_timeout),
-            ("drain_timeout", drain_timeout),
-        ):
-            if not value > 0:
-                raise ValueError(f"{option} must be a positive number of seconds, got {value!r}")
-        if not drain_delay >= 0:
-            raise ValueError(f"drain_delay must be >= 0 seconds, got {drain_delay!r}")
-        self.startup_timeout = startup_timeout
-        self.shutdown_timeout = shutdown_timeout
-        self.drain_delay = drain_delay
-        self.drain_timeout = drain_timeout
+        self.startup_timeout = check_seconds("startup_timeout", startup_timeout)
+        self.shutdown_timeout = check_seconds("shutdown_timeout", shutdown_timeout)
+        self.drain_delay = check_seconds("drain_delay", drain_delay, zero=True)
+        self.drain_timeout = check_seconds("drain_timeout", drain_timeout)
         self.logger = logger if logger is not None else _logger
         self.registry = registry
         self.state: LifespanState = "idle"

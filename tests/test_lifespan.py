@@ -914,11 +914,16 @@ async def test_shutdown_stops_waiting_after_drain_timeout(
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"startup_timeout": 0}, "startup_timeout must be a positive number"),
-        ({"shutdown_timeout": -1}, "shutdown_timeout must be a positive number"),
-        ({"drain_timeout": 0}, "drain_timeout must be a positive number"),
-        ({"drain_delay": -0.5}, "drain_delay must be >= 0"),
+        ({"startup_timeout": 0}, "startup_timeout must be a number of seconds > 0"),
+        ({"shutdown_timeout": -1}, "shutdown_timeout must be a number of seconds > 0"),
+        ({"drain_timeout": 0}, "drain_timeout must be a number of seconds > 0"),
+        ({"drain_delay": -0.5}, "drain_delay must be a number of seconds >= 0"),
         ({"startup_timeout": float("nan")}, "startup_timeout"),
+        # wrong types name the option too, rather than a TypeError from a comparison
+        ({"drain_delay": "5"}, "drain_delay must be a number of seconds >= 0 .* got '5'"),
+        ({"shutdown_timeout": None}, "shutdown_timeout must be a number"),
+        ({"drain_timeout": True}, "drain_timeout must be a number"),
+        ({"shutdown_timeout": float("inf")}, "shutdown_timeout"),
     ],
 )
 def test_lifespan_options_are_validated(options: dict[str, Any], message: str) -> None:
