@@ -5,7 +5,9 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import re
 import sys
+import weakref
 from collections.abc import Callable, Iterable
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from time import monotonic, perf_counter, time
@@ -236,24 +238,46 @@ _encode = _make_encoder()
 
 
 _reporter = logging.getLogger("asgi_resilience")
+# POSIX guarantees a pipe write of at most PIPE_BUF bytes (4096 on Linux) is never interleaved
+# with another process's; characters, not bytes, are counted here: non-ASCII lines may pass it.
+_ATOMIC_WRITE = 4096
+_SINKS: weakref.WeakSet[JsonLinesSink] = weakref.WeakSet()
+# Outside strings a JSON line is ASCII, so each non-ASCII character can become its \u escape.
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return json.dumps(match[0])[1:-1]  # "\u00e9", a surrogate pair beyond the BMP
+
+
+@atexit.register
+def _flush_sinks() -> None:
+    for sink in list(_SINKS):
+        sink.flush()
 
 
 class JsonLinesSink:
     """Access-log lines written straight to a stream, buffered, bypassing ``logging``.
 
     Each line is byte for byte what ``JsonFormatter`` (with the same ``static_fields``) makes of
-    the access record, at a fraction of the cost: no record object, no handler lock, no
-    formatter walk over the record's attributes. Lines are kept in memory and written in one
-    ``write`` (then ``flush``) when ``buffer_size`` characters are waiting, ``flush_interval``
-    seconds after the first line waiting (a timer on the running event loop, asyncio or trio),
-    on ``flush()``, and at interpreter exit. ``resilient()`` registers ``flush()`` with its
-    lifespan's resources, so a clean shutdown or SIGTERM loses nothing; a hard kill
-    loses at most the last ``flush_interval`` seconds.
+    the access record when no filter changes it, at a fraction of the cost: no record object, no
+    handler lock, no formatter walk over the record's attributes. Filters and record factories
+    (``RequestIdLogFilter``'s ``"-"`` for a missing id, OpenTelemetry's logging fields) are not
+    applied; the logger's level is. Lines are kept in memory and written when ``buffer_size``
+    characters are waiting, ``flush_interval`` seconds after the first line waited (a timer on
+    the running event loop, asyncio or trio), on ``flush()``, and at interpreter exit. They go
+    out in writes of whole lines of at most 4 KiB each (then ``flush``), the size a pipe never
+    splices with another process's writes, so worker processes can share one stdout.
+    ``resilient()`` registers the flush with its lifespan's resources, so a clean shutdown or
+    SIGTERM loses nothing; a hard kill loses at most the last ``flush_interval`` seconds. Lines
+    reach the stream up to ``flush_interval`` later than lines written through ``logging``.
 
-    A stream that fails (a closed pipe, a full disk) is reported once on the
-    ``asgi_resilience`` logger; its lines are dropped from then on and counted in ``dropped``,
-    and no request ever fails for it. A write blocks the event loop while the stream takes the
-    bytes, as any logging handler does; there is at most one write per ``buffer_size``.
+    A stream that is gone (a closed pipe, a closed file) is reported once on the
+    ``asgi_resilience`` logger and its lines are dropped from then on; a write that fails
+    otherwise (a full disk) drops that write's lines and is reported at most once a minute.
+    Dropped lines are counted in ``dropped``; no request ever fails for them. A character the
+    stream's encoding lacks is written as its JSON ``\\u`` escape. A write blocks the event loop
+    while the stream takes the bytes, as any logging handler does.
 
     Written here rather than taken from a library: the stdlib's ``QueueHandler`` and
     ``MemoryHandler`` still build a ``LogRecord`` per line and format it, which is the cost
@@ -291,7 +315,8 @@ class JsonLinesSink:
         self._size = 0
         self._flush_due = 0.0  # monotonic time of the timed flush scheduled (0: none)
         self._broken = False
-        atexit.register(self.flush)
+        self._report_after = 0.0  # monotonic time before which write errors are not reported
+        _SINKS.add(self)  # flushed at exit (held weakly: a sink nobody uses can go)
 
     @property
     def stream(self) -> TextIO:
@@ -322,27 +347,66 @@ class JsonLinesSink:
             self._schedule()
 
     def flush(self) -> None:
-        """Write what is buffered, in one write."""
+        """Write what is buffered: in writes of whole lines, each at most ``PIPE_BUF`` (4 KiB)
+        where the lines allow, so that workers sharing one pipe (``--workers``, a container's
+        stdout) never splice each other's lines."""
         if not self._lines:
             return
         lines, self._lines, self._size = self._lines, [], 0
         if self._broken:
             self.dropped += len(lines)
             return
+        chunk: list[str] = []
+        size = 0
+        for line in lines:
+            if chunk and size + len(line) + 1 > _ATOMIC_WRITE:
+                self._write(chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line) + 1
+        self._write(chunk)
+
+    def _write(self, lines: list[str]) -> None:
+        if self._broken:
+            self.dropped += len(lines)
+            return
+        text = "\n".join(lines) + "\n"
+        stream = self.stream
         try:
-            stream = self.stream
-            stream.write("\n".join(lines) + "\n")
+            try:
+                stream.write(text)
+            except UnicodeEncodeError:  # the stream's encoding lacks a character: escape it
+                stream.write(_NON_ASCII.sub(_json_escape, text))
             stream.flush()
-        except (OSError, ValueError) as exc:  # a closed pipe or file, a full disk
+        except (BrokenPipeError, ValueError) as exc:  # the reader went away, or closed stream
             self._broken = True
             self.dropped += len(lines)
             _reporter.error(
                 "The access log sink cannot write to %r (%s: %s); its lines are dropped from "
                 "now on",
-                getattr(self.stream, "name", self.stream),
+                getattr(stream, "name", stream),
                 type(exc).__name__,
                 exc,
             )
+        except OSError as exc:  # a full disk, a non-blocking stream that is full: try again later
+            self.dropped += len(lines)
+            now = monotonic()
+            if now >= self._report_after:
+                self._report_after = now + 60
+                _reporter.error(
+                    "The access log sink could not write %d lines to %r (%s: %s); they are "
+                    "dropped (%d so far), the next ones will be tried",
+                    len(lines),
+                    getattr(stream, "name", stream),
+                    type(exc).__name__,
+                    exc,
+                    self.dropped,
+                )
+
+    async def aflush(self) -> None:
+        """``flush()`` on the event loop: what the lifespan runs at shutdown, so no thread
+        writes while a request's line is added."""
+        self.flush()
 
     def _schedule(self) -> None:
         """Flush ``flush_interval`` from now on the running loop; no loop: at the next line."""
@@ -369,5 +433,8 @@ class JsonLinesSink:
     async def _trio_flush(self) -> None:
         import trio
 
-        await trio.sleep(self.flush_interval)
-        self._timed_flush()
+        try:
+            await trio.sleep(self.flush_interval)
+        finally:
+            self._flush_due = 0.0  # cancelled with its run: the next line schedules again
+        self.flush()

@@ -40,6 +40,7 @@ __all__ = ["main"]
 
 _TARGET_VARIABLE = "_ASGI_RESILIENCE_CLI_TARGET"  # how worker processes learn the app to serve
 _PLAIN_VARIABLE = "_ASGI_RESILIENCE_CLI_PLAIN_LOGS"
+_LEVEL_VARIABLE = "_ASGI_RESILIENCE_CLI_LOG_LEVEL"
 
 
 class UsageError(Exception):
@@ -174,7 +175,7 @@ def configure_logging(level: str = "info", *, plain: bool = False) -> None:
 def worker_app() -> ResilientApp:
     """The app of one uvicorn worker process (``--workers`` above 1): uvicorn's factory."""
     plain = os.environ.get(_PLAIN_VARIABLE) == "1"
-    configure_logging(plain=plain)
+    configure_logging(os.environ.get(_LEVEL_VARIABLE, "info"), plain=plain)
     return _wrapped(os.environ[_TARGET_VARIABLE], plain=plain)
 
 
@@ -221,6 +222,7 @@ def run(
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
     os.environ[_TARGET_VARIABLE] = target
     os.environ[_PLAIN_VARIABLE] = "1" if plain else "0"
+    os.environ[_LEVEL_VARIABLE] = log_level
     try:
         uvicorn.run("asgi_resilience.cli:worker_app", factory=True, workers=workers, **options)
     finally:

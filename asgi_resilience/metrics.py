@@ -60,7 +60,7 @@ class Metrics:
     ``response_body_bytes``, ``exceptions``, ``rate_limit_decisions``, ``startup_checks``,
     ``shutdown_resources``, ``health_check_up``, ``breaker_state``, ``breaker_calls``,
     ``concurrency_limit``, ``concurrency_in_flight``, ``load_shed``, ``request_timeouts``). The
-    eleven the request path updates are ``asgi_resilience.series`` collectors in a single process
+    ten the request path updates are ``asgi_resilience.series`` collectors in a single process
     with the GIL (``labels()`` by position or name, ``remove()``, ``clear()``; children with
     ``observe``, ``inc``, ``dec``, ``set``), prometheus_client's in multiprocess mode; the
     others always the latter.
@@ -122,10 +122,12 @@ class Metrics:
             [],
             registry=registry,
         )
-        self.event_loop_lag = request_path.Gauge(
+        # Set by the heartbeat, not per request; across workers the most behind one counts.
+        self.event_loop_lag = Gauge(
             "asgi_resilience_event_loop_lag_seconds",
             "How late the event loop ran its last heartbeat (the concurrency limit's max_lag).",
             [],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.load_shed = request_path.Counter(

@@ -287,7 +287,9 @@ class LoopLag:
     the time since it was due counts too, so a loop stuck in one long step is seen from inside
     that step. The idea of ``toobusy-js`` and Fastify's ``under-pressure``
     (``maxEventLoopDelay``); written here because no ASGI library measures it. Runs on asyncio
-    (a timer, no task) and trio (a system task); started by the first request of each loop.
+    (a timer, no task) and trio (a system task); started by the first request of each loop,
+    which stops the previous loop's heartbeat and drops its reading. One event loop at a time:
+    an app served by loops in several threads at once needs one middleware per loop.
 
     Args:
         interval: seconds between beats.
@@ -300,6 +302,7 @@ class LoopLag:
         self.measured = 0.0
         self._due = math.inf  # when the next beat should fire, on the loop's clock
         self._loop: Any = None  # the asyncio loop or trio root task beating now
+        self._handle: Any = None  # the asyncio timer of the next beat
         self._time: Callable[[], float] = anyio.current_time
 
     def __call__(self) -> float:
@@ -319,29 +322,39 @@ class LoopLag:
             loop: object = trio.lowlevel.current_root_task()
             if loop is self._loop:
                 return
-            self._loop = loop
-            self._time = trio.current_time
-            self._due = trio.current_time() + self.interval
+            self._restart(loop, trio.current_time)
             trio.lowlevel.spawn_system_task(self._trio_beats)
             return
         if running is self._loop:
             return
-        self._loop = running
-        self._time = running.time
-        self._due = running.time() + self.interval
-        running.call_at(self._due, self._asyncio_beat, running)
+        self._restart(running, running.time)
+        self._handle = running.call_at(self._due, self._asyncio_beat, running)
+
+    def _restart(self, loop: Any, clock: Callable[[], float]) -> None:
+        """Beat on ``loop`` from now: the previous loop's chain stops, its reading is dropped."""
+        if self._handle is not None:
+            self._handle.cancel()  # a loop revisited later must not get a second chain
+            self._handle = None
+        self._loop = loop
+        self._time = clock
+        self._due = clock() + self.interval
+        self._record_value(0.0)
 
     def _record(self, now: float) -> None:
-        self.measured = max(0.0, now - self._due)
+        late = max(0.0, now - self._due)
         self._due = now + self.interval
+        self._record_value(late)
+
+    def _record_value(self, value: float) -> None:
+        self.measured = value
         if self.gauge is not None:
-            self.gauge.set(self.measured)
+            self.gauge.set(value)
 
     def _asyncio_beat(self, loop: Any) -> None:
         if loop is not self._loop:
             return  # a newer loop took over
         self._record(loop.time())
-        loop.call_at(self._due, self._asyncio_beat, loop)
+        self._handle = loop.call_at(self._due, self._asyncio_beat, loop)
 
     async def _trio_beats(self) -> None:
         import trio
@@ -448,7 +461,7 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
         self._shed = {r: metrics.load_shed.labels(r) for r in _SHED_REASONS}
         _seconds("max_lag")("the option", max_lag)
         self.max_lag = max_lag
-        self.lag = None if max_lag is None else LoopLag(gauge=metrics.event_loop_lag.labels())
+        self.lag = None if max_lag is None else LoopLag(gauge=metrics.event_loop_lag)
         self._limit_gauge.set(self.limit)
         self._in_flight_gauge.set(0)
 

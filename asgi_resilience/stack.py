@@ -369,7 +369,7 @@ def _build(
     if access_log:
         if access_log_sink is not None:
             name = _unique("access-log-sink", lifespan.resource_names)
-            lifespan.add_resource(name, access_log_sink.flush, timeout=2)
+            lifespan.add_resource(name, access_log_sink.aflush, timeout=2)
         if access_log_exclude_paths is DEFAULT_EXCLUDE_PATHS:
             access_log_exclude_paths = probes
         stack = AccessLogMiddleware(

@@ -515,6 +515,7 @@ def fake_uvicorn(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeUvicorn]:
         "PROMETHEUS_MULTIPROC_DIR",
         "_ASGI_RESILIENCE_CLI_TARGET",
         "_ASGI_RESILIENCE_CLI_PLAIN_LOGS",
+        "_ASGI_RESILIENCE_CLI_LOG_LEVEL",
         "ASGI_RESILIENCE_RATE_LIMIT",
     ):
         unset(monkeypatch, name)
@@ -564,16 +565,19 @@ def test_main_run_workers_use_a_metrics_directory_of_their_own(
         seen["exists"] = seen["directory"].is_dir()
         seen["app"] = cli.worker_app()  # what each worker process does
         seen["formatter"] = logging.getLogger().handlers[0].formatter
+        seen["level"] = logging.getLogger().level
 
     fake_uvicorn.during = in_uvicorn
     port = free_port()
-    assert cli.main(["run", TARGET, "--port", str(port), "--workers", "3", "--plain-logs"]) == 0
+    command = ["run", TARGET, "--port", str(port), "--workers", "3", "--plain-logs"]
+    assert cli.main([*command, "--log-level", "warning"]) == 0
     [(app, options)] = fake_uvicorn.calls
     assert app == "asgi_resilience.cli:worker_app"
     assert options["factory"] is True and options["workers"] == 3
     assert seen["exists"] and not seen["directory"].exists()
     assert isinstance(seen["app"], ResilientApp) and seen["app"].app is cli_target.app
     assert type(seen["formatter"]) is logging.Formatter  # --plain-logs reaches the workers
+    assert seen["level"] == logging.WARNING  # and so does --log-level
     assert os.environ["_ASGI_RESILIENCE_CLI_TARGET"] == TARGET
 
 

@@ -4,6 +4,7 @@ size limits; alone and in resilient()."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -702,6 +703,10 @@ def test_under_uvicorn_two_hundred_connections_never_exceed_the_limit(tmp_path: 
             for _ in range(3):  # three rounds of 200 at once
                 await asyncio.gather(*(one() for _ in range(200)))
             peak = (await client.get("/peak")).json()
+            while "peak" not in peak:  # shed itself (the loop was behind): ask again
+                await asyncio.sleep(0.05)
+                peak = (await client.get("/peak")).json()
+            metrics.append((await client.get("/metrics")).text)
             # 100 at once computing 20 ms each on the loop: in flight never passes 1, so only
             # the loop's lag can shed; unshed, all 100 would run, the last after 2 s.
             computed = await asyncio.gather(*(client.get("/compute") for _ in range(100)))
@@ -721,7 +726,13 @@ def test_under_uvicorn_two_hundred_connections_never_exceed_the_limit(tmp_path: 
     computed = Counter(response.status_code for response in responses[600:])
     # Most never ran: shed at once (a loaded machine stretches the 20 ms, not the outcome).
     assert computed[200] >= 1 and computed[503] >= 30, computed
-    assert f'asgi_resilience_load_shed_total{{reason="loop_lag"}} {computed[503]}.0' in metrics[0]
+
+    def loop_lag_sheds(text: str) -> float:
+        found = re.search(r'asgi_resilience_load_shed_total\{reason="loop_lag"\} (\S+)', text)
+        assert found, text
+        return float(found[1])
+
+    assert loop_lag_sheds(metrics[1]) - loop_lag_sheds(metrics[0]) == computed[503]
     shed = next(r for r in responses if r.status_code == 503)
     assert shed.headers["retry-after"] == "1" and shed.json()["code"] == "overloaded"
     assert shed.json()["request_id"] == shed.headers["x-request-id"]
@@ -810,7 +821,9 @@ async def test_handlers_computing_on_the_loop_are_bounded_by_the_lag_not_admitte
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"done"})
 
-    for max_lag, expected in ((None, range(300, 301)), (0.03, range(8, 40))):
+    # With the lag watched, the loop falls 30 ms behind after about 15 of them; a machine that
+    # pauses the test process stretches that, hence the wide bound, far below 300 still.
+    for max_lag, expected in ((None, range(300, 301)), (0.03, range(1, 150))):
         registry = CollectorRegistry()
         app = ConcurrencyLimitMiddleware(compute, limit=1000, max_lag=max_lag, registry=registry)
         admitted = 0
@@ -830,3 +843,39 @@ async def test_handlers_computing_on_the_loop_are_bounded_by_the_lag_not_admitte
         assert statuses[200] == admitted and statuses[503] == 300 - admitted
         shed = sample(registry, "asgi_resilience_load_shed_total", reason="loop_lag")
         assert shed == (300 - admitted if max_lag else 0)
+
+
+def test_a_new_loop_drops_the_last_loops_reading_and_a_revisited_loop_beats_once() -> None:
+    """An app reused across event loops (test suites, ``TestClient``): the lag a loop ended
+    with does not shed the next loop's first request, and going back and forth between two
+    loops never leaves two heartbeats on one."""
+    import asyncio
+
+    gauge = Recorded()
+    lag = LoopLag(interval=0.005, gauge=gauge)
+
+    async def block() -> None:
+        lag.ensure_running()
+        time.sleep(0.2)  # noqa: ASYNC251 - the loop ends stuck
+
+    async def reading() -> float:
+        lag.ensure_running()
+        return lag()
+
+    async def beats() -> int:
+        lag.ensure_running()
+        before = len(gauge.values)
+        await asyncio.sleep(0.3)
+        return len(gauge.values) - before
+
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        first.run_until_complete(block())
+        assert second.run_until_complete(reading()) < 0.05
+        for _ in range(4):
+            first.run_until_complete(reading())
+            second.run_until_complete(reading())
+        assert first.run_until_complete(beats()) <= 70  # one chain: about 60 beats in 0.3 s
+    finally:
+        first.close()
+        second.close()
