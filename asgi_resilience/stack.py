@@ -232,7 +232,13 @@ def resilient(
         if name not in ("app", "environ") and value is not DEFAULT
     }
     env = os.environ if environ is None else environ
-    options = {**_DEFAULTS, **options_from_env(env), **given}
+    from_env = options_from_env(env)
+    options = {**_DEFAULTS, **from_env, **given}
+    if options["max_concurrency"] is None and ("max_lag" in given or "max_lag" in from_env):
+        raise ConfigurationError(
+            "max_lag does nothing without max_concurrency: set max_concurrency (a number or "
+            "'adaptive') too, or leave max_lag out"
+        )
     if options["debug"] is None:  # APP_ENV / ENVIRONMENT, read from the same mapping
         options["debug"] = default_debug(env)
     return _build(app, **options)

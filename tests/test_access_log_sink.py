@@ -328,3 +328,19 @@ async def test_a_failed_write_drops_its_lines_and_the_next_ones_are_tried(
     assert sink.dropped == 1 and len(stream.getvalue().splitlines()) == 2
     reports = [r for r in caplog.records if r.name == "asgi_resilience"]
     assert len(reports) == 1 and "No space left" in reports[0].getMessage()
+
+
+def test_the_cli_wraps_a_plain_app_with_a_sink_on_stdout_unless_logs_are_plain() -> None:
+    from asgi_resilience import cli
+
+    def sink_of(app: object) -> object:
+        layer: object | None = app
+        while layer is not None:
+            if isinstance(layer, AccessLogMiddleware):
+                return layer.sink
+            layer = getattr(layer, "stack", None) or getattr(layer, "app", None)
+        raise AssertionError("no access log in the stack")
+
+    sink = sink_of(cli._wrapped("tests.apps.hello:app", plain=False))
+    assert isinstance(sink, JsonLinesSink) and sink.stream is sys.stdout
+    assert sink_of(cli._wrapped("tests.apps.hello:app", plain=True)) is None

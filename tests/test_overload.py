@@ -492,6 +492,15 @@ def test_everything_is_off_by_default_and_on_by_option_or_environment() -> None:
     assert limiter.adaptive is not None and limiter.max_queue == 5 and limiter.queue_timeout == 0.5
     with pytest.raises(ValueError, match="max_queue"):
         resilient(Gate(), max_queue=5)  # without max_concurrency it would limit nothing
+    with pytest.raises(ValueError, match="max_lag does nothing without max_concurrency"):
+        resilient(Gate(), max_lag=0.05, environ={})
+    with pytest.raises(ValueError, match="max_lag does nothing"):
+        resilient(Gate(), environ={"ASGI_RESILIENCE_MAX_LAG": "0.05"})
+    lagging = resilient(Gate(), environ={**environ, "ASGI_RESILIENCE_MAX_LAG": "off"})
+    limiter = next(a for a in _walk(lagging) if isinstance(a, ConcurrencyLimitMiddleware))
+    assert limiter.lag is None and limiter.max_lag is None
+    limiter = next(a for a in _walk(configured) if isinstance(a, ConcurrencyLimitMiddleware))
+    assert limiter.max_lag == 0.1 and limiter.lag is not None  # on by default with a limit
 
 
 def _walk(app: object) -> list[object]:
