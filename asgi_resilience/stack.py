@@ -66,6 +66,26 @@ class ResilientApp:
         await self.stack(scope, receive, send)
 
 
+# Options that are on or off, and those that only shape a rate limit.
+_SWITCHES = (
+    "envelope",
+    "request_ids",
+    "trust_incoming_request_id",
+    "access_log",
+    "errors",
+    "health_status_details",
+    "metrics",
+    "tracing",
+)
+_RATE_LIMIT_OPTIONS = (
+    "rate_limit_backend",
+    "rate_limit_strategy",
+    "rate_limit_key",
+    "rate_limit_routes",
+    "rate_limit_exempt_paths",
+    "rate_limit_on_backend_error",
+    "rate_limit_backend_timeout",
+)
 _DEFAULTS: dict[str, Any] = {
     "debug": None,
     "envelope": False,
@@ -226,6 +246,10 @@ def resilient(
     """
     if isinstance(app, ResilientApp):
         raise ValueError("app is already wrapped by resilient(); wrap the original app once")
+    if not callable(app):
+        raise ValueError(
+            f"app must be an ASGI application (called with scope, receive, send), got {app!r}"
+        )
     given = {
         name: value
         for name, value in locals().items()
@@ -234,6 +258,17 @@ def resilient(
     env = os.environ if environ is None else environ
     from_env = options_from_env(env)
     options = {**_DEFAULTS, **from_env, **given}
+    for name in _SWITCHES:
+        if not isinstance(options[name], bool):
+            raise ValueError(f"{name} must be True or False, got {options[name]!r}")
+    if options["rate_limit"] is None:
+        for name in _RATE_LIMIT_OPTIONS:
+            value = given.get(name)
+            if name in from_env or (value is not None and value != _DEFAULTS.get(name)):
+                raise ConfigurationError(
+                    f"{name} does nothing without rate_limit: set rate_limit too (the limit "
+                    f"of every other route, such as '100/minute'), or leave {name} out"
+                )
     if options["max_concurrency"] is None and ("max_lag" in given or "max_lag" in from_env):
         raise ConfigurationError(
             "max_lag does nothing without max_concurrency: set max_concurrency (a number or "

@@ -314,3 +314,32 @@ async def test_rate_limit_and_request_id_headers_on_errors_rendered_outside(
         assert response.headers.get_list("ratelimit") == [f'"100-per-60s";r={remaining};t={reset}']
         assert response.headers["x-ratelimit-remaining"] == str(remaining)
         assert len(response.headers.get_list("x-request-id")) == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"envelope": "yes"}, "envelope must be True or False, got 'yes'"),
+        ({"metrics": 1}, "metrics must be True or False"),
+        ({"rate_limit_routes": {"/search": "2/second"}}, "rate_limit_routes does nothing"),
+        ({"rate_limit_strategy": "fixed-window"}, "rate_limit_strategy does nothing"),
+        ({"rate_limit_key": "header:X-API-Key"}, "rate_limit_key does nothing"),
+    ],
+)
+def test_options_that_cannot_work_are_refused(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        resilient(starlette_app(), environ={}, **options)  # type: ignore[arg-type]
+
+
+def test_rate_limit_options_from_the_environment_need_a_rate_limit_too() -> None:
+    environ = {"ASGI_RESILIENCE_RATE_LIMIT_KEY": "header:X-API-Key"}
+    with pytest.raises(ValueError, match="rate_limit_key does nothing without rate_limit"):
+        resilient(starlette_app(), environ=environ)
+    # the defaults said out loud are harmless, and with a limit they all apply
+    resilient(starlette_app(), environ={}, rate_limit_strategy="gcra")
+    resilient(starlette_app(), environ={**environ, "ASGI_RESILIENCE_RATE_LIMIT": "5/second"})
+
+
+def test_something_that_is_not_an_app_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"app must be an ASGI application .* got None"):
+        resilient(None)  # type: ignore[arg-type]
