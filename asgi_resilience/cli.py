@@ -150,7 +150,7 @@ def load_app(target: str) -> ASGIApp:
 
 def _wrapped(target: str, *, plain: bool = True) -> ResilientApp:
     """``target`` wrapped with ``resilient()``; with JSON logs, its access log goes through a
-    ``JsonLinesSink`` on stdout, the same lines for a fraction of the cost of ``logging``."""
+    ``JsonLinesSink`` on stdout: the same lines for less than ``logging`` costs."""
     app = load_app(target)
     if isinstance(app, ResilientApp):
         return app

@@ -189,7 +189,7 @@ def resilient(
         access_log: log one record per request (``asgi_resilience.access``).
         access_logger: log there instead.
         access_log_sink: write the access log's JSON lines to this ``JsonLinesSink`` instead
-            of ``logging`` (closed, so flushed, when the lifespan shuts down).
+            of ``logging`` (flushed when the lifespan shuts down).
         access_log_exclude_paths: paths not logged (probes and scrapes by default).
         slow_threshold: seconds after which a request is logged as a warning.
         errors: normalize errors into JSON bodies.
