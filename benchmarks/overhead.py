@@ -139,6 +139,19 @@ def variants(access_logger: logging.Logger) -> dict[str, ASGIApp]:
         "pipeline, no access log": resilient(make_app(), **quiet),
         "  + rate limit": resilient(make_app(), **quiet, rate_limit=UNLIMITED),
         "logging floor (reference)": LoggingFloor(make_app(), access_logger),
+        **full_stacks(access_logger, sink),
+    }
+
+
+def full_stacks(access_logger: logging.Logger, sink: JsonLinesSink) -> dict[str, ASGIApp]:
+    """The peers and our full stack of ``benchmarks.peers``, for the instruction counts."""
+    from benchmarks.peers import our_stack, peer_stack, quiet_stack
+
+    return {
+        "peers (5 libraries)": peer_stack(access_logger),
+        "full stack": our_stack(access_logger),
+        "full stack, sink": our_stack(access_logger, sink=sink),
+        "full stack, no access log": quiet_stack(),
     }
 
 

@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from asgi_resilience import TracingMiddleware, resilient
+from asgi_resilience import JsonLinesSink, TracingMiddleware, resilient
 from asgi_resilience.types import ASGIApp
 from benchmarks.overhead import (
     UNLIMITED,
@@ -72,16 +72,25 @@ def peer_stack(logger: logging.Logger) -> ASGIApp:
     return OpenTelemetryMiddleware(stack)
 
 
-def our_stack(logger: logging.Logger) -> ASGIApp:
+def our_stack(logger: logging.Logger, sink: JsonLinesSink | None = None) -> ASGIApp:
     return resilient(
-        make_app(), rate_limit=UNLIMITED, access_logger=logger, registry=CollectorRegistry()
+        make_app(),
+        rate_limit=UNLIMITED,
+        access_logger=logger,
+        access_log_sink=sink,
+        registry=CollectorRegistry(),
+        environ={},
     )
 
 
 def quiet_stack() -> ASGIApp:
     """Our stack without the access log: what the rest of it costs."""
     return resilient(
-        make_app(), rate_limit=UNLIMITED, access_log=False, registry=CollectorRegistry()
+        make_app(),
+        rate_limit=UNLIMITED,
+        access_log=False,
+        registry=CollectorRegistry(),
+        environ={},
     )
 
 
