@@ -13,6 +13,7 @@ Response facts are recorded by one ``send`` wrapper, installed by the outermost 
 from __future__ import annotations
 
 import contextvars
+import math
 import weakref
 from collections.abc import Callable, Iterable
 from time import gmtime, perf_counter, strftime, time
@@ -72,6 +73,9 @@ class RequestContext:
         envelope_skip: the handler opted this response out of the envelope.
         traced / trace_id: ``TracingMiddleware`` looked up the request's span once; inner
             layers take the trace id (``None``: no valid span) from here.
+        before_last_body: called once, with the body bytes of the last message, just before
+            that message (or the ``pathsend``) goes out (tracing enriching a span that the
+            instrumentation outside ends then).
         response_headers: headers our layers add to the response (request id, rate limits),
             written by the recording ``send`` (``record``) on whatever response goes out.
         replaced_headers: header names (lowercase) whose values the application set are
@@ -81,6 +85,7 @@ class RequestContext:
     __slots__ = (
         "_route",
         "_start_headers",
+        "before_last_body",
         "bytes_sent",
         "client",
         "client_resolved",
@@ -131,6 +136,7 @@ class RequestContext:
         self.trace_id: str | None = None
         self._route: str | None = None
         self._start_headers: Iterable[tuple[bytes, bytes]] = ()
+        self.before_last_body: Callable[[int], None] | None = None
 
     @staticmethod
     def current() -> RequestContext | None:
@@ -194,8 +200,11 @@ class RequestContext:
 
         async def send_and_record(message: Message) -> None:
             message_type = message["type"]
-            if message_type == "http.response.start" and self.response_headers:
-                message = self._with_headers(message, self.response_headers)
+            if message_type == "http.response.start":
+                if self.response_headers:
+                    message = self._with_headers(message, self.response_headers)
+            elif self.before_last_body is not None:
+                self.last_body_hook(message)
             try:
                 await send(message)
             except OSError:
@@ -214,6 +223,16 @@ class RequestContext:
                 self.response_ended = perf_counter()
 
         return send_and_record
+
+    def last_body_hook(self, message: Message) -> None:
+        """Run ``before_last_body`` (once) if ``message`` is the response's last."""
+        hook = self.before_last_body
+        if hook is not None and (
+            message["type"] == "http.response.pathsend"
+            or (message["type"] == "http.response.body" and not message.get("more_body", False))
+        ):
+            self.before_last_body = None
+            hook(len(message.get("body", b"")))
 
     def _with_headers(self, start: Message, added: list[tuple[bytes, bytes]]) -> Message:
         headers = start.get("headers", ())
@@ -258,7 +277,8 @@ class ContextMiddleware:
         raise NotImplementedError  # pragma: no cover - every subclass implements it
 
 
-_timestamp_cache: tuple[int, str] = (0, "")
+_timestamp_cache: tuple[float, str] = (math.inf, "")  # (second, its date and time)
+_MILLISECONDS = (*(f".{millis:03d}Z" for millis in range(1000)), ".999Z")
 
 
 def path_matcher(route: str, *, option: str = "routes") -> Callable[[str], bool]:
@@ -346,13 +366,15 @@ def utc_timestamp() -> str:
 def format_timestamp(seconds: float) -> str:
     """``seconds`` since the epoch as ISO 8601 UTC with milliseconds (``...T12:00:00.123Z``)."""
     global _timestamp_cache
-    whole = int(seconds)
     cache = _timestamp_cache  # one read: threads (log handlers) may replace it meanwhile
-    if whole != cache[0]:
+    fraction = seconds - cache[0]
+    if not 0.0 <= fraction < 1.0:
         # Formatting the date and time is most of the cost; it changes once a second.
+        whole = int(seconds)
         cache = _timestamp_cache = (whole, strftime("%Y-%m-%dT%H:%M:%S", gmtime(whole)))
-    millis = int((seconds - whole) * 1000 + 0.0005)  # + half a microsecond: 0.999 stays .999
-    return f"{cache[1]}.{min(millis, 999):03d}Z"
+        fraction = seconds - whole
+    # + half a microsecond: 0.999 stays .999 (the table ends with .999 twice: never .1000).
+    return cache[1] + _MILLISECONDS[int(fraction * 1000 + 0.0005)]
 
 
 def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int:

@@ -19,7 +19,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import choose_encoder
 
 from . import series
-from .context import ContextMiddleware, PathSet, RequestContext
+from .context import PathSet, RequestContext
+from .observe import Observer
 from .types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["Metrics", "MetricsMiddleware", "metrics_app"]
@@ -194,7 +195,7 @@ class Metrics:
         return child
 
 
-class MetricsMiddleware(ContextMiddleware):
+class MetricsMiddleware(Observer):
     """Record Prometheus metrics for every HTTP request.
 
     Handles ``http`` scopes; others pass through. Observes, per request, the duration (to the
@@ -226,26 +227,18 @@ class MetricsMiddleware(ContextMiddleware):
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self._active: dict[str, Any] = {}
 
-    async def handle(
-        self, context: RequestContext, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        path = scope["path"]
-        if path in self.excluded:
-            await self.app(scope, receive, send)
-            return
+    def enter(self, context: RequestContext, scope: Scope) -> tuple[str, Any]:
         method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
         active = self._active.get(method)
         if active is None:
             active = self._active[method] = self.metrics.active_requests.labels(method)
         active.inc()
-        try:
-            await self.app(scope, receive, context.record(send))
-        except BaseException as exc:
-            context.keep_exception(exc)
-            raise
-        finally:
-            active.dec()
-            self._observe(context, scope, method)
+        return method, active
+
+    def exit(self, context: RequestContext, scope: Scope, state: tuple[str, Any]) -> None:
+        method, active = state
+        active.dec()
+        self._observe(context, scope, method)
 
     def _observe(self, context: RequestContext, scope: Scope, method: str) -> None:
         route = context.route(scope)

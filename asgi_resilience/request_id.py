@@ -6,13 +6,14 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from opentelemetry import trace
 
-from .context import ContextMiddleware, ErrorFormat, RequestContext
+from .context import ErrorFormat, RequestContext
+from .observe import REPLY, Observer
 from .problems import send_error
-from .types import ASGIApp, Receive, Scope, Send
+from .types import ASGIApp, Scope, Send
 
 __all__ = ["RequestIdLogFilter", "RequestIdMiddleware", "generate_request_id", "get_request_id"]
 
@@ -35,7 +36,7 @@ def get_request_id() -> str | None:
     return context.request_id if context is not None else None
 
 
-class RequestIdMiddleware(ContextMiddleware):
+class RequestIdMiddleware(Observer):
     """Give every HTTP request an id, echo it on the response and expose it inside the request.
 
     Handles ``http`` scopes; WebSocket and lifespan pass through. Reads ``header_name`` from the
@@ -87,9 +88,7 @@ class RequestIdMiddleware(ContextMiddleware):
             raise ValueError(f"error_format must be 'problem' or 'envelope', got {error_format!r}")
         self.error_format: ErrorFormat = error_format
 
-    async def handle(
-        self, context: RequestContext, scope: Scope, receive: Receive, send: Send
-    ) -> None:
+    def enter(self, context: RequestContext, scope: Scope) -> Any:
         if context.request_id is not None:
             # An outer id layer decided already (one id per request): echo it here too.
             request_id: str | bytes | None = context.request_id
@@ -113,8 +112,7 @@ class RequestIdMiddleware(ContextMiddleware):
                 context.add_response_headers(
                     [(self.header_name, request_id.encode())], replace=self.header_name
                 )
-                await self._reject(context, scope, context.record(send))
-                return
+                return REPLY  # answered by reply(): a 400, measured and logged as any other
         context.request_id = request_id
         state = scope.get("state")
         if state is None:
@@ -124,7 +122,7 @@ class RequestIdMiddleware(ContextMiddleware):
         context.add_response_headers(
             [(self.header_name, request_id.encode())], replace=self.header_name
         )
-        await self.app(scope, receive, context.record(send))
+        return None
 
     def _incoming(self, scope: Scope) -> str | bytes | None:
         """The incoming id if valid, the raw value if invalid, ``None`` if absent."""
@@ -133,7 +131,8 @@ class RequestIdMiddleware(ContextMiddleware):
                 return value.decode("ascii") if _VALID_ID.fullmatch(value) else bytes(value)
         return None
 
-    async def _reject(self, context: RequestContext, scope: Scope, send: Send) -> None:
+    async def reply(self, context: RequestContext, scope: Scope, send: Send) -> None:
+        """The 400 for an invalid incoming id (``on_invalid="reject"``)."""
         await send_error(
             context,
             scope,

@@ -18,6 +18,7 @@ from .health import HealthApp
 from .lifespan import Lifespan
 from .lifespan_middleware import LifespanMiddleware
 from .metrics import MetricsMiddleware, metrics_app
+from .observe import Observer, Observers
 from .overload import BodyLimitMiddleware, ConcurrencyLimitMiddleware, TimeoutMiddleware
 from .proxies import TrustedProxies
 from .ratelimit import (
@@ -407,31 +408,44 @@ def _build(
         stack = BuiltinEndpoints(stack, endpoints=endpoints)
     if errors:
         stack = ErrorMiddleware(stack, debug=debug, format="envelope" if envelope else "problem")
+    # The layers that observe requests run in one pass (asgi_resilience.observe), in the order
+    # nesting them would have: request ids, tracing, metrics, access log.
+    observers: list[Observer] = []
+    if request_ids:
+        observers.append(
+            RequestIdMiddleware(
+                stack,
+                header_name=request_id_header,
+                trust_incoming=trust_incoming_request_id,
+                error_format="envelope" if envelope else "problem",
+            )
+        )
+    if tracing:
+        observers.append(
+            TracingMiddleware(stack, tracer_provider=tracer_provider, exclude_paths=probes)
+        )
+    if metrics:
+        observers.append(MetricsMiddleware(stack, registry=registry, exclude_paths=probes))
     if access_log:
         if access_log_sink is not None:
             name = _unique("access-log-sink", lifespan.resource_names)
             lifespan.add_resource(name, access_log_sink.aflush, timeout=2)
         if access_log_exclude_paths is DEFAULT_EXCLUDE_PATHS:
             access_log_exclude_paths = probes
-        stack = AccessLogMiddleware(
-            stack,
-            logger=access_logger,
-            sink=access_log_sink,
-            exclude_paths=access_log_exclude_paths,
-            slow_threshold=slow_threshold,
-            trusted_proxies=proxies,
+        observers.append(
+            AccessLogMiddleware(
+                stack,
+                logger=access_logger,
+                sink=access_log_sink,
+                exclude_paths=access_log_exclude_paths,
+                slow_threshold=slow_threshold,
+                trusted_proxies=proxies,
+            )
         )
-    if metrics:
-        stack = MetricsMiddleware(stack, registry=registry, exclude_paths=probes)
-    if tracing:
-        stack = TracingMiddleware(stack, tracer_provider=tracer_provider, exclude_paths=probes)
-    if request_ids:
-        stack = RequestIdMiddleware(
-            stack,
-            header_name=request_id_header,
-            trust_incoming=trust_incoming_request_id,
-            error_format="envelope" if envelope else "problem",
-        )
+    if len(observers) == 1:
+        stack = observers[0]
+    elif observers:
+        stack = Observers(stack, observers)
     stack = LifespanMiddleware(stack, lifespan=lifespan)
     return ResilientApp(app, stack, lifespan, health)
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from time import monotonic
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import (
@@ -28,13 +29,13 @@ from opentelemetry.trace import (
 from .context import (
     PROBE_PATHS,
     UNMATCHED_ROUTE,
-    ContextMiddleware,
     PathSet,
     RequestContext,
     trace_id_of,
 )
 from .metrics import KNOWN_METHODS, OTHER_METHOD
-from .types import ASGIApp, Message, Receive, Scope, Send
+from .observe import Observer
+from .types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["REQUEST_ID_ATTRIBUTE", "TracingMiddleware"]
 
@@ -57,7 +58,7 @@ class _HeaderGetter(Getter[Scope]):
 _getter = _HeaderGetter()
 
 
-class TracingMiddleware(ContextMiddleware):
+class TracingMiddleware(Observer):
     """One OpenTelemetry SERVER span per HTTP request.
 
     Handles ``http`` scopes; others pass through. Reads ``traceparent``/``tracestate`` (through
@@ -119,81 +120,63 @@ class TracingMiddleware(ContextMiddleware):
             return
         await super().__call__(scope, receive, send)
 
-    async def handle(
-        self, context: RequestContext, scope: Scope, receive: Receive, send: Send
-    ) -> None:
+    def enter(self, context: RequestContext, scope: Scope) -> Any:
+        if not (self._sdk or self._enabled()):
+            return None  # reached through Observers: no SDK, nothing to record
         current = trace.get_current_span()
-        if scope["path"] in self.excluded:
-            _remember_trace_id(context, current)  # inner layers need not look it up again
-            await self.app(scope, receive, send)
-            return
         if current.is_recording() and getattr(current, "kind", None) is SpanKind.SERVER:
+            # An instrumentation's span (opentelemetry-instrumentation-asgi): enrich it instead
+            # of nesting a second one. Such instrumentations end their span when the last body
+            # message goes out, before the app returns: ours are set just before it.
             _remember_trace_id(context, current)
-            await self._enrich(current, context, scope, receive, send)
-            return
+            if context.request_id:
+                current.set_attribute(REQUEST_ID_ATTRIBUTE, context.request_id)
+            enrichment = _Enrichment(current, context, scope)
+            context.before_last_body = enrichment.finish
+            return enrichment
         method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
-        with self.tracer.start_as_current_span(
+        span = self.tracer.start_span(
             method,
             context=propagate.extract(scope, getter=_getter),
             kind=SpanKind.SERVER,
             attributes=_request_attributes(scope, method, context, self.include_query),
             record_exception=False,
             set_status_on_exception=False,
-        ) as span:
-            _remember_trace_id(context, span)
-            await self._traced(span, context, scope, receive, send)
+        )
+        _remember_trace_id(context, span)
+        # What start_as_current_span does, split in two: current from here until exit.
+        return span, otel_context.attach(trace.set_span_in_context(span))
 
-    async def _traced(
-        self,
-        span: trace.Span,
-        context: RequestContext,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-    ) -> None:
+    def exit(self, context: RequestContext, scope: Scope, state: Any) -> None:
+        if state is None:
+            return
+        if isinstance(state, _Enrichment):
+            state.finish(0)
+            return
+        span, token = state
         try:
-            await self.app(scope, receive, context.record(send))
-        except BaseException as exc:
-            context.keep_exception(exc)
-            raise
-        finally:
             _finish(span, context, scope)
-
-    async def _enrich(
-        self,
-        span: trace.Span,
-        context: RequestContext,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-    ) -> None:
-        """Add our attributes to an instrumentation's span instead of nesting a second one.
-
-        Such instrumentations (opentelemetry-instrumentation-asgi) end their span when the
-        last body message goes out, before the app returns: ours are set just before it.
-        """
-        if context.request_id:
-            span.set_attribute(REQUEST_ID_ATTRIBUTE, context.request_id)
-        finished = False
-
-        async def send_and_enrich(message: Message) -> None:
-            nonlocal finished
-            last = message["type"] == "http.response.pathsend" or (
-                message["type"] == "http.response.body" and not message.get("more_body", False)
-            )
-            if last and not finished:
-                finished = True
-                _finish(span, context, scope, pending=len(message.get("body", b"")))
-            await send(message)
-
-        try:
-            await self.app(scope, receive, context.record(send_and_enrich))
-        except BaseException as exc:
-            context.keep_exception(exc)
-            raise
         finally:
-            if not finished:
-                _finish(span, context, scope)
+            otel_context.detach(token)
+            span.end()
+
+
+class _Enrichment:
+    """An instrumentation's span we add to, finished once: before the last body message, or
+    when the request ends without one."""
+
+    __slots__ = ("context", "finished", "scope", "span")
+
+    def __init__(self, span: trace.Span, context: RequestContext, scope: Scope) -> None:
+        self.span = span
+        self.context = context
+        self.scope = scope
+        self.finished = False
+
+    def finish(self, pending: int) -> None:
+        if not self.finished:
+            self.finished = True
+            _finish(self.span, self.context, self.scope, pending=pending)
 
 
 def _remember_trace_id(context: RequestContext, span: trace.Span) -> None:

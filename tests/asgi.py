@@ -95,3 +95,19 @@ async def call(
 
     await app(scope if scope is not None else http_scope(), receive or default_receive, send)
     return Response(messages)
+
+
+def layers(app: object) -> list[object]:
+    """The layers from ``app`` inwards (``ResilientApp.stack``, each middleware's ``app``), the
+    observers an ``Observers`` runs in one pass listed in its place, in their order."""
+    from asgi_resilience.observe import Observers
+
+    found: list[object] = []
+    layer: object | None = app
+    while layer is not None:
+        if isinstance(layer, Observers):
+            found.extend(layer.observers)
+        else:
+            found.append(layer)
+        layer = getattr(layer, "stack", None) or getattr(layer, "app", None)
+    return found

@@ -762,3 +762,190 @@ def test_formatter_renders_circular_values_with_str() -> None:
     line = json.loads(JsonFormatter().format(record))
     assert line["cycle"] == "{'self': {...}}"
     assert line["message"] == "x"
+
+
+# --- The access line written out (JsonFormatter's and JsonLinesSink's fast path) --------------
+
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+
+
+def reference_line(record: logging.LogRecord, static: dict[str, Any] | None = None) -> str:
+    """The line JsonFormatter's rules describe, written with json.dumps: what it must equal."""
+    from asgi_resilience.context import format_timestamp
+
+    payload = {
+        "timestamp": format_timestamp(record.created),
+        "level": record.levelname,
+        "logger": record.name,
+        "message": record.getMessage(),
+        **(static or {}),
+    }
+    payload.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
+    if record.exc_info:
+        payload["exc_info"] = logging.Formatter().formatException(record.exc_info)
+    return json.dumps(payload, ensure_ascii=False, default=str)
+
+
+def access_fields(**changes: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "request_id": "0c4b7e5d2a1f4e3b9a8c7d6e5f4a3b2c",
+        "method": "GET",
+        "path": "/items/42",
+        "route": "/items/{item_id:int}",
+        "status": 200,
+        "duration_ms": 1.234,
+        "ttfb_ms": 0.5,
+        "bytes_sent": 40,
+        "client": "127.0.0.1",
+        "user_agent": "probe/1.0",
+        "http_version": "1.1",
+    }
+    fields.update(changes)
+    return fields
+
+
+def access_record(fields: dict[str, Any], level: int = logging.INFO) -> logging.LogRecord:
+    """A record as AccessLogMiddleware makes it."""
+    from asgi_resilience.access_log import _MESSAGE
+
+    status = fields.get("status")
+    args = (fields.get("method"), fields.get("path"), status if status is not None else "-", 1.2)
+    record = logging.getLogRecordFactory()(LOGGER, level, __file__, 0, _MESSAGE, args, None)
+    record.__dict__.update(fields)
+    return record
+
+
+# Fields the middleware writes, odd values included: all taken by the fast path.
+WRITTEN_OUT = {
+    "plain": access_fields(),
+    "nulls": access_fields(
+        request_id=None,
+        status=None,
+        ttfb_ms=None,
+        client=None,
+        user_agent=None,
+        http_version=None,
+    ),
+    "escapes": access_fields(
+        path='/a"b\\c\n\x00\x1f\u2028', user_agent="caf\xe9 \U0001f600 \ud800", route="/\u00e9"
+    ),
+    "tiny and huge numbers": access_fields(
+        duration_ms=1e-07, ttfb_ms=123456789.125, bytes_sent=10**20, status=599
+    ),
+    "every optional field": access_fields(
+        trace_id="0af7651916cd43dd8448eb211c80319c",
+        rate_limited="error",
+        error="ValueError",
+        disconnected=True,
+        query="a=1&b=\xe9",
+    ),
+    "rate limited false": access_fields(rate_limited=False),
+}
+# What a filter or a caller may leave in the fields: the general path writes these.
+GENERAL = {
+    "status as text": access_fields(status="200"),
+    "status as bool": access_fields(status=True),
+    "nan duration": access_fields(duration_ms=float("nan")),
+    "infinite ttfb": access_fields(ttfb_ms=float("inf")),
+    "int duration": access_fields(duration_ms=2),
+    "client as dict": access_fields(client={"ip": "10.0.0.1"}),
+    "bytes as float": access_fields(bytes_sent=1.5),
+    "str subclass": access_fields(method=type("Verb", (str,), {})("GET")),
+    "optional float": access_fields(extra_ms=0.25),
+    "optional list": access_fields(tags=["a", 1]),
+    "optional object": access_fields(error=ValueError("x")),
+}
+
+
+@pytest.mark.parametrize("fields", list(WRITTEN_OUT.values()), ids=list(WRITTEN_OUT))
+@pytest.mark.parametrize("static", [None, {"service": "shop", "n": 1}])
+def test_formatter_writes_access_records_out_as_the_encoder_would(
+    fields: dict[str, Any], static: dict[str, Any] | None
+) -> None:
+    from asgi_resilience.access_log import _access_line_of, _StaticFields
+
+    record = access_record(fields)
+    assert _access_line_of(record, _StaticFields(static)) is not None  # the fast path is taken
+    assert JsonFormatter(static_fields=static).format(record) == reference_line(record, static)
+
+
+@pytest.mark.parametrize("fields", list(GENERAL.values()), ids=list(GENERAL))
+def test_formatter_writes_changed_access_records_the_general_way(fields: dict[str, Any]) -> None:
+    record = access_record(fields)
+    assert JsonFormatter().format(record) == reference_line(record)
+
+
+def _rename_client(record: logging.LogRecord) -> None:
+    record.peer = record.__dict__.pop("client")
+
+
+CHANGES = {
+    "a field added": lambda record: setattr(record, "span_id", "b7ad6b7169203331"),
+    "a field removed": lambda record: delattr(record, "user_agent"),
+    "a field moved to the end": lambda record: setattr(
+        record, "client", record.__dict__.pop("client")
+    ),
+    "a field renamed": _rename_client,
+    "message formatted by another handler": lambda record: logging.Formatter(
+        "%(asctime)s %(message)s"
+    ).format(record),
+    "exc_info": lambda record: setattr(record, "exc_info", (ValueError, ValueError("x"), None)),
+    "level renamed": lambda record: setattr(record, "levelname", "NOTICE"),
+    "a non-string key": lambda record: record.__dict__.__setitem__(1, "one"),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES.values()), ids=list(CHANGES))
+def test_formatter_follows_what_filters_change_on_access_records(change: Any) -> None:
+    record = access_record(access_fields(rate_limited=True))
+    change(record)
+    assert JsonFormatter().format(record) == reference_line(record)
+
+
+@pytest.mark.parametrize(
+    "static", [{"route": "fixed"}, {"message": "fixed"}, {"level": 1}, {"obj": object()}]
+)
+def test_formatter_static_fields_that_clash_or_cannot_encode(static: dict[str, Any]) -> None:
+    record = access_record(access_fields())
+    line = JsonFormatter(static_fields=static).format(record)
+    assert line == reference_line(record, static)
+
+
+def test_formatter_static_fields_are_read_only_and_replaceable() -> None:
+    formatter = JsonFormatter(static_fields={"service": "a"})
+    with pytest.raises(TypeError):
+        formatter.static_fields["service"] = "b"  # type: ignore[index]
+    formatter.static_fields = {"service": "b"}
+    assert json.loads(formatter.format(access_record(access_fields())))["service"] == "b"
+    with pytest.raises(ValueError, match="static_fields must be a mapping"):
+        JsonFormatter(static_fields=["service"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [*WRITTEN_OUT.values(), *GENERAL.values(), {"anything": 1}, {}, {"timestamp": "mine"}],
+    ids=[*WRITTEN_OUT, *GENERAL, "not an access record", "empty", "a head key"],
+)
+@pytest.mark.parametrize("static", [None, {"service": "shop"}, {"path": "fixed"}])
+def test_sink_lines_are_what_the_encoder_writes(
+    fields: dict[str, Any], static: dict[str, Any] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from asgi_resilience import JsonLinesSink
+    from asgi_resilience.context import format_timestamp
+
+    monkeypatch.setattr("asgi_resilience.access_log.time", lambda: 1_700_000_000.25)
+    stream = io.StringIO()
+    sink = JsonLinesSink(stream, static_fields=static)
+    sink.emit(logging.WARNING, LOGGER, "GET /x 200 1.2ms", fields)
+    sink.flush()
+    payload = {
+        "timestamp": format_timestamp(1_700_000_000.25),
+        "level": "WARNING",
+        "logger": LOGGER,
+        "message": "GET /x 200 1.2ms",
+        **(static or {}),
+        **fields,
+    }
+    assert stream.getvalue() == json.dumps(payload, ensure_ascii=False, default=str) + "\n"

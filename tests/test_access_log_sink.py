@@ -27,7 +27,7 @@ from asgi_resilience import (
     resilient,
 )
 from asgi_resilience.types import ASGIApp, Receive, Scope, Send
-from tests.asgi import call, http_scope
+from tests.asgi import call, http_scope, layers
 
 pytestmark = pytest.mark.anyio
 
@@ -334,11 +334,9 @@ def test_the_cli_wraps_a_plain_app_with_a_sink_on_stdout_unless_logs_are_plain()
     from asgi_resilience import cli
 
     def sink_of(app: object) -> object:
-        layer: object | None = app
-        while layer is not None:
+        for layer in layers(app):
             if isinstance(layer, AccessLogMiddleware):
                 return layer.sink
-            layer = getattr(layer, "stack", None) or getattr(layer, "app", None)
         raise AssertionError("no access log in the stack")
 
     sink = sink_of(cli._wrapped("tests.apps.hello:app", plain=False))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import re
 from datetime import datetime, timezone
 
@@ -268,3 +269,22 @@ async def test_non_http_scopes_get_no_context() -> None:
 
     await RouteProbe(app)({"type": "lifespan"}, receive, send)
     assert CONTEXT_KEY not in seen[0]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [
+        (0.25, "1970-01-01T00:00:00.250Z"),
+        (1_700_000_000.0, "2023-11-14T22:13:20.000Z"),
+        (1_700_000_000.9994, "2023-11-14T22:13:20.999Z"),
+        (1_700_000_000.99999, "2023-11-14T22:13:20.999Z"),
+        (1_700_000_001.0004, "2023-11-14T22:13:21.000Z"),
+        (1_699_999_999.5, "2023-11-14T22:13:19.500Z"),  # an earlier second after a later one
+    ],
+)
+def test_format_timestamp_at_the_edges_of_a_second(seconds: float, expected: str) -> None:
+    import asgi_resilience.context as context_module
+
+    context_module._timestamp_cache = (math.inf, "")  # nothing cached yet, as at import
+    assert format_timestamp(seconds) == expected
+    assert format_timestamp(seconds) == expected  # from the cache

@@ -33,7 +33,7 @@ from asgi_resilience.overload import (
     remaining_time,
 )
 from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
-from tests.asgi import Response, call, http_scope
+from tests.asgi import Response, call, http_scope, layers
 from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -505,13 +505,8 @@ def test_everything_is_off_by_default_and_on_by_option_or_environment() -> None:
 
 
 def _walk(app: object) -> list[object]:
-    """The layers from ``app`` inwards (``ResilientApp.stack``, each middleware's ``app``)."""
-    found = []
-    layer: object | None = app
-    while layer is not None:
-        found.append(layer)
-        layer = getattr(layer, "stack", None) or getattr(layer, "app", None)
-    return found
+    """The layers from ``app`` inwards."""
+    return layers(app)
 
 
 async def test_retry_and_circuit_breaker_stop_at_the_request_deadline() -> None:

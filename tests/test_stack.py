@@ -31,7 +31,7 @@ from asgi_resilience.envelope import EnvelopeMiddleware
 from asgi_resilience.errors import ErrorMiddleware
 from asgi_resilience.request_id import RequestIdMiddleware
 from asgi_resilience.types import ASGIApp, Receive, Scope, Send
-from tests.asgi import call, http_scope
+from tests.asgi import call, http_scope, layers
 
 pytestmark = pytest.mark.anyio
 
@@ -152,12 +152,8 @@ async def test_raw_asgi_app_through_the_whole_stack(caplog: pytest.LogCaptureFix
 async def test_stack_order_and_switches() -> None:
     app = resilient(raw_app, envelope=True)
     assert isinstance(app, ResilientApp) and app.app is raw_app
-    layers = []
-    layer: object = app.stack
-    while layer is not raw_app:
-        layers.append(type(layer))
-        layer = layer.app  # type: ignore[attr-defined]
-    assert layers == [
+    kinds = [type(layer) for layer in layers(app.stack)]
+    assert kinds[: kinds.index(type(raw_app))] == [
         LifespanMiddleware,
         RequestIdMiddleware,
         TracingMiddleware,

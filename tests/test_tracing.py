@@ -31,7 +31,7 @@ from asgi_resilience import TracingMiddleware, resilient
 from asgi_resilience.request_id import RequestIdLogFilter
 from asgi_resilience.tracing import REQUEST_ID_ATTRIBUTE
 from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
-from tests.asgi import call, http_scope
+from tests.asgi import call, http_scope, layers
 
 pytestmark = pytest.mark.anyio
 
@@ -435,10 +435,7 @@ async def test_a_global_provider_set_later_is_used_from_the_next_check(
 
 
 def find_layer(app: ASGIApp, kind: type[TracingMiddleware]) -> TracingMiddleware:
-    layer: Any = getattr(app, "stack", app)
-    while not isinstance(layer, kind):
-        layer = layer.app
-    return layer
+    return next(layer for layer in layers(app) if isinstance(layer, kind))
 
 
 async def test_other_scopes_pass_through(provider: TracerProvider) -> None:
