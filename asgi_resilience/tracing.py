@@ -11,7 +11,7 @@ second one being made.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from time import monotonic
 from typing import Any
 
@@ -132,7 +132,10 @@ class TracingMiddleware(Observer):
             if context.request_id:
                 current.set_attribute(REQUEST_ID_ATTRIBUTE, context.request_id)
             enrichment = _Enrichment(current, context, scope)
-            context.before_last_body = enrichment.finish
+            earlier = context.before_last_body  # another layer's, enriching the same span
+            context.before_last_body = (
+                enrichment.finish if earlier is None else _both(earlier, enrichment.finish)
+            )
             return enrichment
         method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
         span = self.tracer.start_span(
@@ -159,6 +162,16 @@ class TracingMiddleware(Observer):
         finally:
             otel_context.detach(token)
             span.end()
+
+
+def _both(first: Callable[[int], None], second: Callable[[int], None]) -> Callable[[int], None]:
+    def both(pending: int) -> None:
+        try:
+            second(pending)  # the inner layer's, as its own send wrapper would have run first
+        finally:
+            first(pending)
+
+    return both
 
 
 class _Enrichment:

@@ -94,7 +94,7 @@ def quiet_stack() -> ASGIApp:
     )
 
 
-VARIANTS = ("bare", "peers", "resilient", "resilient_no_log")
+VARIANTS = ("bare", "peers", "resilient", "resilient_sink", "resilient_no_log")
 
 
 def variant(name: str) -> ASGIApp:
@@ -106,6 +106,8 @@ def variant(name: str) -> ASGIApp:
         return peer_stack(logger)
     if name == "resilient":
         return our_stack(logger)
+    if name == "resilient_sink":  # the production configuration: JSON lines, no logging
+        return our_stack(logger, sink=JsonLinesSink(open(os.devnull, "w")))
     if name == "resilient_no_log":
         return quiet_stack()
     raise ValueError(f"unknown variant {name!r}")
@@ -196,7 +198,11 @@ def _wrk(url: str, seconds: int, connections: int) -> float:
     return float(match.group(1))
 
 
-def over_http(seconds: int, rounds: int, connections: int, servers: list[str]) -> None:
+def over_http(
+    seconds: int, rounds: int, connections: int, servers: list[str]
+) -> dict[str, dict[str, float]]:
+    """Median requests/s of each variant, per server (and printed as tables)."""
+    results: dict[str, dict[str, float]] = {}
     for server in servers:
         samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
         for _ in range(rounds):
@@ -211,10 +217,12 @@ def over_http(seconds: int, rounds: int, connections: int, servers: list[str]) -
         bare = statistics.median(samples["bare"])
         print(f"uvicorn with {server}:")
         print(f"{'variant':<18} {'requests/s':>11} {'of bare':>8} {'µs added':>9}")
+        results[server] = {}
         for name in VARIANTS:
-            value = statistics.median(samples[name])
+            value = results[server][name] = statistics.median(samples[name])
             added = (1 / value - 1 / bare) * 1e6
             print(f"{name:<18} {value:>11.0f} {value / bare:>8.0%} {added:>9.1f}")
+    return results
 
 
 def main() -> None:

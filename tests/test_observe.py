@@ -371,3 +371,18 @@ async def test_other_scopes_pass_through_untouched() -> None:
     await stack({"type": "websocket", "path": "/ws", "headers": []}, receive, send)
     await stack({"type": "lifespan"}, receive, send)
     assert seen == ["websocket", "lifespan"] and log == []
+
+
+async def test_two_tracing_layers_enriching_one_span_both_finish_before_it_ends(
+    provider: TracerProvider, exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    inner = TracingMiddleware(ok, tracer_provider=provider)
+    outer = TracingMiddleware(RequestIdMiddleware(inner), tracer_provider=provider)
+    stack = OpenTelemetryMiddleware(outer, tracer_provider=provider)
+    with caplog.at_level(logging.WARNING):
+        response = await call(stack, http_scope("/things"))
+    (span,) = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+    attributes = dict(span.attributes or {})
+    assert attributes["http.response.body.size"] == 5
+    assert attributes["asgi_resilience.request_id"] == response.headers["x-request-id"]
+    assert not [r for r in caplog.records if "ended span" in r.getMessage()]
