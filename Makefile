@@ -32,9 +32,8 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
-	$(BIN)/python -m benchmarks.overhead
+	$(BIN)/python -m benchmarks.report
 	$(BIN)/python -m benchmarks.ratelimit
-	$(BIN)/python -m benchmarks.peers inprocess
 
 format: $(STAMP)
 	$(BIN)/ruff format asgi_resilience tests benchmarks

@@ -6,14 +6,16 @@ Runs, one after the other on the same machine: the instruction counts of every v
 ``benchmarks.overhead`` (under callgrind: repeatable whatever else the machine runs), the wall
 time of the same variants in process (interleaved rounds, medians), and ``benchmarks.peers``'
 HTTP comparison (uvicorn with h11 and with httptools, ``wrk``; skipped with ``--no-http``).
-Prints the README's tables as Markdown and draws the chart (``matplotlib``, in the ``bench``
-extra). Takes about a quarter of an hour.
+Prints the README's tables as Markdown, keeps the figures the chart needs beside it
+(``docs/benchmarks.json``: ``--redraw`` draws it again from them) and draws the chart
+(``matplotlib``, in the ``bench`` extra). Takes about a quarter of an hour.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import statistics
 from pathlib import Path
@@ -74,7 +76,15 @@ def main() -> None:
     parser.add_argument("--http-rounds", type=int, default=3)
     parser.add_argument("--no-http", action="store_true")
     parser.add_argument("--chart", type=Path, default=Path("docs/benchmarks.png"))
+    parser.add_argument(
+        "--redraw", action="store_true", help="draw the chart again from the last run's figures"
+    )
     args = parser.parse_args()
+    figures = args.chart.with_suffix(".json")
+    if args.redraw:
+        saved = json.loads(figures.read_text())
+        draw(args.chart, saved["instructions"], saved["http"])
+        return
 
     apps = variants(configure_access_log())
     names = list(dict.fromkeys([*SUMMARY.values(), *LAYERS.values()]))
@@ -122,6 +132,8 @@ def main() -> None:
             f"| {label} | {value_i / 1000:,.0f} k | {value_i / bare_i:.2f} | "
             f"{(value_i - bare_i) / 1000:,.0f} k |"
         )
+    figures.parent.mkdir(parents=True, exist_ok=True)
+    figures.write_text(json.dumps({"instructions": counted, "http": http}, indent=1) + "\n")
     draw(args.chart, counted, http)
 
 
@@ -159,7 +171,7 @@ def draw(path: Path, counted: dict[str, float], http: dict[str, dict[str, float]
         right.set_xlabel("requests/s, % of the bare app")
         right.set_title("Throughput over HTTP (one worker)", fontsize=10)
         right.set_xlim(0, 110)
-        right.legend(fontsize=7, loc="lower right")
+        right.legend(fontsize=7, loc="upper right")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
