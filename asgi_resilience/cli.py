@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 
 from .access_log import JsonFormatter, JsonLinesSink
 from .config import ConfigurationError
+from .exceptions import UsageError
 from .lifespan import Lifespan, StartupError
 from .request_id import RequestIdLogFilter
 from .stack import ResilientApp, resilient
@@ -41,10 +42,6 @@ __all__ = ["main"]
 _TARGET_VARIABLE = "_ASGI_RESILIENCE_CLI_TARGET"  # how worker processes learn the app to serve
 _PLAIN_VARIABLE = "_ASGI_RESILIENCE_CLI_PLAIN_LOGS"
 _LEVEL_VARIABLE = "_ASGI_RESILIENCE_CLI_LOG_LEVEL"
-
-
-class UsageError(Exception):
-    """A bad argument: reported on one line, exit code 2."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .exceptions import AsgiResilienceError
+from .exceptions import ConfigurationError
 from .proxies import TrustedProxies
 from .ratelimit.rates import parse_rates
 
@@ -26,10 +26,6 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _NONE = frozenset({"", "none", "off"})
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
-class ConfigurationError(AsgiResilienceError, ValueError):
-    """An option (from the environment or a keyword) has a value that cannot be used."""
 
 
 def _boolean(value: str) -> bool:

@@ -1,9 +1,16 @@
 """Exceptions raised by asgi_resilience and the HTTP errors applications raise.
 
-Library errors share one root::
+Every exception class of the package lives here (each is also importable from the module
+that raises it, its old place). Library errors share one root::
 
     AsgiResilienceError
-    └── CircuitOpenError      a circuit breaker refused a call (carries ``retry_after``)
+    ├── ConfigurationError    an option or environment value cannot be used (also ValueError)
+    ├── StartupError          a critical check failed or a resource did not open (``failures``)
+    ├── BackendError          the rate limit backend failed (unreachable, slow, nonsense)
+    ├── ReplyError            an error reply from Redis (``MOVED``, ``NOSCRIPT``...), internal
+    ├── DatabaseUnavailable   the database could not answer ``SELECT 1``
+    ├── CircuitOpenError      a circuit breaker refused a call (carries ``retry_after``)
+    └── UsageError            a bad command-line argument (one line, exit code 2)
 
 HTTP errors an application raises to answer with a given status; ``ErrorMiddleware`` turns each
 into one JSON body (RFC 9457 problem or envelope)::
@@ -24,20 +31,29 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from .lifespan import CheckResult
 
 __all__ = [
     "AppError",
     "AsgiResilienceError",
+    "BackendError",
     "BadRequest",
     "CircuitOpenError",
+    "ConfigurationError",
     "Conflict",
+    "DatabaseUnavailable",
     "Forbidden",
     "NotFound",
+    "ReplyError",
     "ServiceUnavailable",
+    "StartupError",
     "TooManyRequests",
     "Unauthorized",
     "UnprocessableEntity",
+    "UsageError",
 ]
 
 _NON_WORD = re.compile(r"[^0-9a-zA-Z]+")
@@ -58,6 +74,38 @@ def snake_case(text: str) -> str:
 
 class AsgiResilienceError(Exception):
     """Root of the errors this library raises."""
+
+
+class ConfigurationError(AsgiResilienceError, ValueError):
+    """An option (from the environment or a keyword) has a value that cannot be used."""
+
+
+class StartupError(AsgiResilienceError):
+    """Startup failed: a critical check failed or a resource could not be opened.
+
+    Attributes:
+        failures: the failed critical checks (empty when a resource failed).
+    """
+
+    def __init__(self, message: str, failures: tuple[CheckResult, ...] = ()) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+class BackendError(AsgiResilienceError):
+    """The rate limit backend failed (unreachable, timed out, answered nonsense)."""
+
+
+class ReplyError(AsgiResilienceError):
+    """An error reply from Redis (``NOSCRIPT ...``, ``MOVED 1234 host:port``, ``READONLY``)."""
+
+
+class DatabaseUnavailable(AsgiResilienceError):
+    """The database could not be reached or could not answer ``SELECT 1``."""
+
+
+class UsageError(AsgiResilienceError):
+    """A bad command-line argument: reported on one line, exit code 2."""
 
 
 class CircuitOpenError(AsgiResilienceError):

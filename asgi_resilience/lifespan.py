@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from ._checks import check_seconds
 from .calls import call as _call
 from .calls import describe_error
-from .exceptions import AsgiResilienceError
+from .exceptions import StartupError
 from .metrics import Metrics
 from .types import ASGIApp
 
@@ -51,18 +51,6 @@ CheckFunction = Callable[[], Any]
 ResourceFactory = Callable[[], AsyncIterator[Any]]
 F = TypeVar("F", bound=Callable[..., Any])
 _MAX_BACKOFF = 2.0
-
-
-class StartupError(AsgiResilienceError):
-    """Startup failed: a critical check failed or a resource could not be opened.
-
-    Attributes:
-        failures: the failed critical checks (empty when a resource failed).
-    """
-
-    def __init__(self, message: str, failures: tuple[CheckResult, ...] = ()) -> None:
-        super().__init__(message)
-        self.failures = failures
 
 
 @dataclass(frozen=True)

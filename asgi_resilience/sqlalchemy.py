@@ -47,7 +47,7 @@ from sqlalchemy.pool import QueuePool
 
 from .calls import describe_error, in_daemon_thread
 from .context import remaining_time
-from .exceptions import AsgiResilienceError
+from .exceptions import DatabaseUnavailable
 from .lifespan import Lifespan
 
 __all__ = ["Database", "DatabaseUnavailable"]
@@ -56,10 +56,6 @@ SessionT = TypeVar("SessionT", AsyncSession, Session)
 _SELECT_1 = text("SELECT 1")
 _ENGINES: dict[tuple[str, str], Engine | AsyncEngine] = {}
 _ENGINES_LOCK = threading.Lock()
-
-
-class DatabaseUnavailable(AsgiResilienceError):
-    """The database could not be reached or could not answer ``SELECT 1``."""
 
 
 class Database(Generic[SessionT]):

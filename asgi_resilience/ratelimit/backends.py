@@ -8,17 +8,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-from ..exceptions import AsgiResilienceError
+from ..exceptions import BackendError
 from .rates import Rate
 from .strategies import GCRA, Decision, State, Strategy
 
 __all__ = ["Backend", "BackendError", "MemoryBackend", "backend_from_url"]
 
 _MAX_RAW_KEY = 64
-
-
-class BackendError(AsgiResilienceError):
-    """The rate limit backend failed (unreachable, timed out, answered nonsense)."""
 
 
 @runtime_checkable

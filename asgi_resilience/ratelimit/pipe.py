@@ -35,13 +35,10 @@ from typing import Any, cast
 
 import hiredis
 
+from ..exceptions import ReplyError
 from .backends import BackendError
 
 __all__ = ["Address", "Pipe", "ReplyError", "open_pipe", "pack"]
-
-
-class ReplyError(Exception):
-    """An error reply from Redis (``NOSCRIPT ...``, ``MOVED 1234 host:port``, ``READONLY``)."""
 
 
 @dataclass(frozen=True)
