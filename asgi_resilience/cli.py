@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 
 from .access_log import JsonFormatter, JsonLinesSink
 from .config import ConfigurationError
-from .exceptions import UsageError
+from .exceptions import UsageError as UsageError
 from .lifespan import Lifespan, StartupError
 from .request_id import RequestIdLogFilter
 from .stack import ResilientApp, resilient

@@ -10,12 +10,13 @@ objects (``lifespan``, ``registry``, ``tracer_provider``, ``access_logger``, ``a
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .exceptions import ConfigurationError
+from .exceptions import ConfigurationError as ConfigurationError
 from .proxies import TrustedProxies
 from .ratelimit.rates import parse_rates
 
@@ -206,8 +207,11 @@ def options_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         if name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX) :].lower() not in PARSERS
     )
     if unknown:
+        variables = [variable_for(option) for option in PARSERS]
+        close = difflib.get_close_matches(unknown[0], variables, n=1, cutoff=0.8)
+        if close:
+            raise ConfigurationError(f"unknown setting {unknown[0]}: did you mean {close[0]}?")
         raise ConfigurationError(
-            f"unknown setting {unknown[0]}: the variables are "
-            + ", ".join(variable_for(option) for option in PARSERS)
+            f"unknown setting {unknown[0]}: the variables are " + ", ".join(variables)
         )
     return options

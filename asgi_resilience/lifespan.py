@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from ._checks import check_seconds
 from .calls import call as _call
 from .calls import describe_error
-from .exceptions import StartupError
+from .exceptions import StartupError as StartupError
 from .metrics import Metrics
 from .types import ASGIApp
 

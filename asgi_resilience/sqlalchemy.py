@@ -47,7 +47,7 @@ from sqlalchemy.pool import QueuePool
 
 from .calls import describe_error, in_daemon_thread
 from .context import remaining_time
-from .exceptions import DatabaseUnavailable
+from .exceptions import DatabaseUnavailable as DatabaseUnavailable
 from .lifespan import Lifespan
 
 __all__ = ["Database", "DatabaseUnavailable"]

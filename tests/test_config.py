@@ -102,6 +102,26 @@ def test_an_unknown_variable_is_an_error_not_ignored() -> None:
         options_from_env({"ASGI_RESILIENCE_RATELIMIT": "5/second"})
 
 
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("ASGI_RESILIENCE_RATELIMIT", "ASGI_RESILIENCE_RATE_LIMIT"),
+        ("ASGI_RESILIENCE_MAX_CONCURENCY", "ASGI_RESILIENCE_MAX_CONCURRENCY"),
+        ("ASGI_RESILIENCE_TRUSTED_PROXY", "ASGI_RESILIENCE_TRUSTED_PROXIES"),
+        ("ASGI_RESILIENCE_ENVELOPES", "ASGI_RESILIENCE_ENVELOPE"),
+    ],
+)
+def test_a_misspelt_variable_gets_did_you_mean(variable: str, meant: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"{variable}: did you mean {meant}\\?$"):
+        options_from_env({variable: "1"})
+
+
+def test_a_variable_like_none_lists_them_all() -> None:
+    with pytest.raises(ConfigurationError, match="the variables are ASGI_RESILIENCE_DEBUG, ") as e:
+        options_from_env({"ASGI_RESILIENCE_FROBNICATE": "1"})
+    assert "did you mean" not in str(e.value) and "ASGI_RESILIENCE_MAX_LAG" in str(e.value)
+
+
 def test_other_variables_are_ignored() -> None:
     assert options_from_env({"PATH": "/bin", "RATE_LIMIT": "ten"}) == {}
 

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-from ..exceptions import BackendError
+from ..exceptions import BackendError as BackendError
 from .rates import Rate
 from .strategies import GCRA, Decision, State, Strategy
 

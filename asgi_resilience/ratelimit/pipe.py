@@ -35,7 +35,7 @@ from typing import Any, cast
 
 import hiredis
 
-from ..exceptions import ReplyError
+from ..exceptions import ReplyError as ReplyError
 from .backends import BackendError
 
 __all__ = ["Address", "Pipe", "ReplyError", "open_pipe", "pack"]
