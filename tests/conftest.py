@@ -8,6 +8,9 @@ from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -72,3 +75,18 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
         keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
         if keys:
             client.delete(*keys)
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    """Where the ``provider`` fixture's spans end up."""
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def provider(exporter: InMemorySpanExporter) -> Iterator[TracerProvider]:
+    """An OpenTelemetry SDK provider passed explicitly: the global provider is never set."""
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider
+    provider.shutdown()
