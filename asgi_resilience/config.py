@@ -11,16 +11,27 @@ objects (``lifespan``, ``registry``, ``tracer_provider``, ``access_logger``, ``a
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
 import re
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
+from ._checks import check_seconds
+from .context import PROBE_PATHS
 from .exceptions import ConfigurationError as ConfigurationError
 from .proxies import TrustedProxies
 from .ratelimit.rates import parse_rates
 
-__all__ = ["ENV_PREFIX", "ConfigurationError", "options_from_env", "variable_for"]
+__all__ = [
+    "DEFAULTS",
+    "ENV_PREFIX",
+    "ConfigurationError",
+    "Options",
+    "options_from_env",
+    "variable_for",
+]
 
 ENV_PREFIX = "ASGI_RESILIENCE_"
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -145,40 +156,262 @@ def _text(value: str) -> str:
     return value.strip()
 
 
+# --- Checks of keyword values: a ValueError naming the option and what it takes -------------
+
+Check = Callable[[str, Any], Any]  # (option, value) -> the value to keep (normalized)
+
+
+def _is_bool(option: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{option} must be True or False, got {value!r}")
+    return value
+
+
+def _is_optional_bool(option: str, value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(
+            f"{option} must be True, False or None (from the environment), got {value!r}"
+        )
+    return value
+
+
+def _is_seconds(option: str, value: Any) -> float:
+    return check_seconds(option, value)
+
+
+def _is_seconds_or_zero(option: str, value: Any) -> float:
+    return check_seconds(option, value, zero=True)
+
+
+def _is_optional_seconds(option: str, value: Any) -> float | None:
+    return None if value is None else check_seconds(option, value)
+
+
+def _is_text(option: str, value: Any) -> Any:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{option} must be a string or None, got {value!r}")
+    return value
+
+
+def _is_header(option: str, value: Any) -> str:
+    if not isinstance(value, str) or not _HEADER_NAME.fullmatch(value.strip()):
+        raise ValueError(
+            f"{option} must be an HTTP header name such as X-Request-ID, got {value!r}"
+        )
+    return value
+
+
+def _is_optional_path(option: str, value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.startswith("/")):
+        raise ValueError(f"{option} must be a path starting with '/', or None, got {value!r}")
+    return value
+
+
+def _is_paths(option: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ValueError(f"{option} must be a list of paths, e.g. ['/health'], got {value!r}")
+    paths = tuple(value)
+    for path in paths:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"{option} entries must be paths starting with '/', got {path!r}")
+    return paths
+
+
+def _is_addresses(option: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ValueError(
+            f"{option} must be a list of addresses or networks, e.g. ['10.0.0.0/8'], got {value!r}"
+        )
+    addresses = tuple(value)
+    try:
+        TrustedProxies(addresses)
+    except ValueError as exc:
+        message = str(exc)
+        raise ValueError(
+            message if message.startswith(option) else f"{option}: {message}"
+        ) from None
+    return addresses
+
+
+def _is_rate_limit(option: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{option} must be a limit such as '100/minute', or None, got {value!r}")
+    try:
+        parse_rates(value)
+    except ValueError as exc:
+        raise ValueError(f"{option}={value!r}: {exc}") from None
+    return value
+
+
+def _is_backend(option: str, value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return _backend_url(value)
+        except ValueError:
+            pass
+    elif callable(getattr(value, "decide", None)):
+        return value
+    raise ValueError(f"{option} must be 'memory://', a redis:// URL or a Backend, got {value!r}")
+
+
+def _is_key(option: str, value: Any) -> Any:
+    if callable(value) or (isinstance(value, str) and value.strip() in ("ip", "user")):
+        return value
+    if isinstance(value, str) and value.lower().startswith("header:") and value[7:].strip():
+        return value
+    raise ValueError(f"{option} must be 'ip', 'user', 'header:<name>' or a callable, got {value!r}")
+
+
+def _is_one_of(*choices: str) -> Check:
+    def check(option: str, value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(
+                f"{option} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+            )
+        return value
+
+    return check
+
+
+def _is_mapping(option: str, value: Any) -> Any:
+    if value is not None and not isinstance(value, Mapping):
+        raise ValueError(f"{option} must be a mapping of routes to values, or None, got {value!r}")
+    return value
+
+
+def _is_instance(*kinds: str) -> Check:
+    """``None`` or an instance of one of ``kinds`` (``module:Class``, imported when checked)."""
+
+    def check(option: str, value: Any) -> Any:
+        if value is None:
+            return None
+        for kind in kinds:
+            module, _, name = kind.partition(":")
+            if isinstance(value, getattr(importlib.import_module(module), name)):
+                return value
+        names = " or ".join(kind.partition(":")[2] for kind in kinds)
+        raise ValueError(f"{option} must be a {names} or None, got {value!r}")
+
+    return check
+
+
+def _is_concurrency(option: str, value: Any) -> Any:
+    if value is None or value == "adaptive":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{option} must be a whole number >= 1, 'adaptive' or None, got {value!r}")
+    return value
+
+
+def _is_count(option: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{option} must be a whole number >= 0 or None, got {value!r}")
+    return value
+
+
+def _about(check: Check, env: Callable[[str], Any] | None = None) -> dict[str, Any]:
+    """An option's metadata: how a keyword value is checked, how its variable is parsed."""
+    return {"check": check, "env": env}
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options of ``resilient()``, each declared once: its default, how a keyword value is
+    checked (a ``ValueError`` naming the option and what it takes) and, for the plain values,
+    how its ``ASGI_RESILIENCE_<OPTION>`` variable is parsed. ``resilient()``'s docstring says
+    what each option does; its signature lists the same names, in this order (a test keeps
+    them so). Iterable values are kept as tuples."""
+
+    debug: bool | None = field(default=None, metadata=_about(_is_optional_bool, _optional_boolean))
+    envelope: bool = field(default=False, metadata=_about(_is_bool, _boolean))
+    request_ids: bool = field(default=True, metadata=_about(_is_bool, _boolean))
+    request_id_header: str = field(
+        default="X-Request-ID", metadata=_about(_is_header, _header_name)
+    )
+    trust_incoming_request_id: bool = field(default=True, metadata=_about(_is_bool, _boolean))
+    access_log: bool = field(default=True, metadata=_about(_is_bool, _boolean))
+    access_logger: Any = field(default=None, metadata=_about(_is_instance("logging:Logger")))
+    access_log_sink: Any = field(
+        default=None, metadata=_about(_is_instance("asgi_resilience.access_log:JsonLinesSink"))
+    )
+    access_log_exclude_paths: tuple[str, ...] = field(
+        default=PROBE_PATHS, metadata=_about(_is_paths, _paths)
+    )
+    slow_threshold: float = field(default=1.0, metadata=_about(_is_seconds, _seconds))
+    errors: bool = field(default=True, metadata=_about(_is_bool, _boolean))
+    envelope_exclude_paths: tuple[str, ...] = field(default=(), metadata=_about(_is_paths, _paths))
+    lifespan: Any = field(
+        default=None, metadata=_about(_is_instance("asgi_resilience.lifespan:Lifespan"))
+    )
+    health_path: str | None = field(
+        default="/health", metadata=_about(_is_optional_path, _optional_path)
+    )
+    health_status_details: bool = field(default=False, metadata=_about(_is_bool, _boolean))
+    health_cache_ttl: float = field(
+        default=1.0, metadata=_about(_is_seconds_or_zero, _seconds_or_zero)
+    )
+    version: str | None = field(default=None, metadata=_about(_is_text, _text))
+    rate_limit: str | None = field(default=None, metadata=_about(_is_rate_limit, _rate_limit))
+    rate_limit_backend: Any = field(default="memory://", metadata=_about(_is_backend, _backend_url))
+    rate_limit_strategy: Literal["gcra", "fixed-window", "sliding-window"] = field(
+        default="gcra",
+        metadata=_about(
+            _is_one_of("gcra", "fixed-window", "sliding-window"),
+            _choice("gcra", "fixed-window", "sliding-window"),
+        ),
+    )
+    rate_limit_key: Any = field(default="ip", metadata=_about(_is_key, _key))
+    rate_limit_routes: Any = field(default=None, metadata=_about(_is_mapping))
+    rate_limit_exempt_paths: tuple[str, ...] = field(default=(), metadata=_about(_is_paths, _paths))
+    rate_limit_on_backend_error: Literal["allow", "deny"] = field(
+        default="allow", metadata=_about(_is_one_of("allow", "deny"), _choice("allow", "deny"))
+    )
+    rate_limit_backend_timeout: float = field(default=0.05, metadata=_about(_is_seconds, _seconds))
+    trusted_proxies: tuple[str, ...] = field(default=(), metadata=_about(_is_addresses, _proxies))
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = field(
+        default="x-forwarded-for",
+        metadata=_about(
+            _is_one_of("x-forwarded-for", "forwarded"),
+            _choice("x-forwarded-for", "forwarded"),
+        ),
+    )
+    metrics: bool = field(default=True, metadata=_about(_is_bool, _boolean))
+    metrics_path: str | None = field(
+        default="/metrics", metadata=_about(_is_optional_path, _optional_path)
+    )
+    registry: Any = field(
+        default=None, metadata=_about(_is_instance("prometheus_client:CollectorRegistry"))
+    )
+    tracing: bool = field(default=True, metadata=_about(_is_bool, _boolean))
+    tracer_provider: Any = field(
+        default=None, metadata=_about(_is_instance("opentelemetry.trace:TracerProvider"))
+    )
+    max_concurrency: Any = field(default=None, metadata=_about(_is_concurrency, _concurrency))
+    max_queue: int | None = field(default=None, metadata=_about(_is_count, _count_or_zero))
+    queue_timeout: float = field(default=1.0, metadata=_about(_is_seconds, _seconds))
+    max_lag: float | None = field(
+        default=0.1, metadata=_about(_is_optional_seconds, _seconds_or_off)
+    )
+    timeout: float | None = field(default=None, metadata=_about(_is_optional_seconds, _seconds))
+    timeout_routes: Any = field(default=None, metadata=_about(_is_mapping))
+    max_body_size: int | None = field(default=None, metadata=_about(_is_count, _count_or_zero))
+    body_limit_routes: Any = field(default=None, metadata=_about(_is_mapping))
+
+    def __post_init__(self) -> None:
+        for option in fields(self):
+            value = option.metadata["check"](option.name, getattr(self, option.name))
+            object.__setattr__(self, option.name, value)
+
+
+# What each plain option's variable is parsed with: declared with the option, above.
 PARSERS: Mapping[str, Callable[[str], Any]] = {
-    "debug": _optional_boolean,
-    "envelope": _boolean,
-    "request_ids": _boolean,
-    "request_id_header": _header_name,
-    "trust_incoming_request_id": _boolean,
-    "access_log": _boolean,
-    "access_log_exclude_paths": _paths,
-    "slow_threshold": _seconds,
-    "errors": _boolean,
-    "envelope_exclude_paths": _paths,
-    "health_path": _optional_path,
-    "health_status_details": _boolean,
-    "health_cache_ttl": _seconds_or_zero,
-    "version": _text,
-    "rate_limit": _rate_limit,
-    "rate_limit_backend": _backend_url,
-    "rate_limit_strategy": _choice("gcra", "fixed-window", "sliding-window"),
-    "rate_limit_key": _key,
-    "rate_limit_exempt_paths": _paths,
-    "rate_limit_on_backend_error": _choice("allow", "deny"),
-    "rate_limit_backend_timeout": _seconds,
-    "trusted_proxies": _proxies,
-    "forwarded_header": _choice("x-forwarded-for", "forwarded"),
-    "metrics": _boolean,
-    "metrics_path": _optional_path,
-    "tracing": _boolean,
-    "max_concurrency": _concurrency,
-    "max_queue": _count_or_zero,
-    "queue_timeout": _seconds,
-    "max_lag": _seconds_or_off,
-    "timeout": _seconds,
-    "max_body_size": _count_or_zero,
+    option.name: option.metadata["env"] for option in fields(Options) if option.metadata["env"]
 }
+DEFAULTS: Mapping[str, Any] = {option.name: option.default for option in fields(Options)}
 
 
 def variable_for(option: str) -> str:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any, Literal
 
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from .access_log import DEFAULT_EXCLUDE_PATHS, AccessLogMiddleware, JsonLinesSink
-from .config import ConfigurationError, options_from_env
+from .config import DEFAULTS, ConfigurationError, Options, options_from_env
 from .envelope import EnvelopeMiddleware
 from .errors import ErrorMiddleware, default_debug
 from .health import HealthApp
@@ -67,17 +68,7 @@ class ResilientApp:
         await self.stack(scope, receive, send)
 
 
-# Options that are on or off, and those that only shape a rate limit.
-_SWITCHES = (
-    "envelope",
-    "request_ids",
-    "trust_incoming_request_id",
-    "access_log",
-    "errors",
-    "health_status_details",
-    "metrics",
-    "tracing",
-)
+# The options that only shape a rate limit: they do nothing without rate_limit.
 _RATE_LIMIT_OPTIONS = (
     "rate_limit_backend",
     "rate_limit_strategy",
@@ -87,40 +78,6 @@ _RATE_LIMIT_OPTIONS = (
     "rate_limit_on_backend_error",
     "rate_limit_backend_timeout",
 )
-_DEFAULTS: dict[str, Any] = {
-    "debug": None,
-    "envelope": False,
-    "request_ids": True,
-    "request_id_header": "X-Request-ID",
-    "trust_incoming_request_id": True,
-    "access_log": True,
-    "access_log_exclude_paths": DEFAULT_EXCLUDE_PATHS,
-    "slow_threshold": 1.0,
-    "errors": True,
-    "envelope_exclude_paths": (),
-    "health_path": "/health",
-    "health_status_details": False,
-    "health_cache_ttl": 1.0,
-    "version": None,
-    "rate_limit": None,
-    "rate_limit_backend": "memory://",
-    "rate_limit_strategy": "gcra",
-    "rate_limit_key": "ip",
-    "rate_limit_exempt_paths": (),
-    "rate_limit_on_backend_error": "allow",
-    "rate_limit_backend_timeout": 0.05,
-    "trusted_proxies": (),
-    "forwarded_header": "x-forwarded-for",
-    "metrics": True,
-    "metrics_path": "/metrics",
-    "tracing": True,
-    "max_concurrency": None,
-    "max_queue": None,
-    "queue_timeout": 1.0,
-    "max_lag": 0.1,
-    "timeout": None,
-    "max_body_size": None,
-}
 
 
 def resilient(
@@ -258,109 +215,65 @@ def resilient(
     }
     env = os.environ if environ is None else environ
     from_env = options_from_env(env)
-    options = {**_DEFAULTS, **from_env, **given}
-    for name in _SWITCHES:
-        if not isinstance(options[name], bool):
-            raise ValueError(f"{name} must be True or False, got {options[name]!r}")
-    if options["rate_limit"] is None:
+    options = Options(**{**from_env, **given})  # each value checked, naming the option
+    if options.rate_limit is None:
         for name in _RATE_LIMIT_OPTIONS:
             value = given.get(name)
-            if name in from_env or (value is not None and value != _DEFAULTS.get(name)):
+            if name in from_env or (value is not None and value != DEFAULTS[name]):
                 raise ConfigurationError(
                     f"{name} does nothing without rate_limit: set rate_limit too (the limit "
                     f"of every other route, such as '100/minute'), or leave {name} out"
                 )
-    if options["max_concurrency"] is None and ("max_lag" in given or "max_lag" in from_env):
+    if options.max_concurrency is None and ("max_lag" in given or "max_lag" in from_env):
         raise ConfigurationError(
             "max_lag does nothing without max_concurrency: set max_concurrency (a number or "
             "'adaptive') too, or leave max_lag out"
         )
-    if options["debug"] is None:  # APP_ENV / ENVIRONMENT, read from the same mapping
-        options["debug"] = default_debug(env)
-    return _build(app, **options)
+    if options.debug is None:  # APP_ENV / ENVIRONMENT, read from the same mapping
+        options = replace(options, debug=default_debug(env))
+    return _build(app, options)
 
 
-def _build(
-    app: ASGIApp,
-    *,
-    debug: bool | None,
-    envelope: bool,
-    request_ids: bool,
-    request_id_header: str,
-    trust_incoming_request_id: bool,
-    access_log: bool,
-    access_logger: logging.Logger | None,
-    access_log_sink: JsonLinesSink | None,
-    access_log_exclude_paths: Iterable[str],
-    slow_threshold: float,
-    errors: bool,
-    envelope_exclude_paths: Iterable[str],
-    lifespan: Lifespan | None,
-    health_path: str | None,
-    health_status_details: bool,
-    health_cache_ttl: float,
-    version: str | None,
-    rate_limit: str | None,
-    rate_limit_backend: str | Backend,
-    rate_limit_strategy: StrategyName,
-    rate_limit_key: str | KeyFunction,
-    rate_limit_routes: Mapping[str, str] | None,
-    rate_limit_exempt_paths: Iterable[str],
-    rate_limit_on_backend_error: Literal["allow", "deny"],
-    rate_limit_backend_timeout: float,
-    trusted_proxies: Iterable[str],
-    forwarded_header: Literal["x-forwarded-for", "forwarded"],
-    metrics: bool,
-    metrics_path: str | None,
-    registry: CollectorRegistry | None,
-    tracing: bool,
-    tracer_provider: TracerProvider | None,
-    max_concurrency: int | Literal["adaptive"] | None,
-    max_queue: int | None,
-    queue_timeout: float,
-    max_lag: float | None,
-    timeout: float | None,
-    timeout_routes: Mapping[str, float | None] | None,
-    max_body_size: int | None,
-    body_limit_routes: Mapping[str, int | None] | None,
-) -> ResilientApp:
+def _build(app: ASGIApp, o: Options) -> ResilientApp:
     """``resilient()`` once every option is known."""
-    lifespan = lifespan if lifespan is not None else Lifespan(registry=registry)
+    lifespan = o.lifespan if o.lifespan is not None else Lifespan(registry=o.registry)
     if lifespan.registry is None:
-        lifespan.registry = registry
-    proxies = TrustedProxies(trusted_proxies, header=forwarded_header)
+        lifespan.registry = o.registry
+    proxies = TrustedProxies(o.trusted_proxies, header=o.forwarded_header)
     # Probes and scrapes, wherever health_path and metrics_path put them: never logged,
     # measured or traced.
-    probes = [p for p in (health_path, "/livez", "/readyz", metrics_path) if p]
+    probes = [p for p in (o.health_path, "/livez", "/readyz", o.metrics_path) if p]
     stack: ASGIApp = app
-    if envelope:
-        stack = EnvelopeMiddleware(stack, exclude_paths=envelope_exclude_paths)
-    if max_body_size is not None or body_limit_routes:
-        stack = BodyLimitMiddleware(stack, max_body_size=max_body_size, routes=body_limit_routes)
-    if max_concurrency is not None:
+    if o.envelope:
+        stack = EnvelopeMiddleware(stack, exclude_paths=o.envelope_exclude_paths)
+    if o.max_body_size is not None or o.body_limit_routes:
+        stack = BodyLimitMiddleware(
+            stack, max_body_size=o.max_body_size, routes=o.body_limit_routes
+        )
+    if o.max_concurrency is not None:
         stack = ConcurrencyLimitMiddleware(
             stack,
-            limit=max_concurrency,
-            max_queue=max_queue,
-            queue_timeout=queue_timeout,
-            max_lag=max_lag,
+            limit=o.max_concurrency,
+            max_queue=o.max_queue,
+            queue_timeout=o.queue_timeout,
+            max_lag=o.max_lag,
             exempt_paths=probes,
-            registry=registry,
+            registry=o.registry,
         )
-    elif max_queue is not None:
+    elif o.max_queue is not None:
         raise ConfigurationError(
             "max_queue does nothing without max_concurrency: set max_concurrency (a number or "
             "'adaptive') too, or leave max_queue out"
         )
-    if rate_limit is not None:
-        if rate_limit_key == "user":
+    if o.rate_limit is not None:
+        if o.rate_limit_key == "user":
             raise ConfigurationError(
                 "rate_limit_key='user' cannot work here: resilient() limits requests before "
                 "your app's authentication sets scope['user']. Add RateLimitMiddleware(key="
                 "'user') inside your app, after its AuthenticationMiddleware, or limit by "
                 "'header:<name>'."
             )
-        backend = rate_limit_backend
+        backend = o.rate_limit_backend
         if isinstance(backend, str):
             backend = backend_from_url(backend)
             lifespan.add_resource(
@@ -374,71 +287,76 @@ def _build(
                 lifespan.add_check(name, ping, timeout=2, attempts=3, readiness=False)
         stack = RateLimitMiddleware(
             stack,
-            limit=rate_limit,
-            strategy=rate_limit_strategy,
+            limit=o.rate_limit,
+            strategy=o.rate_limit_strategy,
             backend=backend,
-            key=rate_limit_key,
+            key=o.rate_limit_key,
             trusted_proxies=proxies,
-            routes=rate_limit_routes,
-            exempt_paths=rate_limit_exempt_paths,
-            on_backend_error=rate_limit_on_backend_error,
-            backend_timeout=rate_limit_backend_timeout,
-            registry=registry,
+            routes=o.rate_limit_routes,
+            exempt_paths=o.rate_limit_exempt_paths,
+            on_backend_error=o.rate_limit_on_backend_error,
+            backend_timeout=o.rate_limit_backend_timeout,
+            registry=o.registry,
         )
-    if timeout is not None or timeout_routes:
-        stack = TimeoutMiddleware(stack, timeout=timeout, routes=timeout_routes, registry=registry)
+    if o.timeout is not None or o.timeout_routes:
+        stack = TimeoutMiddleware(
+            stack, timeout=o.timeout, routes=o.timeout_routes, registry=o.registry
+        )
     endpoints: dict[str, ASGIApp] = {}
     health = None
-    if health_path is not None:
+    if o.health_path is not None:
         health = HealthApp(
             lifespan,
-            path=health_path,
-            cache_ttl=health_cache_ttl,
-            status_details=health_status_details,
-            version=version,
+            path=o.health_path,
+            cache_ttl=o.health_cache_ttl,
+            status_details=o.health_status_details,
+            version=o.version,
         )
         endpoints.update(dict.fromkeys(health.paths, health))
-    if metrics_path is not None:
-        endpoints[metrics_path] = metrics_app(registry)
+    if o.metrics_path is not None:
+        endpoints[o.metrics_path] = metrics_app(o.registry)
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and (
             "prometheus-multiprocess" not in lifespan.resource_names
         ):
             lifespan.add_resource("prometheus-multiprocess", _mark_process_dead, timeout=2)
     if endpoints:
         stack = BuiltinEndpoints(stack, endpoints=endpoints)
-    if errors:
-        stack = ErrorMiddleware(stack, debug=debug, format="envelope" if envelope else "problem")
+    if o.errors:
+        stack = ErrorMiddleware(
+            stack, debug=o.debug, format="envelope" if o.envelope else "problem"
+        )
     # The layers that observe requests run in one pass (asgi_resilience.observe), in the order
     # nesting them would have: request ids, tracing, metrics, access log.
     observers: list[Observer] = []
-    if request_ids:
+    if o.request_ids:
         observers.append(
             RequestIdMiddleware(
                 stack,
-                header_name=request_id_header,
-                trust_incoming=trust_incoming_request_id,
-                error_format="envelope" if envelope else "problem",
+                header_name=o.request_id_header,
+                trust_incoming=o.trust_incoming_request_id,
+                error_format="envelope" if o.envelope else "problem",
             )
         )
-    if tracing:
+    if o.tracing:
         observers.append(
-            TracingMiddleware(stack, tracer_provider=tracer_provider, exclude_paths=probes)
+            TracingMiddleware(stack, tracer_provider=o.tracer_provider, exclude_paths=probes)
         )
-    if metrics:
-        observers.append(MetricsMiddleware(stack, registry=registry, exclude_paths=probes))
-    if access_log:
-        if access_log_sink is not None:
+    if o.metrics:
+        observers.append(MetricsMiddleware(stack, registry=o.registry, exclude_paths=probes))
+    if o.access_log:
+        if o.access_log_sink is not None:
             name = _unique("access-log-sink", lifespan.resource_names)
-            lifespan.add_resource(name, access_log_sink.aflush, timeout=2)
-        if access_log_exclude_paths is DEFAULT_EXCLUDE_PATHS:
-            access_log_exclude_paths = probes
+            lifespan.add_resource(name, o.access_log_sink.aflush, timeout=2)
+        exclude = o.access_log_exclude_paths
+        if exclude is DEFAULT_EXCLUDE_PATHS:  # not given: wherever the probes are
+            exclude = tuple(probes)
         observers.append(
             AccessLogMiddleware(
                 stack,
-                logger=access_logger,
-                sink=access_log_sink,
-                exclude_paths=access_log_exclude_paths,
-                slow_threshold=slow_threshold,
+                logger=o.access_logger,
+                sink=o.access_log_sink,
+                exclude_paths=exclude,
+                slow_threshold=o.slow_threshold,
                 trusted_proxies=proxies,
             )
         )

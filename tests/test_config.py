@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import socket
 from typing import Any
 
@@ -197,3 +198,89 @@ async def test_an_unreachable_redis_url_fails_startup_clearly() -> None:
     message = str(raised.value)
     assert "check 'rate-limit-backend' failed" in message
     assert "Redis is not reachable" in message
+
+
+# --- resilient()'s options, declared once ---------------------------------------------------
+
+# A wrong value for every option of resilient(): each must be refused, naming the option.
+WRONG = {
+    "debug": "yes",
+    "envelope": 1,
+    "request_ids": "true",
+    "request_id_header": "X Request Id",
+    "trust_incoming_request_id": None,
+    "access_log": 0,
+    "access_logger": "asgi_resilience.access",
+    "access_log_sink": object(),
+    "access_log_exclude_paths": "/health",
+    "slow_threshold": "1s",
+    "errors": "no",
+    "envelope_exclude_paths": ["health"],
+    "lifespan": object(),
+    "health_path": "health",
+    "health_status_details": "on",
+    "health_cache_ttl": -1,
+    "version": 2,
+    "rate_limit": "a hundred a minute",
+    "rate_limit_backend": "postgres://db",
+    "rate_limit_strategy": "leaky-bucket",
+    "rate_limit_key": "cookie",
+    "rate_limit_routes": ["/a"],
+    "rate_limit_exempt_paths": 5,
+    "rate_limit_on_backend_error": "retry",
+    "rate_limit_backend_timeout": 0,
+    "trusted_proxies": "10.0.0.0/8",
+    "forwarded_header": "x-real-ip",
+    "metrics": "1",
+    "metrics_path": "metrics",
+    "registry": {},
+    "tracing": [],
+    "tracer_provider": "otel",
+    "max_concurrency": 0,
+    "max_queue": -1,
+    "queue_timeout": float("inf"),
+    "max_lag": "0.1",
+    "timeout": True,
+    "timeout_routes": "/slow",
+    "max_body_size": 1.5,
+    "body_limit_routes": 10,
+}
+
+
+def test_resilient_lists_the_options_in_their_declared_order() -> None:
+    import inspect
+
+    from asgi_resilience import resilient
+    from asgi_resilience.config import Options
+
+    parameters = list(inspect.signature(resilient).parameters)
+    declared = [option.name for option in dataclasses.fields(Options)]
+    assert parameters == ["app", *declared, "environ"]
+    assert set(WRONG) == set(declared)  # the table below covers every option
+    assert set(PARSERS) <= set(declared)
+
+
+@pytest.mark.parametrize("option", list(WRONG))
+def test_every_option_refuses_a_wrong_value_naming_it(option: str) -> None:
+    from asgi_resilience import resilient
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    extra: dict[str, Any] = {"rate_limit": "5/second"} if option.startswith("rate_limit_") else {}
+    if option in ("max_queue", "max_lag"):
+        extra = {"max_concurrency": 4}
+    with pytest.raises(ValueError, match=rf"^{option}\b") as raised:
+        wrong: dict[str, Any] = {option: WRONG[option]}
+        resilient(app, environ={}, **extra, **wrong)
+    assert "got " in str(raised.value) or repr(WRONG[option]) in str(raised.value)
+
+
+def test_iterable_options_are_kept_as_tuples_and_generators_are_read_once() -> None:
+    from asgi_resilience.config import Options
+
+    options = Options(trusted_proxies=(p for p in ["10.0.0.0/8"]), envelope_exclude_paths=["/a"])  # type: ignore[arg-type]
+    assert options.trusted_proxies == ("10.0.0.0/8",)
+    assert options.envelope_exclude_paths == ("/a",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.envelope = True  # type: ignore[misc]

@@ -649,9 +649,9 @@ def test_invalid_options(options: dict[str, Any], message: str) -> None:
 def test_resilient_rejects_invalid_rate_limit_options() -> None:
     with pytest.raises(ValueError, match="invalid rate 'often'"):
         resilient(ok_app, rate_limit="often")
-    with pytest.raises(ValueError, match="unknown strategy"):
+    with pytest.raises(ValueError, match=r"^rate_limit_strategy must be one of 'gcra'"):
         resilient(ok_app, rate_limit="1/second", rate_limit_strategy="token")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="trusted_proxies entries"):
+    with pytest.raises(ValueError, match=r"^trusted_proxies entries"):
         resilient(ok_app, rate_limit="1/second", trusted_proxies=["everyone"])
 
 
