@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any, TextIO
 
 from ._checks import check_seconds
+from ._http import first_header
 from .context import PROBE_PATHS, PathSet, RequestContext, format_timestamp
 from .observe import Observer
 from .proxies import TrustedProxies
@@ -150,10 +151,8 @@ class AccessLogMiddleware(Observer):
 
 
 def _user_agent(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"user-agent":
-            return str(value.decode("latin-1"))
-    return None
+    agent = first_header(scope["headers"], b"user-agent")
+    return None if agent is None else agent.decode("latin-1")
 
 
 # Attributes every LogRecord has; anything else on a record came from ``extra`` or a filter.
@@ -191,8 +190,9 @@ class JsonFormatter(logging.Formatter):
         self._static = _StaticFields(fields)
 
     def format(self, record: logging.LogRecord) -> str:
-        if record.msg is _MESSAGE and self._static.fast:
-            line = _access_line_of(record, self._static)
+        static = self._static  # one read: another thread may assign static_fields meanwhile
+        if record.msg is _MESSAGE and static.fast:
+            line = _access_line_of(record, static)
             if line is not None:
                 return line
         payload: dict[str, Any] = {
@@ -201,9 +201,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        static = self._static.fields
-        if static:
-            payload.update(static)
+        if static.fields:
+            payload.update(static.fields)
         for key, value in record.__dict__.items():
             if key not in _RECORD_ATTRIBUTES:
                 payload[key] = value
@@ -263,6 +262,7 @@ _HEAD_FIELDS = frozenset({"timestamp", "level", "logger", "message"})
 # The attributes a record has before its extra fields (the default factory's).
 _RECORD_SIZE = len(logging.LogRecord("", 0, "", 0, "", (), None).__dict__)
 _NO_KEYS: frozenset[str] = frozenset()
+_IMMUTABLE = (str, int, float, bool, type(None))
 _quote = encode_basestring  # a str as a JSON string, exactly as the encoder writes one (C)
 
 
@@ -272,17 +272,22 @@ class _StaticFields:
     __slots__ = ("fast", "fields", "keys", "members")
 
     def __init__(self, fields: Mapping[str, Any] | None) -> None:
-        if fields is not None and not isinstance(fields, Mapping):
+        try:
+            copied = dict(fields or {})  # a mapping, or (name, value) pairs
+        except (TypeError, ValueError):
             raise ValueError(
                 f"static_fields must be a mapping of member names to values, got {fields!r}"
-            )
-        copied = dict(fields or {})
+            ) from None
         self.fields: Mapping[str, Any] = MappingProxyType(copied)
         self.keys = frozenset(copied)
         self.members = ", " + _encode_line(copied)[1:-1] if copied else ""
         # A static member named like a head member or an access field takes that member's
-        # place in the line: only the general path writes that.
-        self.fast = not (self.keys & _HEAD_FIELDS or self.keys.intersection(_CORE_FIELDS))
+        # place in the line: only the general path writes that. So does a value that may
+        # change after this (a list the caller keeps, an object whose str() changes): the
+        # general path encodes it for each line, and so must every line.
+        self.fast = not (self.keys & _HEAD_FIELDS or self.keys.intersection(_CORE_FIELDS)) and all(
+            type(value) in _IMMUTABLE for value in copied.values()
+        )
 
 
 def _access_members(

@@ -13,15 +13,16 @@ from __future__ import annotations
 import difflib
 import importlib
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from ._checks import check_seconds
+from ._http import HEADER_NAME
 from .context import PROBE_PATHS
 from .exceptions import ConfigurationError as ConfigurationError
 from .proxies import TrustedProxies
+from .ratelimit.backends import BACKEND_SCHEMES
 from .ratelimit.rates import parse_rates
 
 __all__ = [
@@ -37,7 +38,6 @@ ENV_PREFIX = "ASGI_RESILIENCE_"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _NONE = frozenset({"", "none", "off"})
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def _boolean(value: str) -> bool:
@@ -119,8 +119,9 @@ def _rate_limit(value: str) -> str | None:
 
 def _backend_url(value: str) -> str:
     scheme = value.strip().partition("://")[0].lower()
-    if "://" not in value or scheme not in ("memory", "redis", "rediss", "unix"):
-        raise ValueError("expected memory:// or a redis://host:port/db URL")
+    if "://" not in value or scheme not in BACKEND_SCHEMES:
+        redis = ", ".join(f"{scheme}://" for scheme in BACKEND_SCHEMES[1:])
+        raise ValueError(f"expected memory:// or a Redis URL ({redis})")
     return value.strip()
 
 
@@ -141,7 +142,7 @@ def _key(value: str) -> str:
 
 
 def _header_name(value: str) -> str:
-    if not _HEADER_NAME.fullmatch(value.strip()):
+    if not HEADER_NAME.fullmatch(value.strip()):
         raise ValueError("expected an HTTP header name such as X-Request-ID")
     return value.strip()
 
@@ -194,7 +195,7 @@ def _is_text(option: str, value: Any) -> Any:
 
 
 def _is_header(option: str, value: Any) -> str:
-    if not isinstance(value, str) or not _HEADER_NAME.fullmatch(value.strip()):
+    if not isinstance(value, str) or not HEADER_NAME.fullmatch(value.strip()):
         raise ValueError(
             f"{option} must be an HTTP header name such as X-Request-ID, got {value!r}"
         )

@@ -370,7 +370,7 @@ def format_timestamp(seconds: float) -> str:
     fraction = seconds - cache[0]
     if not 0.0 <= fraction < 1.0:
         # Formatting the date and time is most of the cost; it changes once a second.
-        whole = int(seconds)
+        whole = math.floor(seconds)  # down, before 1970 too: -0.25 is 23:59:59.750
         cache = _timestamp_cache = (whole, strftime("%Y-%m-%dT%H:%M:%S", gmtime(whole)))
         fraction = seconds - whole
     # + half a microsecond: 0.999 stays .999 (the table ends with .999 twice: never .1000).

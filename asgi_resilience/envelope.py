@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 
+from ._http import media_type
 from .context import ContextMiddleware, PathSet, RequestContext, utc_timestamp
 from .types import ASGIApp, Message, Receive, Scope, Send
 
@@ -118,7 +119,7 @@ class _EnvelopeResponder:
         for name, value in message.get("headers", ()):
             lowered = name.lower()
             if lowered == b"content-type":
-                if value.split(b";", 1)[0].strip().lower() not in self.content_types:
+                if media_type(value) not in self.content_types:
                     return message
                 is_json = True
             elif lowered == b"content-encoding":

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from ._http import media_type
 from .context import ContextMiddleware, ErrorFormat, RequestContext
 from .exceptions import AppError, CircuitOpenError, status_phrase
 from .problems import (
@@ -162,9 +163,7 @@ class _ErrorResponder:
             lowered = name.lower()
             if lowered == b"content-encoding" and not hidden:
                 return False
-            if lowered == b"content-type" and value.split(b";", 1)[0].strip().lower() in (
-                PROBLEM_CONTENT_TYPE,
-            ):
+            if lowered == b"content-type" and media_type(value) == PROBLEM_CONTENT_TYPE:
                 return False
         return True
 

@@ -19,16 +19,15 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import choose_encoder
 
 from . import series
+from ._http import KNOWN_METHODS as KNOWN_METHODS
+from ._http import OTHER_METHOD as OTHER_METHOD
+from ._http import first_header, method_label
 from .context import PathSet, RequestContext
 from .observe import Observer
 from .types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["Metrics", "MetricsMiddleware", "metrics_app"]
 
-KNOWN_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"}
-)
-OTHER_METHOD = "_OTHER"  # as OpenTelemetry's HTTP conventions name unknown methods
 DISCONNECTED_STATUS = "499"  # nginx's "client closed request": no status was sent
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
 SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
@@ -228,7 +227,7 @@ class MetricsMiddleware(Observer):
         self._active: dict[str, Any] = {}
 
     def enter(self, context: RequestContext, scope: Scope) -> tuple[str, Any]:
-        method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
+        method = method_label(scope["method"])
         active = self._active.get(method)
         if active is None:
             active = self._active[method] = self.metrics.active_requests.labels(method)
@@ -283,10 +282,7 @@ def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
     async def serve_metrics(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        accept = ""
-        for name, value in scope["headers"]:
-            if name == b"accept":
-                accept = value.decode("latin-1")
+        accept = (first_header(scope["headers"], b"accept") or b"").decode("latin-1")
         encoder, content_type = choose_encoder(accept)
         payload = encoder(_scrape_registry(target))
         context = RequestContext.current()

@@ -10,8 +10,11 @@ order nesting them would have: the first observer's ``enter`` runs first, its ``
 
 Nothing here is a stand-in for the nesting's behaviour: an exception the application raises is
 kept on the context (``keep_exception``) before any ``exit`` runs; a cancellation marks the
-request ``disconnected`` (the server gave up on it); every ``exit`` of an entered observer
-runs even when another one raised, and the first such error propagates afterwards.
+request ``disconnected`` (the server gave up on it); every ``exit`` of an observer the request
+reached runs even when another one raised, and the first such error propagates afterwards (an
+``enter`` that raises: the observers after it are not reached, its own ``exit`` does not run,
+and its exception propagates). An ``exit`` that raises is not kept as the request's exception:
+the response the client got is what the others record.
 """
 
 from __future__ import annotations
@@ -86,8 +89,13 @@ class _Pass:
             raise
         finally:
             # Innermost first, each whatever the others do; the first error raised after all.
+            # Only the observers the request reached: an enter that raised stops the ones after
+            # it, and neither it nor they exit, as nested layers never entered would not.
+            entered = len(states)
             error: BaseException | None = None
-            for observer, index in exits:
+            for observer, index, needed in exits:
+                if needed > entered:
+                    continue
                 try:
                     observer.exit(context, scope, states[index] if index >= 0 else None)
                 except BaseException as exc:
@@ -99,21 +107,23 @@ class _Pass:
                 raise error
 
 
-# A plan: the observers to enter (in order), and those to exit (innermost first) with the
-# index of their state among the entered ones' (-1: no enter step, its state is None).
-_Plan = tuple[tuple["Observer", ...], tuple[tuple["Observer", int], ...]]
+# A plan: the observers to enter (in order), and those to exit (innermost first), each with the
+# index of its state among the entered ones' (-1: no enter step, its state is None) and how
+# many enters must have run for the request to have reached it.
+_Plan = tuple[tuple["Observer", ...], tuple[tuple["Observer", int, int], ...]]
 _NOTHING: _Plan = ((), ())
 
 
 def _plan_of(observers: Iterable[Observer]) -> _Plan:
     enters: list[Observer] = []
-    exits: list[tuple[Observer, int]] = []
+    exits: list[tuple[Observer, int, int]] = []
     for observer in observers:
-        entered = type(observer).enter is not Observer.enter
-        if entered:
+        entering = type(observer).enter is not Observer.enter
+        if entering:
             enters.append(observer)
         if type(observer).exit is not Observer.exit:
-            exits.append((observer, len(enters) - 1 if entered else -1))
+            index = len(enters) - 1 if entering else -1
+            exits.append((observer, index, len(enters)))
     return tuple(enters), tuple(reversed(exits))
 
 

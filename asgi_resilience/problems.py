@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ._http import HEADER_NAME_BYTES, media_type
 from .context import ErrorFormat, RequestContext, current_trace_id, utc_timestamp
 from .exceptions import AppError, CircuitOpenError, snake_case, status_phrase
 from .types import Message, Scope, Send
@@ -38,7 +39,6 @@ JSON_CONTENT_TYPE = b"application/json"
 _RESERVED_MEMBERS = frozenset(
     {"type", "title", "status", "detail", "instance", "code", "request_id", "trace_id", "errors"}
 )
-_HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _MAX_DETAIL_CHARS = 1000
 
@@ -207,7 +207,7 @@ def describe_body(content_type: bytes, body: bytes) -> dict[str, Any]:
 def content_type_of(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     for name, value in headers:
         if name.lower() == b"content-type":
-            return value.split(b";", 1)[0].strip().lower()
+            return media_type(value)
     return b""
 
 
@@ -225,7 +225,7 @@ def _safe_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, b
     """Drop headers a server would reject (or that would split the response: CR, LF)."""
     safe = []
     for name, value in headers:
-        if _HEADER_NAME.fullmatch(name) and _HEADER_VALUE.fullmatch(value):
+        if HEADER_NAME_BYTES.fullmatch(name) and _HEADER_VALUE.fullmatch(value):
             safe.append((name, value))
         else:
             _logger.warning("Dropped invalid error response header %r: %r", name, value)

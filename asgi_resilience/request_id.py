@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from opentelemetry import trace
 
+from ._http import HEADER_NAME_BYTES, first_header
 from .context import ErrorFormat, RequestContext
 from .observe import REPLY, Observer
 from .problems import send_error
@@ -77,7 +78,7 @@ class RequestIdMiddleware(Observer):
             self.header_name = header_name.strip().lower().encode("ascii")
         except UnicodeEncodeError:
             raise ValueError(f"header_name must be ASCII, got {header_name!r}") from None
-        if not re.fullmatch(rb"[!#$%&'*+\-.^_`|~0-9a-z]+", self.header_name):
+        if not HEADER_NAME_BYTES.fullmatch(self.header_name):
             raise ValueError(f"header_name must be a valid HTTP header name, got {header_name!r}")
         self.app = app
         self.trust_incoming = trust_incoming
@@ -126,10 +127,10 @@ class RequestIdMiddleware(Observer):
 
     def _incoming(self, scope: Scope) -> str | bytes | None:
         """The incoming id if valid, the raw value if invalid, ``None`` if absent."""
-        for name, value in scope["headers"]:
-            if name == self.header_name:
-                return value.decode("ascii") if _VALID_ID.fullmatch(value) else bytes(value)
-        return None
+        value = first_header(scope["headers"], self.header_name)
+        if value is None:
+            return None
+        return value.decode("ascii") if _VALID_ID.fullmatch(value) else bytes(value)
 
     async def reply(self, context: RequestContext, scope: Scope, send: Send) -> None:
         """The 400 for an invalid incoming id (``on_invalid="reject"``)."""

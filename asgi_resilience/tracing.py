@@ -26,6 +26,7 @@ from opentelemetry.trace import (
     StatusCode,
 )
 
+from ._http import OTHER_METHOD, first_header, method_label
 from .context import (
     PROBE_PATHS,
     UNMATCHED_ROUTE,
@@ -33,7 +34,6 @@ from .context import (
     RequestContext,
     trace_id_of,
 )
-from .metrics import KNOWN_METHODS, OTHER_METHOD
 from .observe import Observer
 from .types import ASGIApp, Receive, Scope, Send
 
@@ -137,7 +137,7 @@ class TracingMiddleware(Observer):
                 enrichment.finish if earlier is None else _both(earlier, enrichment.finish)
             )
             return enrichment
-        method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
+        method = method_label(scope["method"])
         span = self.tracer.start_span(
             method,
             context=propagate.extract(scope, getter=_getter),
@@ -218,9 +218,9 @@ def _request_attributes(
         attributes["server.address"] = server[0]
         if server[1] is not None:
             attributes["server.port"] = server[1]
-    for name, value in scope["headers"]:
-        if name == b"user-agent":
-            attributes["user_agent.original"] = value.decode("latin-1")
+    agent = first_header(scope["headers"], b"user-agent")  # as the access log's user_agent
+    if agent is not None:
+        attributes["user_agent.original"] = agent.decode("latin-1")
     if context.request_id:
         attributes[REQUEST_ID_ATTRIBUTE] = context.request_id
     return attributes
@@ -232,7 +232,7 @@ def _finish(span: trace.Span, context: RequestContext, scope: Scope, pending: in
     ``pending``: body bytes of the final message, not yet counted as sent.
     """
     route = context.route(scope)
-    method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
+    method = method_label(scope["method"])
     if route == UNMATCHED_ROUTE:
         span.update_name(method)  # as the HTTP conventions ask when no route matched
     else:

@@ -118,7 +118,7 @@ def main() -> None:
         ]
         cells += [f"{http[s][HTTP_NAMES[name]] / http[s]['bare']:.0%}" for s in http]
         added_i, added_t = value_i - bare_i, paired_difference(samples, name, "bare")
-        if name.startswith("full stack"):
+        if name.startswith("full stack") and added_i > 0 and added_t > 0:
             cells.append(f"{peers_added_i / added_i:.1f} / {peers_added_t / added_t:.1f}")
         else:
             cells.append("")
@@ -166,7 +166,8 @@ def draw(path: Path, counted: dict[str, float], http: dict[str, dict[str, float]
             shares = [100 * http[server][HTTP_NAMES[n]] / http[server]["bare"] for n in names]
             positions = [y + index * width for y in range(len(names))][::-1]
             right.barh(positions, shares, height=width, label=f"uvicorn, {server}")
-        right.set_yticks([y + width / 2 for y in range(len(names))][::-1], labels)
+        middle = width * (len(servers) - 1) / 2  # the middle of each group of bars
+        right.set_yticks([y + middle for y in range(len(names))][::-1], labels)
         right.axvline(80, color="#d04040", linewidth=1, linestyle="--")
         right.set_xlabel("requests/s, % of the bare app")
         right.set_title("Throughput over HTTP (one worker)", fontsize=10)

@@ -911,6 +911,29 @@ def test_formatter_static_fields_that_clash_or_cannot_encode(static: dict[str, A
     assert line == reference_line(record, static)
 
 
+def test_formatter_static_values_that_can_change_are_encoded_for_each_line() -> None:
+    tags = ["a"]
+
+    class Colour:
+        name = "blue"
+
+        def __str__(self) -> str:
+            return self.name
+
+    colour = Colour()
+    formatter = JsonFormatter(static_fields={"tags": tags, "colour": colour})
+    record = access_record(access_fields())
+    first = json.loads(formatter.format(record))
+    tags.append("b")
+    colour.name = "green"
+    second = json.loads(formatter.format(record))
+    assert (first["tags"], first["colour"]) == (["a"], "blue")
+    assert (second["tags"], second["colour"]) == (["a", "b"], "green")  # as for any record
+    assert formatter.format(record) == reference_line(record, {"tags": tags, "colour": colour})
+    pairs = JsonFormatter(static_fields=[("service", "shop")])  # type: ignore[arg-type]
+    assert json.loads(pairs.format(record))["service"] == "shop"
+
+
 def test_formatter_static_fields_are_read_only_and_replaceable() -> None:
     formatter = JsonFormatter(static_fields={"service": "a"})
     with pytest.raises(TypeError):
@@ -919,6 +942,8 @@ def test_formatter_static_fields_are_read_only_and_replaceable() -> None:
     assert json.loads(formatter.format(access_record(access_fields())))["service"] == "b"
     with pytest.raises(ValueError, match="static_fields must be a mapping"):
         JsonFormatter(static_fields=["service"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="static_fields must be a mapping"):
+        JsonFormatter(static_fields=5)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

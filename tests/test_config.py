@@ -284,3 +284,27 @@ def test_iterable_options_are_kept_as_tuples_and_generators_are_read_once() -> N
     assert options.envelope_exclude_paths == ("/a",)
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.envelope = True  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memory://",
+        "redis://127.0.0.1:6379/0",
+        "rediss://cache:6380/1",
+        "unix:///run/redis.sock",
+        "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
+        "redis+sentinel://127.0.0.1:26379/mymaster",
+    ],
+)
+def test_every_backend_url_the_backends_open_is_accepted_by_keyword_and_variable(url: str) -> None:
+    from asgi_resilience import resilient
+    from asgi_resilience.ratelimit.backends import BACKEND_SCHEMES
+
+    assert url.partition("://")[0] in BACKEND_SCHEMES
+    assert options_from_env(env(rate_limit_backend=url)) == {"rate_limit_backend": url}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    resilient(app, environ={}, rate_limit="5/second", rate_limit_backend=url)  # no connection yet

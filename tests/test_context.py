@@ -280,6 +280,8 @@ async def test_non_http_scopes_get_no_context() -> None:
         (1_700_000_000.99999, "2023-11-14T22:13:20.999Z"),
         (1_700_000_001.0004, "2023-11-14T22:13:21.000Z"),
         (1_699_999_999.5, "2023-11-14T22:13:19.500Z"),  # an earlier second after a later one
+        (-0.25, "1969-12-31T23:59:59.750Z"),  # a clock before 1970: down, not toward zero
+        (-1.5, "1969-12-31T23:59:58.500Z"),
     ],
 )
 def test_format_timestamp_at_the_edges_of_a_second(seconds: float, expected: str) -> None:

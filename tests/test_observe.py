@@ -371,3 +371,58 @@ async def test_two_tracing_layers_enriching_one_span_both_finish_before_it_ends(
     assert attributes["http.response.body.size"] == 5
     assert attributes["asgi_resilience.request_id"] == response.headers["x-request-id"]
     assert not [r for r in caplog.records if "ended span" in r.getMessage()]
+
+
+class Raising(Observer):
+    def __init__(self, app: ASGIApp, log: list[str]) -> None:
+        self.app = app
+        self.log = log
+
+    def enter(self, context: Any, scope: Scope) -> Any:
+        self.log.append("enter raising")
+        raise Failure("enter")
+
+    def exit(self, context: Any, scope: Scope, state: Any) -> None:
+        self.log.append("exit raising")  # never: it did not come in
+
+
+class ExitOnly(Observer):
+    def __init__(self, app: ASGIApp, name: str, log: list[str]) -> None:
+        self.app = app
+        self.name = name
+        self.log = log
+
+    def exit(self, context: Any, scope: Scope, state: Any) -> None:
+        self.log.append(f"exit {self.name} {type(context.exception).__name__}")
+
+
+async def test_an_enter_that_raises_propagates_and_only_the_observers_reached_exit() -> None:
+    log: list[str] = []
+    stack = Observers(
+        ok,
+        [
+            Noting(ok, "a", log),
+            ExitOnly(ok, "b", log),
+            Raising(ok, log),
+            ExitOnly(ok, "c", log),
+            Noting(ok, "d", log),
+        ],
+    )
+    with pytest.raises(Failure, match="enter"):  # its own exception, not an IndexError
+        await call(stack)
+    assert log == ["enter a", "enter raising", "exit b Failure", "exit a a None"]
+
+
+async def test_a_rejected_request_id_is_traced_too(
+    provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    observers = [
+        RequestIdMiddleware(ok, on_invalid="reject"),
+        TracingMiddleware(ok, tracer_provider=provider),
+    ]
+    response = await call(Observers(ok, observers), http_scope(headers=[(b"x-request-id", b"")]))
+    assert response.status == 400
+    (span,) = exporter.get_finished_spans()
+    attributes = dict(span.attributes or {})
+    assert attributes["http.response.status_code"] == 400
+    assert attributes["asgi_resilience.request_id"] == response.headers["x-request-id"]

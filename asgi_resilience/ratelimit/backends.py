@@ -15,6 +15,9 @@ from .strategies import GCRA, Decision, State, Strategy
 __all__ = ["Backend", "BackendError", "MemoryBackend", "backend_from_url"]
 
 _MAX_RAW_KEY = 64
+# The URL schemes backend_from_url opens: memory, and those RedisBackend.from_url takes.
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
+BACKEND_SCHEMES = ("memory", *REDIS_SCHEMES)
 
 
 @runtime_checkable
@@ -130,7 +133,8 @@ def _hashed(key: str) -> str:
 
 
 def backend_from_url(url: str) -> Backend:
-    """``"memory://"`` or ``"redis://host:6379/0"`` (``rediss://``, ``unix://`` too).
+    """``"memory://"`` or ``"redis://host:6379/0"`` (``rediss://``, ``unix://``,
+    ``redis+cluster://`` and ``redis+sentinel://`` too).
 
     Raises:
         ValueError: an unknown scheme.
@@ -139,7 +143,7 @@ def backend_from_url(url: str) -> Backend:
     scheme = url.partition("://")[0].lower()
     if scheme == "memory":
         return MemoryBackend()
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in REDIS_SCHEMES:
         from .redis import RedisBackend
 
         return RedisBackend.from_url(url)
