@@ -15,7 +15,6 @@ from types import MappingProxyType
 from typing import Any, TextIO
 
 from ._checks import check_seconds
-from ._http import first_header
 from .context import PROBE_PATHS, PathSet, RequestContext, format_timestamp
 from .observe import Observer
 from .proxies import TrustedProxies
@@ -151,8 +150,11 @@ class AccessLogMiddleware(Observer):
 
 
 def _user_agent(scope: Scope) -> str | None:
-    agent = first_header(scope["headers"], b"user-agent")
-    return None if agent is None else agent.decode("latin-1")
+    # first_header(), inline: every logged request passes here.
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            return str(value.decode("latin-1"))
+    return None
 
 
 # Attributes every LogRecord has; anything else on a record came from ``extra`` or a filter.
