@@ -53,6 +53,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 _MAX_BACKOFF = 2.0
 
 
+def _check_name(kind: str, name: object) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a {kind}'s name must be a non-empty string, got {name!r}")
+
+
 @dataclass(frozen=True)
 class Check:
     """A dependency check run at startup and, if ``readiness``, by ``/health/ready``."""
@@ -152,6 +157,12 @@ class Lifespan:
         self.shutdown_timeout = check_seconds("shutdown_timeout", shutdown_timeout)
         self.drain_delay = check_seconds("drain_delay", drain_delay, zero=True)
         self.drain_timeout = check_seconds("drain_timeout", drain_timeout)
+        if logger is not None and not isinstance(logger, logging.Logger):
+            raise ValueError(f"logger must be a logging.Logger or None, got {logger!r}")
+        if registry is not None and not isinstance(registry, CollectorRegistry):
+            raise ValueError(
+                f"registry must be a prometheus_client CollectorRegistry or None, got {registry!r}"
+            )
         self.logger = logger if logger is not None else _logger
         self.registry = registry
         self.state: LifespanState = "idle"
@@ -207,12 +218,19 @@ class Lifespan:
             readiness: run it again for ``/health/ready``.
             attempts: tries at startup, with exponential backoff between them.
         """
+        _check_name("check", name)
         if name in self.checks:
             raise ValueError(f"a check named {name!r} is already registered")
-        if not timeout > 0:
-            raise ValueError(f"check {name!r}: timeout must be > 0 seconds, got {timeout!r}")
-        if attempts < 1:
-            raise ValueError(f"check {name!r}: attempts must be >= 1, got {attempts!r}")
+        if not callable(function):
+            raise ValueError(f"check {name!r}: function must be callable, got {function!r}")
+        timeout = check_seconds(f"check {name!r}: timeout", timeout)
+        for option, value in (("critical", critical), ("readiness", readiness)):
+            if not isinstance(value, bool):
+                raise ValueError(f"check {name!r}: {option} must be True or False, got {value!r}")
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(
+                f"check {name!r}: attempts must be a whole number >= 1, got {attempts!r}"
+            )
         check = Check(name, function, timeout, critical, readiness, attempts)
         self.checks[name] = check
         return check
@@ -251,7 +269,10 @@ class Lifespan:
 
         def register(factory: ResourceFactory) -> ResourceFactory:
             if not inspect.isasyncgenfunction(factory):
-                raise TypeError(f"resource {name!r} must be an async generator function")
+                raise ValueError(
+                    f"resource {name!r} must be an async generator function (async def with "
+                    f"yield), got {factory!r}"
+                )
             self._register(_Resource(name, timeout, _not_opened, factory))
             return factory
 
@@ -259,19 +280,26 @@ class Lifespan:
 
     def add_resource(self, name: str, close: Callable[[], Any], *, timeout: float = 5.0) -> None:
         """Register an object created elsewhere: ``close`` (sync or async) runs at shutdown."""
+        if not callable(close):
+            raise ValueError(f"resource {name!r}: close must be callable, got {close!r}")
         self._register(_Resource(name, timeout, close))
 
     def add_status(self, name: str, provider: Callable[[], Any]) -> None:
         """Add a section to ``/health/status`` (pool statistics, breaker states): ``provider``
         (sync or async) returns a JSON-serialisable value. A sync one is called in the event
         loop: it must not block."""
+        _check_name("status section", name)
+        if not callable(provider):
+            raise ValueError(
+                f"status section {name!r}: provider must be callable, got {provider!r}"
+            )
         self._status_providers[name] = provider
 
     def _register(self, resource: _Resource) -> None:
+        _check_name("resource", resource.name)
         if any(r.name == resource.name for r in self._resources):
             raise ValueError(f"a resource named {resource.name!r} is already registered")
-        if not resource.timeout > 0:
-            raise ValueError(f"resource {resource.name!r}: timeout must be > 0 seconds")
+        check_seconds(f"resource {resource.name!r}: timeout", resource.timeout)
         self._resources.append(resource)
 
     # -- startup ---------------------------------------------------------------------------

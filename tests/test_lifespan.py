@@ -931,6 +931,10 @@ def test_lifespan_options_are_validated(options: dict[str, Any], message: str) -
         Lifespan(**options)
 
 
+def ok_check() -> None:
+    """A check (or close) that passes."""
+
+
 def test_check_options_are_validated() -> None:
     lifespan = Lifespan()
 
@@ -943,11 +947,59 @@ def test_check_options_are_validated() -> None:
         lifespan.add_check("database", database)
     with pytest.raises(ValueError, match="a check named 'database' is already registered"):
         lifespan.check("database")(database)
-    with pytest.raises(ValueError, match=r"check 'cache': timeout must be > 0 seconds, got 0"):
+    with pytest.raises(ValueError, match=r"check 'cache': timeout must be a number of seconds"):
         lifespan.add_check("cache", database, timeout=0)
-    with pytest.raises(ValueError, match=r"check 'cache': attempts must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"check 'cache': attempts must be a whole number >= 1"):
         lifespan.add_check("cache", database, attempts=0)
     assert list(lifespan.checks) == ["database"]
+
+
+@pytest.mark.parametrize(
+    ("register", "message"),
+    [
+        (lambda ls: ls.add_check("", ok_check), r"a check's name must be a non-empty string"),
+        (lambda ls: ls.add_check(5, ok_check), r"a check's name must be a non-empty string"),
+        (lambda ls: ls.add_check("c", "SELECT 1"), r"check 'c': function must be callable"),
+        (lambda ls: ls.add_check("c", ok_check, timeout="2"), r"check 'c': timeout must be a num"),
+        (lambda ls: ls.add_check("c", ok_check, timeout=None), r"check 'c': timeout must be a num"),
+        (
+            lambda ls: ls.add_check("c", ok_check, critical="no"),
+            r"check 'c': critical must be True",
+        ),
+        (lambda ls: ls.add_check("c", ok_check, readiness=1), r"check 'c': readiness must be True"),
+        (
+            lambda ls: ls.add_check("c", ok_check, attempts=2.5),
+            r"check 'c': attempts must be a who",
+        ),
+        (
+            lambda ls: ls.add_check("c", ok_check, attempts=True),
+            r"check 'c': attempts must be a wh",
+        ),
+        (lambda ls: ls.check("c", timeout=-1)(ok_check), r"check 'c': timeout must be a number"),
+        (lambda ls: ls.add_resource("r", None), r"resource 'r': close must be callable"),
+        (lambda ls: ls.add_resource("r", ok_check, timeout="5"), r"resource 'r': timeout must be"),
+        (lambda ls: ls.add_resource("", ok_check), r"a resource's name must be a non-empty str"),
+        (lambda ls: ls.add_status("pool", {"size": 1}), r"status section 'pool': provider must be"),
+        (lambda ls: ls.add_status(None, ok_check), r"a status section's name must be a non-empty"),
+    ],
+)
+def test_registration_refuses_wrong_values_naming_them(register: Any, message: str) -> None:
+    lifespan = Lifespan()
+    with pytest.raises(ValueError, match=message):
+        register(lifespan)
+    assert not lifespan.checks and not lifespan.resource_names
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"logger": "app"}, "logger must be a logging.Logger or None, got 'app'"),
+        ({"registry": {}}, "registry must be a prometheus_client CollectorRegistry or None"),
+    ],
+)
+def test_lifespan_refuses_objects_of_the_wrong_kind(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Lifespan(**options)
 
 
 def test_resource_options_are_validated() -> None:
@@ -957,9 +1009,9 @@ def test_resource_options_are_validated() -> None:
         lifespan.add_resource("db", lambda: None)
     with pytest.raises(ValueError, match="a resource named 'db' is already registered"):
         add_generator(lifespan, "db", [])
-    with pytest.raises(ValueError, match=r"resource 'client': timeout must be > 0 seconds"):
+    with pytest.raises(ValueError, match=r"resource 'client': timeout must be a number of sec"):
         lifespan.add_resource("client", lambda: None, timeout=0)
-    with pytest.raises(ValueError, match=r"resource 'cache': timeout must be > 0 seconds"):
+    with pytest.raises(ValueError, match=r"resource 'cache': timeout must be a number of seco"):
         add_generator(lifespan, "cache", [], timeout=-1)
 
     async def coroutine() -> None:
@@ -969,7 +1021,7 @@ def test_resource_options_are_validated() -> None:
         pass
 
     for not_a_generator in (coroutine, function):
-        with pytest.raises(TypeError, match="resource 'bad' must be an async generator function"):
+        with pytest.raises(ValueError, match="resource 'bad' must be an async generator function"):
             lifespan.resource("bad")(not_a_generator)  # type: ignore[arg-type]
 
 
