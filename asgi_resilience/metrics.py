@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from time import perf_counter
 from typing import Any
 
@@ -272,21 +272,25 @@ class MetricsMiddleware(Observer):
             self.metrics.child(self.metrics.exceptions, route, exception_type).inc()
 
 
-def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
+def metrics_app(
+    registry: CollectorRegistry | None = None, *, environ: Mapping[str, str] | None = None
+) -> ASGIApp:
     """An ASGI app serving the registry's metrics (``/metrics``).
 
     Content negotiation as Prometheus does it: OpenMetrics (with exemplars) when the scraper
     accepts ``application/openmetrics-text``, the text format 0.0.4 otherwise. With
-    ``PROMETHEUS_MULTIPROC_DIR`` set, every worker's files are aggregated at each scrape.
+    ``PROMETHEUS_MULTIPROC_DIR`` set in ``environ`` (``os.environ`` by default, read at each
+    scrape), every worker's files are aggregated at each scrape.
     """
     target = registry if registry is not None else REGISTRY
+    scraped_environ = os.environ if environ is None else environ
 
     async def serve_metrics(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         accept = (first_header(scope["headers"], b"accept") or b"").decode("latin-1")
         encoder, content_type = choose_encoder(accept)
-        payload = encoder(_scrape_registry(target))
+        payload = encoder(_scrape_registry(target, scraped_environ))
         context = RequestContext.current()
         if context is not None:
             context.error_rendered = True  # ours: not an error response to rewrite
@@ -302,9 +306,9 @@ def metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
     return serve_metrics
 
 
-def _scrape_registry(registry: CollectorRegistry) -> CollectorRegistry:
+def _scrape_registry(registry: CollectorRegistry, environ: Mapping[str, str]) -> CollectorRegistry:
     """In multiprocess mode, a fresh registry reading every worker's files; else ``registry``."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if not environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return registry
     from prometheus_client import multiprocess
 

@@ -194,8 +194,10 @@ def resilient(
         body_limit_routes: route template or path prefix -> bytes (``None``: no limit).
         environ: where ``ASGI_RESILIENCE_<OPTION>`` variables and ``APP_ENV``/``ENVIRONMENT``
             are read (``os.environ`` by default; ``{}`` to ignore the environment). Keyword
-            arguments win over them. (``PROMETHEUS_MULTIPROC_DIR`` is always read from
-            ``os.environ``, as prometheus_client itself reads it.)
+            arguments win over them. ``PROMETHEUS_MULTIPROC_DIR`` too: with ``{}``, ``/metrics``
+            serves this process's registry and no worker is marked dead at shutdown
+            (prometheus_client itself still chose its value store from ``os.environ`` when it
+            was imported).
 
     Raises:
         ValueError: an option is invalid, or ``app`` is already wrapped.
@@ -231,10 +233,10 @@ def resilient(
         )
     if options.debug is None:  # APP_ENV / ENVIRONMENT, read from the same mapping
         options = replace(options, debug=default_debug(env))
-    return _build(app, options)
+    return _build(app, options, env)
 
 
-def _build(app: ASGIApp, o: Options) -> ResilientApp:
+def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp:
     """``resilient()`` once every option is known."""
     lifespan = o.lifespan if o.lifespan is not None else Lifespan(registry=o.registry)
     if lifespan.registry is None:
@@ -314,8 +316,8 @@ def _build(app: ASGIApp, o: Options) -> ResilientApp:
         )
         endpoints.update(dict.fromkeys(health.paths, health))
     if o.metrics_path is not None:
-        endpoints[o.metrics_path] = metrics_app(o.registry)
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and (
+        endpoints[o.metrics_path] = metrics_app(o.registry, environ=environ)
+        if environ.get("PROMETHEUS_MULTIPROC_DIR") and (
             "prometheus-multiprocess" not in lifespan.resource_names
         ):
             lifespan.add_resource("prometheus-multiprocess", _mark_process_dead, timeout=2)

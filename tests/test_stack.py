@@ -4,6 +4,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -340,3 +341,24 @@ def test_rate_limit_options_from_the_environment_need_a_rate_limit_too() -> None
 def test_something_that_is_not_an_app_is_refused() -> None:
     with pytest.raises(ValueError, match=r"app must be an ASGI application .* got None"):
         resilient(None)  # type: ignore[arg-type]
+
+
+async def test_environ_decides_multiprocess_metrics_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # an empty one: no worker files
+
+    async def scrape(app: ASGIApp) -> str:
+        await call(app, http_scope("/things"))
+        return (await call(app, http_scope("/metrics"))).body.decode()
+
+    ignoring = resilient(raw_app, environ={}, registry=CollectorRegistry())
+    assert "prometheus-multiprocess" not in ignoring.lifespan.resource_names
+    assert 'http_server_request_duration_seconds_count{method="GET"' in await scrape(ignoring)
+
+    import os
+
+    reading = resilient(raw_app, environ=dict(os.environ), registry=CollectorRegistry())
+    assert "prometheus-multiprocess" in reading.lifespan.resource_names
+    # Aggregated from the directory's worker files (none), not from this process's registry.
+    assert "http_server_request_duration_seconds_count{" not in await scrape(reading)
