@@ -160,6 +160,30 @@ class RequestContext:
         if self.exception is None:
             self.exception = exc
 
+    def replace_exception(self, exc: BaseException) -> None:
+        """``exc`` is the request's exception, whatever an inner layer kept: the error layer's
+        word on what reached it."""
+        self.exception = exc
+
+    def mark_logged(self, exc: BaseException) -> None:
+        """``exc``'s traceback was logged: no other layer logs it again."""
+        self.exception_logged = exc
+
+    def mark_disconnected(self) -> None:
+        """The response will not complete: the client went away, or the server gave up."""
+        self.disconnected = True
+
+    def mark_ours(self) -> None:
+        """The response in flight is rendered by this library (an error body, a health or
+        metrics endpoint): ``ErrorMiddleware`` leaves it as it is."""
+        self.error_rendered = True
+
+    def use_trace_id(self, trace_id: str | None) -> None:
+        """The request's trace id (``None``: no valid span), found by the tracing layer:
+        ``current_trace_id()`` answers it without looking again."""
+        self.traced = True
+        self.trace_id = trace_id
+
     def add_response_headers(
         self, headers: Iterable[tuple[bytes, bytes]], *, replace: bytes | None = None
     ) -> None:

@@ -248,7 +248,7 @@ class _ErrorResponder:
         """Answer for ``exc``; ``False`` when it must propagate (the response is half sent)."""
         context = self.context
         already_logged = context.exception_logged is exc
-        context.exception = exc
+        context.replace_exception(exc)
         if self.started:
             if not already_logged:
                 self._log(exc, "after the response started")
@@ -273,7 +273,7 @@ class _ErrorResponder:
         await send_error(self.context, self.scope, self.send_downstream, status, **fields)
 
     def _log(self, exc: Exception, when: str) -> None:
-        self.context.exception_logged = exc
+        self.context.mark_logged(exc)
         self.middleware.logger.error(
             "Unhandled %s in %s %s%s",
             type(exc).__name__,

@@ -160,7 +160,7 @@ class HealthApp:
 async def _send_json(scope: Scope, send: Send, status: int, body: dict[str, Any]) -> None:
     context = RequestContext.current()
     if context is not None:
-        context.error_rendered = True  # a 503 readiness answer is ours: not an error to rewrite
+        context.mark_ours()  # a 503 readiness answer is ours: not an error to rewrite
     payload = json.dumps(body, separators=(",", ":"), default=str).encode()
     headers = [
         (b"content-type", b"application/json"),

@@ -293,7 +293,7 @@ def metrics_app(
         payload = encoder(_scrape_registry(target, scraped_environ))
         context = RequestContext.current()
         if context is not None:
-            context.error_rendered = True  # ours: not an error response to rewrite
+            context.mark_ours()  # not an error response to rewrite
         headers = [
             (b"content-type", content_type.encode("latin-1")),
             (b"content-length", str(len(payload)).encode()),

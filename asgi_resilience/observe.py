@@ -85,7 +85,7 @@ class _Pass:
         except BaseException as exc:
             context.keep_exception(exc)
             if not isinstance(exc, Exception):
-                context.disconnected = True  # cancelled: the server gave up on the request
+                context.mark_disconnected()  # cancelled: the server gave up on the request
             raise
         finally:
             # Innermost first, each whatever the others do; the first error raised after all.

@@ -167,7 +167,7 @@ class TimeoutMiddleware(ContextMiddleware):
             timeout,
         )
         error = TimeoutError(f"the response was cut off at its {timeout:g} s deadline")
-        context.exception_logged = error  # logged here: the error layer only passes it on
+        context.mark_logged(error)  # logged here: the error layer only passes it on
         raise error
 
 
@@ -493,7 +493,7 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
                 return
             receive, outcome = await self._wait(receive)
             if outcome == "gone":
-                context.disconnected = True  # nobody to answer
+                context.mark_disconnected()  # nobody to answer
                 return
             if outcome == "timeout":
                 await self._shed_request(context, scope, send, "queue_timeout")

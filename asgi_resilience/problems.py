@@ -111,7 +111,7 @@ def render_error(
         *_safe_headers(headers),
     ]
     if context is not None:
-        context.error_rendered = True
+        context.mark_ours()
     start = {"type": "http.response.start", "status": status, "headers": response_headers}
     return start, {"type": "http.response.body", "body": payload, "more_body": False}
 

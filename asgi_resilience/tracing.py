@@ -193,8 +193,7 @@ class _Enrichment:
 
 
 def _remember_trace_id(context: RequestContext, span: trace.Span) -> None:
-    context.traced = True
-    context.trace_id = trace_id_of(span)
+    context.use_trace_id(trace_id_of(span))
 
 
 def _request_attributes(
