@@ -183,7 +183,8 @@ class Lifespan:
         self._sigterm_installed = False
         self._loop_token: Any = None
         self._drain_timer: threading.Timer | None = None
-        self._idle: anyio.Event | None = None
+        # Set when the last request in flight ends while shutdown waits for it; None otherwise.
+        self.idle: anyio.Event | None = None
 
     @property
     def resource_names(self) -> list[str]:
@@ -313,11 +314,18 @@ class Lifespan:
                 whole took longer than ``startup_timeout``.
         """
         if self.state in STARTABLE:
-            await self._start()
-            self._ready()
+            await self.begin_startup()
+            self.finish_startup()
 
-    async def _start(self) -> None:
-        # From idle, or again after a stop or a failure (a test client per test, a restart).
+    # -- the phases, as the ASGI layer (LifespanMiddleware) and startup()/shutdown() run them --
+
+    async def begin_startup(self) -> None:
+        """Open the resources and run the startup checks (state ``starting``); from idle, or
+        again after a stop or a failure (a test client per test, a restart).
+
+        Raises:
+            StartupError: as ``startup()``; the state is then ``failed``.
+        """
         self.values.clear()
         self.startup_results = {}
         self.shutdown_report = []
@@ -368,7 +376,8 @@ class Lifespan:
         for result in results.values():
             self.metrics.child(histogram, result.name, result.outcome).observe(result.duration)
 
-    def _ready(self) -> None:
+    def finish_startup(self) -> None:
+        """Started, the wrapped app's own startup included: ready, SIGTERM watched."""
         self.state = "ready"
         self.started_at = monotonic()
         self._install_sigterm()
@@ -552,29 +561,39 @@ class Lifespan:
 
     async def shutdown(self) -> list[ResourceReport]:
         """Wait for in-flight requests, close resources; idempotent. Returns the report."""
-        if await self._begin_shutdown():
-            await self._finish_shutdown()
+        if await self.begin_shutdown():
+            await self.finish_shutdown()
         return self.shutdown_report
 
-    async def _begin_shutdown(self) -> bool:
+    async def begin_shutdown(self) -> bool:
+        """Begin the shutdown (state ``stopping``, the server's SIGTERM handler back) and wait,
+        up to ``drain_timeout``, for the requests in flight. ``False``: not running, nothing
+        to shut down."""
         if self.state not in ("ready", "draining"):
             return False
         self.state = "stopping"
         self._restore_sigterm()
         if self.in_flight == 0:
             return True
-        self._idle = anyio.Event()  # set by LifespanMiddleware when the last request ends
+        self.idle = anyio.Event()  # set by LifespanMiddleware when the last request ends
         with anyio.move_on_after(self.drain_timeout) as waiting:
-            await self._idle.wait()
+            await self.idle.wait()
         if waiting.cancelled_caught:
             self.logger.warning(
                 "%d requests still in flight after %gs", self.in_flight, self.drain_timeout
             )
         return True
 
-    async def _finish_shutdown(self) -> None:
+    async def finish_shutdown(self) -> None:
+        """Close the resources in reverse order (state ``stopped``); the report is kept."""
         self.shutdown_report = await self._close_resources()
         self.state = "stopped"
+
+    async def abort_startup(self) -> None:
+        """The wrapped app's own startup failed after ours: close what was opened (state
+        ``failed``)."""
+        await self._close_resources()
+        self.state = "failed"
 
     async def _close_resources(self) -> list[ResourceReport]:
         deadline = monotonic() + self.shutdown_timeout
@@ -680,12 +699,3 @@ def _closer(name: str, generator: AsyncIterator[Any]) -> Callable[[], Any]:
         raise RuntimeError(f"resource {name!r} yielded more than once")
 
     return close
-
-
-def __getattr__(name: str) -> Any:
-    # LifespanMiddleware lives in lifespan_middleware.py (it imports this module).
-    if name == "LifespanMiddleware":
-        from .lifespan_middleware import LifespanMiddleware
-
-        return LifespanMiddleware
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

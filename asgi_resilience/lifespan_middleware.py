@@ -44,8 +44,8 @@ class LifespanMiddleware:
                 await self.app(scope, receive, send)
             finally:
                 lifespan.in_flight -= 1
-                if lifespan.in_flight == 0 and lifespan._idle is not None:
-                    lifespan._idle.set()
+                if lifespan.in_flight == 0 and lifespan.idle is not None:
+                    lifespan.idle.set()
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         else:
@@ -59,7 +59,7 @@ class LifespanMiddleware:
         owner = lifespan.state in STARTABLE
         if owner:
             try:
-                await lifespan._start()
+                await lifespan.begin_startup()
             except StartupError as exc:
                 # Like Starlette: report the failure, then raise so that servers and test
                 # harnesses that watch for exceptions (asgi-lifespan) see it too.
@@ -82,19 +82,18 @@ class LifespanMiddleware:
                 failure = await inner.exchange("startup")
                 if failure is None:
                     if owner:
-                        lifespan._ready()
+                        lifespan.finish_startup()
                     await send({"type": "lifespan.startup.complete"})
                     await receive()  # lifespan.shutdown
                     last = lifespan.users == 1
-                    draining = await lifespan._begin_shutdown() if last else False
+                    draining = await lifespan.begin_shutdown() if last else False
                     failure = await inner.exchange("shutdown")
                     if draining:
-                        await lifespan._finish_shutdown()
+                        await lifespan.finish_shutdown()
                     phase = "shutdown"
                 else:
                     if owner:
-                        await lifespan._close_resources()
-                        lifespan.state = "failed"
+                        await lifespan.abort_startup()
                     phase = "startup"
                 group.cancel_scope.cancel()
         if failure is None:
