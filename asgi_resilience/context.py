@@ -13,14 +13,16 @@ Response facts are recorded by one ``send`` wrapper, installed by the outermost 
 from __future__ import annotations
 
 import contextvars
-import math
-import weakref
 from collections.abc import Callable, Iterable
-from time import gmtime, perf_counter, strftime, time
+from time import perf_counter
 from typing import Any, Literal
 
 from opentelemetry import trace
 
+from ._routes import UNMATCHED_ROUTE as UNMATCHED_ROUTE
+from ._routes import route_template as route_template
+from ._timestamps import format_timestamp as format_timestamp
+from ._timestamps import utc_timestamp as utc_timestamp
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
@@ -40,7 +42,6 @@ __all__ = [
 ]
 
 CONTEXT_KEY = "asgi_resilience.context"
-UNMATCHED_ROUTE = "<unmatched>"
 # Probes and scrapes: what the access log and tracing leave out unless told otherwise.
 PROBE_PATHS = ("/health", "/livez", "/readyz", "/metrics")
 
@@ -301,10 +302,6 @@ class ContextMiddleware:
         raise NotImplementedError  # pragma: no cover - every subclass implements it
 
 
-_timestamp_cache: tuple[float, str] = (math.inf, "")  # (second, its date and time)
-_MILLISECONDS = (*(f".{millis:03d}Z" for millis in range(1000)), ".999Z")
-
-
 def path_matcher(route: str, *, option: str = "routes") -> Callable[[str], bool]:
     """A test of request paths against a ``routes`` key: a route template (``"/items/{item_id}"``,
     Starlette's syntax and converters) or a path prefix (``"/admin"``: it and everything below).
@@ -382,25 +379,6 @@ def trace_id_of(span: trace.Span) -> str | None:
     return format(span_context.trace_id, "032x") if span_context.is_valid else None
 
 
-def utc_timestamp() -> str:
-    """The current UTC time as ISO 8601 with milliseconds: ``2026-01-31T12:00:00.123Z``."""
-    return format_timestamp(time())
-
-
-def format_timestamp(seconds: float) -> str:
-    """``seconds`` since the epoch as ISO 8601 UTC with milliseconds (``...T12:00:00.123Z``)."""
-    global _timestamp_cache
-    cache = _timestamp_cache  # one read: threads (log handlers) may replace it meanwhile
-    fraction = seconds - cache[0]
-    if not 0.0 <= fraction < 1.0:
-        # Formatting the date and time is most of the cost; it changes once a second.
-        whole = math.floor(seconds)  # down, before 1970 too: -0.25 is 23:59:59.750
-        cache = _timestamp_cache = (whole, strftime("%Y-%m-%dT%H:%M:%S", gmtime(whole)))
-        fraction = seconds - whole
-    # + half a microsecond: 0.999 stays .999 (the table ends with .999 twice: never .1000).
-    return cache[1] + _MILLISECONDS[int(fraction * 1000 + 0.0005)]
-
-
 def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
     for name, value in headers:
         if name.lower() == b"content-length":
@@ -409,87 +387,3 @@ def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
             except ValueError:
                 return 0
     return 0
-
-
-# Route templates, per top-level router: id(route) -> (route, full template). Built once per
-# router by walking its route tree, so Mount prefixes are joined without re-matching anything per
-# request. Keyed by id() because Starlette's routers and routes define __eq__ and so are
-# unhashable; a weak reference drops the table when its router goes away.
-_RouteTable = dict[int, tuple[Any, str]]
-_route_tables: dict[int, tuple[weakref.ref[Any], _RouteTable]] = {}
-
-
-def route_template(scope: Scope) -> str:
-    """The full route template for ``scope`` after routing; see ``RequestContext.route``."""
-    route = scope.get("route")
-    if route is None:
-        return UNMATCHED_ROUTE
-    if isinstance(route, str):
-        return route or UNMATCHED_ROUTE
-    router = scope.get("router")
-    table = _table_for(router)
-    # FastAPI (0.16x) keeps included routers lazy: scope["route"] is the route as declared,
-    # without the include prefixes; the selected inclusion is in its own scope entry.
-    fastapi_scope = scope.get("fastapi")
-    if isinstance(fastapi_scope, dict):
-        inclusion = table.get(id(fastapi_scope.get("effective_route_context")))
-        if inclusion is not None and inclusion[0] is fastapi_scope["effective_route_context"]:
-            return inclusion[1]
-    entry = table.get(id(route))
-    if entry is None or entry[0] is not route:
-        # Added after the table was built (walk again, once), or outside the router's tree.
-        table = _table_for(router, rebuild=True)
-        entry = table.get(id(route))
-        if entry is None or entry[0] is not route:
-            entry = (route, _template_of(route, ""))
-            table[id(route)] = entry
-    return entry[1]
-
-
-def _table_for(router: Any, *, rebuild: bool = False) -> _RouteTable:
-    key = id(router)
-    found = _route_tables.get(key)
-    if found is not None and found[0]() is router and not rebuild:
-        return found[1]
-    table: _RouteTable = {}
-    _walk_routes(getattr(router, "routes", ()), "", table)
-    try:
-        ref = weakref.ref(router, lambda _: _route_tables.pop(key, None))
-    except TypeError:
-        return table  # None, or not weakly referenceable: walk again next time, never leak
-    _route_tables[key] = (ref, table)
-    return table
-
-
-def _walk_routes(routes: Iterable[Any], prefix: str, table: _RouteTable) -> None:
-    for route in routes:
-        table[id(route)] = (route, _template_of(route, prefix))
-        children = getattr(route, "routes", None)
-        if children:
-            _walk_routes(children, prefix + _mount_prefix(route), table)
-        inclusions = getattr(route, "effective_route_contexts", None)
-        if callable(inclusions):
-            # A FastAPI included router: each inclusion knows its full path. A route included
-            # twice is found by its inclusion first, by itself (first inclusion wins) second.
-            for inclusion in inclusions():
-                template = prefix + str(getattr(inclusion, "path_format", "") or "")
-                table[id(inclusion)] = (inclusion, template)
-                original = getattr(inclusion, "original_route", None)
-                table.setdefault(id(original), (original, template))
-
-
-def _template_of(route: Any, prefix: str) -> str:
-    path_format = getattr(route, "path_format", None)
-    if not isinstance(path_format, str):
-        return UNMATCHED_ROUTE  # a Host, or a route type we do not know
-    if getattr(route, "routes", None):
-        # A Mount around a router: it is the route only when nothing inside matched.
-        return UNMATCHED_ROUTE
-    return prefix + path_format
-
-
-def _mount_prefix(route: Any) -> str:
-    path_format = getattr(route, "path_format", None)
-    if not isinstance(path_format, str):
-        return ""  # Host: no path of its own
-    return path_format.removesuffix("/{path}")

@@ -13,12 +13,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Host, Mount, Route, Router
 
+from asgi_resilience._routes import _route_tables
 from asgi_resilience.context import (
     CONTEXT_KEY,
     UNMATCHED_ROUTE,
     ContextMiddleware,
     RequestContext,
-    _route_tables,
     format_timestamp,
     route_template,
     utc_timestamp,
@@ -285,8 +285,8 @@ async def test_non_http_scopes_get_no_context() -> None:
     ],
 )
 def test_format_timestamp_at_the_edges_of_a_second(seconds: float, expected: str) -> None:
-    import asgi_resilience.context as context_module
+    import asgi_resilience._timestamps as timestamps
 
-    context_module._timestamp_cache = (math.inf, "")  # nothing cached yet, as at import
+    timestamps._timestamp_cache = (math.inf, "")  # nothing cached yet, as at import
     assert format_timestamp(seconds) == expected
     assert format_timestamp(seconds) == expected  # from the cache
