@@ -14,7 +14,7 @@ from time import monotonic, perf_counter, time
 from types import MappingProxyType
 from typing import Any, TextIO
 
-from ._checks import check_seconds
+from ._checks import check_bool, check_logger, check_seconds
 from .context import PROBE_PATHS, PathSet, RequestContext, format_timestamp
 from .observe import Observer
 from .proxies import TrustedProxies
@@ -76,6 +76,8 @@ class AccessLogMiddleware(Observer):
             raise ValueError(f"sink must be a JsonLinesSink or None, got {sink!r}")
         self.sink = sink
         check_seconds("slow_threshold", slow_threshold)
+        check_logger("logger", logger)
+        check_bool("include_query", include_query)
         self.app = app
         self.excluded = PathSet(exclude_paths, option="exclude_paths")
         self.logger = logger if logger is not None else _logger

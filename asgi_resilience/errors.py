@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from ._checks import check_bool, check_count, check_logger
 from ._http import media_type
 from .context import ContextMiddleware, ErrorFormat, RequestContext
 from .exceptions import AppError, CircuitOpenError, status_phrase
@@ -86,8 +87,11 @@ class ErrorMiddleware(ContextMiddleware):
     ) -> None:
         if format not in ("problem", "envelope"):
             raise ValueError(f"format must be 'problem' or 'envelope', got {format!r}")
-        if max_body_size < 0:
-            raise ValueError(f"max_body_size must be >= 0 bytes, got {max_body_size!r}")
+        check_count("max_body_size", max_body_size)
+        if debug is not None:
+            check_bool("debug", debug)
+        check_bool("rewrite_responses", rewrite_responses)
+        check_logger("logger", logger)
         self.app = app
         self.debug = default_debug() if debug is None else debug
         self.format: ErrorFormat = format

@@ -31,6 +31,8 @@ class LifespanMiddleware:
     """
 
     def __init__(self, app: ASGIApp, *, lifespan: Lifespan) -> None:
+        if not isinstance(lifespan, Lifespan):
+            raise ValueError(f"lifespan must be a Lifespan, got {lifespan!r}")
         self.app = app
         self.lifespan = lifespan
 

@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.exposition import choose_encoder
 
 from . import series
+from ._checks import check_registry
 from ._http import KNOWN_METHODS as KNOWN_METHODS
 from ._http import OTHER_METHOD as OTHER_METHOD
 from ._http import first_header
@@ -220,7 +221,7 @@ class MetricsMiddleware(Observer):
         exclude_paths: Iterable[str] = ("/metrics",),
     ) -> None:
         self.app = app
-        self.metrics = Metrics.for_registry(registry)
+        self.metrics = Metrics.for_registry(check_registry("registry", registry))
         self.excluded = PathSet(exclude_paths, option="exclude_paths")
         # Label children per (method, route, status): one lookup per request for all three.
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}

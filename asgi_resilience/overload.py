@@ -20,6 +20,7 @@ from typing import Any, Generic, Literal, TypeVar
 import anyio
 from prometheus_client import CollectorRegistry
 
+from ._checks import check_mapping
 from .adaptive import AdaptiveLimit
 from .context import (
     PROBE_PATHS,
@@ -57,6 +58,7 @@ class _ByRoute(Generic[T]):
     """A value per route template or path prefix (first match wins), ``default`` elsewhere."""
 
     def __init__(self, default: T, routes: Mapping[str, T] | None, check: Callable[[str, T], T]):
+        check_mapping("routes", routes)
         self.default = check("the default", default)
         self.routes = tuple(
             (path_matcher(route), check(f"routes[{route!r}]", value))

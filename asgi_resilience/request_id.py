@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from opentelemetry import trace
 
+from ._checks import check_bool, check_callable, check_logger
 from ._http import HEADER_NAME_BYTES, first_header
 from .context import ErrorFormat, RequestContext
 from .observe import REPLY, Observer
@@ -72,6 +73,13 @@ class RequestIdMiddleware(Observer):
         logger: logging.Logger | None = None,
         error_format: ErrorFormat = "problem",
     ) -> None:
+        if not isinstance(header_name, str):
+            raise ValueError(
+                f"header_name must be a header name such as X-Request-ID, got {header_name!r}"
+            )
+        check_bool("trust_incoming", trust_incoming)
+        check_callable("generator", generator)
+        check_logger("logger", logger)
         if on_invalid not in ("replace", "reject"):
             raise ValueError(f"on_invalid must be 'replace' or 'reject', got {on_invalid!r}")
         try:

@@ -26,6 +26,7 @@ from opentelemetry.trace import (
     StatusCode,
 )
 
+from ._checks import check_bool, check_instance
 from ._http import OTHER_METHOD, first_header, method_label
 from .context import (
     PROBE_PATHS,
@@ -90,6 +91,8 @@ class TracingMiddleware(Observer):
         exclude_paths: Iterable[str] = PROBE_PATHS,
         include_query: bool = False,
     ) -> None:
+        check_instance("tracer_provider", tracer_provider, trace.TracerProvider, "a TracerProvider")
+        check_bool("include_query", include_query)
         self.app = app
         self.tracer_provider = tracer_provider
         self.tracer = trace.get_tracer("asgi_resilience", tracer_provider=tracer_provider)

@@ -1018,7 +1018,7 @@ async def test_other_scopes_pass_through_unchanged(scope_type: str) -> None:
     ("options", "message"),
     [
         ({"format": "xml"}, "format must be 'problem' or 'envelope'"),
-        ({"max_body_size": -1}, "max_body_size must be >= 0"),
+        ({"max_body_size": -1}, "max_body_size must be a whole number >= 0"),
     ],
 )
 def test_invalid_options_raise_value_error(options: dict[str, Any], message: str) -> None:

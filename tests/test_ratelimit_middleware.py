@@ -637,8 +637,8 @@ async def test_lifespan_passes_through(backend: MemoryBackend) -> None:
         ({"cost": 0}, "cost must be an integer >= 1"),
         ({"cost": 1.5}, "cost must be an integer >= 1"),
         ({"on_backend_error": "ignore"}, "on_backend_error must be 'allow' or 'deny'"),
-        ({"backend_timeout": 0}, "backend_timeout must be > 0"),
-        ({"backend_timeout": -1.0}, "backend_timeout must be > 0"),
+        ({"backend_timeout": 0}, "backend_timeout must be a number of seconds > 0"),
+        ({"backend_timeout": -1.0}, "backend_timeout must be a number of seconds > 0"),
     ],
 )
 def test_invalid_options(options: dict[str, Any], message: str) -> None:

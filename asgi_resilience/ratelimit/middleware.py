@@ -13,6 +13,7 @@ from typing import Any, Literal
 import anyio
 from prometheus_client import CollectorRegistry
 
+from .._checks import check_mapping, check_registry, check_seconds
 from ..context import ContextMiddleware, PathSet, RequestContext, path_matcher
 from ..metrics import Metrics
 from ..problems import send_error
@@ -173,8 +174,11 @@ class RateLimitMiddleware(ContextMiddleware):
             raise ValueError(
                 f"on_backend_error must be 'allow' or 'deny', got {on_backend_error!r}"
             )
-        if not backend_timeout > 0:
-            raise ValueError(f"backend_timeout must be > 0 seconds, got {backend_timeout!r}")
+        check_seconds("backend_timeout", backend_timeout)
+        check_registry("registry", registry)
+        if not isinstance(limit, str):
+            raise ValueError(f"limit must be a rate such as '100/minute', got {limit!r}")
+        check_mapping("routes", routes)
         if not callable(cost) and (not isinstance(cost, int) or isinstance(cost, bool) or cost < 1):
             raise ValueError(f"cost must be an integer >= 1 or a callable, got {cost!r}")
         if (
