@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from ._checks import check_seconds
+from ._checks import check_bool, check_mapping, check_seconds
 from ._http import HEADER_NAME
 from .context import PROBE_PATHS
 from .exceptions import ConfigurationError as ConfigurationError
@@ -162,12 +162,6 @@ def _text(value: str) -> str:
 Check = Callable[[str, Any], Any]  # (option, value) -> the value to keep (normalized)
 
 
-def _is_bool(option: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{option} must be True or False, got {value!r}")
-    return value
-
-
 def _is_optional_bool(option: str, value: Any) -> bool | None:
     if value is not None and not isinstance(value, bool):
         raise ValueError(
@@ -276,12 +270,6 @@ def _is_one_of(*choices: str) -> Check:
     return check
 
 
-def _is_mapping(option: str, value: Any) -> Any:
-    if value is not None and not isinstance(value, Mapping):
-        raise ValueError(f"{option} must be a mapping of routes to values, or None, got {value!r}")
-    return value
-
-
 def _is_instance(*kinds: str) -> Check:
     """``None`` or an instance of one of ``kinds`` (``module:Class``, imported when checked)."""
 
@@ -328,13 +316,13 @@ class Options:
     them so). Iterable values are kept as tuples."""
 
     debug: bool | None = field(default=None, metadata=_about(_is_optional_bool, _optional_boolean))
-    envelope: bool = field(default=False, metadata=_about(_is_bool, _boolean))
-    request_ids: bool = field(default=True, metadata=_about(_is_bool, _boolean))
+    envelope: bool = field(default=False, metadata=_about(check_bool, _boolean))
+    request_ids: bool = field(default=True, metadata=_about(check_bool, _boolean))
     request_id_header: str = field(
         default="X-Request-ID", metadata=_about(_is_header, _header_name)
     )
-    trust_incoming_request_id: bool = field(default=True, metadata=_about(_is_bool, _boolean))
-    access_log: bool = field(default=True, metadata=_about(_is_bool, _boolean))
+    trust_incoming_request_id: bool = field(default=True, metadata=_about(check_bool, _boolean))
+    access_log: bool = field(default=True, metadata=_about(check_bool, _boolean))
     access_logger: Any = field(default=None, metadata=_about(_is_instance("logging:Logger")))
     access_log_sink: Any = field(
         default=None, metadata=_about(_is_instance("asgi_resilience.access_log:JsonLinesSink"))
@@ -343,7 +331,7 @@ class Options:
         default=PROBE_PATHS, metadata=_about(_is_paths, _paths)
     )
     slow_threshold: float = field(default=1.0, metadata=_about(_is_seconds, _seconds))
-    errors: bool = field(default=True, metadata=_about(_is_bool, _boolean))
+    errors: bool = field(default=True, metadata=_about(check_bool, _boolean))
     envelope_exclude_paths: tuple[str, ...] = field(default=(), metadata=_about(_is_paths, _paths))
     lifespan: Any = field(
         default=None, metadata=_about(_is_instance("asgi_resilience.lifespan:Lifespan"))
@@ -351,7 +339,7 @@ class Options:
     health_path: str | None = field(
         default="/health", metadata=_about(_is_optional_path, _optional_path)
     )
-    health_status_details: bool = field(default=False, metadata=_about(_is_bool, _boolean))
+    health_status_details: bool = field(default=False, metadata=_about(check_bool, _boolean))
     health_cache_ttl: float = field(
         default=1.0, metadata=_about(_is_seconds_or_zero, _seconds_or_zero)
     )
@@ -366,7 +354,7 @@ class Options:
         ),
     )
     rate_limit_key: Any = field(default="ip", metadata=_about(_is_key, _key))
-    rate_limit_routes: Any = field(default=None, metadata=_about(_is_mapping))
+    rate_limit_routes: Any = field(default=None, metadata=_about(check_mapping))
     rate_limit_exempt_paths: tuple[str, ...] = field(default=(), metadata=_about(_is_paths, _paths))
     rate_limit_on_backend_error: Literal["allow", "deny"] = field(
         default="allow", metadata=_about(_is_one_of("allow", "deny"), _choice("allow", "deny"))
@@ -380,14 +368,14 @@ class Options:
             _choice("x-forwarded-for", "forwarded"),
         ),
     )
-    metrics: bool = field(default=True, metadata=_about(_is_bool, _boolean))
+    metrics: bool = field(default=True, metadata=_about(check_bool, _boolean))
     metrics_path: str | None = field(
         default="/metrics", metadata=_about(_is_optional_path, _optional_path)
     )
     registry: Any = field(
         default=None, metadata=_about(_is_instance("prometheus_client:CollectorRegistry"))
     )
-    tracing: bool = field(default=True, metadata=_about(_is_bool, _boolean))
+    tracing: bool = field(default=True, metadata=_about(check_bool, _boolean))
     tracer_provider: Any = field(
         default=None, metadata=_about(_is_instance("opentelemetry.trace:TracerProvider"))
     )
@@ -398,9 +386,9 @@ class Options:
         default=0.1, metadata=_about(_is_optional_seconds, _seconds_or_off)
     )
     timeout: float | None = field(default=None, metadata=_about(_is_optional_seconds, _seconds))
-    timeout_routes: Any = field(default=None, metadata=_about(_is_mapping))
+    timeout_routes: Any = field(default=None, metadata=_about(check_mapping))
     max_body_size: int | None = field(default=None, metadata=_about(_is_count, _count_or_zero))
-    body_limit_routes: Any = field(default=None, metadata=_about(_is_mapping))
+    body_limit_routes: Any = field(default=None, metadata=_about(check_mapping))
 
     def __post_init__(self) -> None:
         for option in fields(self):
