@@ -46,8 +46,13 @@ def check_instance(option: str, value: object, kind: type, what: str) -> Any:
     return value
 
 
-def check_logger(option: str, value: object) -> logging.Logger | None:
-    return check_instance(option, value, logging.Logger, "a logging.Logger")  # type: ignore[no-any-return]
+def check_logger(option: str, value: object, *, adapters: bool = True) -> Any:
+    """``None``, a ``logging.Logger``, or (``adapters``: for code that only calls ``info``,
+    ``warning``... on it) a ``logging.LoggerAdapter``."""
+    if adapters and isinstance(value, logging.LoggerAdapter):
+        return value
+    what = "a logging.Logger or LoggerAdapter" if adapters else "a logging.Logger"
+    return check_instance(option, value, logging.Logger, what)
 
 
 def check_registry(option: str, value: object) -> Any:

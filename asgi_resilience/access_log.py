@@ -76,7 +76,7 @@ class AccessLogMiddleware(Observer):
             raise ValueError(f"sink must be a JsonLinesSink or None, got {sink!r}")
         self.sink = sink
         check_seconds("slow_threshold", slow_threshold)
-        check_logger("logger", logger)
+        check_logger("logger", logger, adapters=False)  # records go to its handle()
         check_bool("include_query", include_query)
         self.app = app
         self.excluded = PathSet(exclude_paths, option="exclude_paths")

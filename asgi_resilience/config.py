@@ -385,7 +385,9 @@ class Options:
     max_lag: float | None = field(
         default=0.1, metadata=_about(_is_optional_seconds, _seconds_or_off)
     )
-    timeout: float | None = field(default=None, metadata=_about(_is_optional_seconds, _seconds))
+    timeout: float | None = field(
+        default=None, metadata=_about(_is_optional_seconds, _seconds_or_off)
+    )
     timeout_routes: Any = field(default=None, metadata=_about(check_mapping))
     max_body_size: int | None = field(default=None, metadata=_about(_is_count, _count_or_zero))
     body_limit_routes: Any = field(default=None, metadata=_about(check_mapping))

@@ -149,7 +149,7 @@ class _ErrorResponder:
                 self.held_start = message
                 self.held_body.clear()
                 return
-            self.context.error_rendered = False
+            self.context.error_rendered = False  # the app's own response: ours to rewrite
             self.started = True
         elif message["type"] == "http.response.pathsend" or (
             message["type"] == "http.response.body" and not message.get("more_body", False)

@@ -26,7 +26,7 @@ import anyio.from_thread
 import anyio.lowlevel
 from prometheus_client import CollectorRegistry
 
-from ._checks import check_seconds
+from ._checks import check_logger, check_seconds
 from .calls import call as _call
 from .calls import describe_error
 from .exceptions import StartupError as StartupError
@@ -157,8 +157,7 @@ class Lifespan:
         self.shutdown_timeout = check_seconds("shutdown_timeout", shutdown_timeout)
         self.drain_delay = check_seconds("drain_delay", drain_delay, zero=True)
         self.drain_timeout = check_seconds("drain_timeout", drain_timeout)
-        if logger is not None and not isinstance(logger, logging.Logger):
-            raise ValueError(f"logger must be a logging.Logger or None, got {logger!r}")
+        check_logger("logger", logger)
         if registry is not None and not isinstance(registry, CollectorRegistry):
             raise ValueError(
                 f"registry must be a prometheus_client CollectorRegistry or None, got {registry!r}"
@@ -183,13 +182,19 @@ class Lifespan:
         self._sigterm_installed = False
         self._loop_token: Any = None
         self._drain_timer: threading.Timer | None = None
-        # Set when the last request in flight ends while shutdown waits for it; None otherwise.
-        self.idle: anyio.Event | None = None
+        # While a shutdown waits for the requests in flight: set by the ASGI layer when the
+        # last one ends. None otherwise (reset at each start: an event belongs to one loop).
+        self.drained: anyio.Event | None = None
 
     @property
     def resource_names(self) -> list[str]:
         """The registered resources, in registration order."""
         return [resource.name for resource in self._resources]
+
+    @property
+    def status_names(self) -> list[str]:
+        """The sections ``add_status`` added to ``/health/status``, in order."""
+        return list(self._status_providers)
 
     @property
     def metrics(self) -> Metrics:
@@ -325,7 +330,11 @@ class Lifespan:
 
         Raises:
             StartupError: as ``startup()``; the state is then ``failed``.
+            RuntimeError: the lifespan is starting or running already.
         """
+        if self.state not in STARTABLE:
+            raise RuntimeError(f"cannot start a lifespan that is {self.state}")
+        self.drained = None
         self.values.clear()
         self.startup_results = {}
         self.shutdown_report = []
@@ -378,6 +387,8 @@ class Lifespan:
 
     def finish_startup(self) -> None:
         """Started, the wrapped app's own startup included: ready, SIGTERM watched."""
+        if self.state != "starting":
+            raise RuntimeError(f"cannot finish the startup of a lifespan that is {self.state}")
         self.state = "ready"
         self.started_at = monotonic()
         self._install_sigterm()
@@ -575,9 +586,10 @@ class Lifespan:
         self._restore_sigterm()
         if self.in_flight == 0:
             return True
-        self.idle = anyio.Event()  # set by LifespanMiddleware when the last request ends
+        self.drained = anyio.Event()  # set by LifespanMiddleware when the last request ends
         with anyio.move_on_after(self.drain_timeout) as waiting:
-            await self.idle.wait()
+            await self.drained.wait()
+        self.drained = None
         if waiting.cancelled_caught:
             self.logger.warning(
                 "%d requests still in flight after %gs", self.in_flight, self.drain_timeout
@@ -592,6 +604,8 @@ class Lifespan:
     async def abort_startup(self) -> None:
         """The wrapped app's own startup failed after ours: close what was opened (state
         ``failed``)."""
+        if self.state != "starting":
+            raise RuntimeError(f"cannot abort the startup of a lifespan that is {self.state}")
         await self._close_resources()
         self.state = "failed"
 

@@ -46,8 +46,8 @@ class LifespanMiddleware:
                 await self.app(scope, receive, send)
             finally:
                 lifespan.in_flight -= 1
-                if lifespan.in_flight == 0 and lifespan.idle is not None:
-                    lifespan.idle.set()
+                if lifespan.in_flight == 0 and lifespan.drained is not None:
+                    lifespan.drained.set()
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         else:

@@ -45,6 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
+from ._checks import check_bool, check_count, check_seconds
 from .calls import describe_error, in_daemon_thread
 from .context import remaining_time
 from .exceptions import DatabaseUnavailable as DatabaseUnavailable
@@ -134,14 +135,12 @@ class Database(Generic[SessionT]):
         critical: bool = True,
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if connect_attempts < 1:
-            raise ValueError(f"connect_attempts must be >= 1, got {connect_attempts!r}")
-        for option, value in (
-            ("check_timeout", check_timeout),
-            ("dispose_timeout", dispose_timeout),
-        ):
-            if not value > 0:
-                raise ValueError(f"{option} must be a positive number of seconds, got {value!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        check_count("connect_attempts", connect_attempts, minimum=1)
+        check_seconds("check_timeout", check_timeout)
+        check_seconds("dispose_timeout", dispose_timeout)
+        check_bool("critical", critical)
         self.name = name
         self.connect_attempts = connect_attempts
         self.check_timeout = check_timeout
@@ -301,7 +300,14 @@ class Database(Generic[SessionT]):
     def install(self, lifespan: Lifespan) -> None:
         """Register with ``lifespan``: the check (startup with ``connect_attempts`` and
         readiness), ``dispose()`` as a shutdown resource and ``pool_status()`` as a
-        ``/health/status`` section, all under ``name``."""
+        ``/health/status`` section, all under ``name``: all three, or none when one of the
+        names is taken already."""
+        taken = self.name in lifespan.checks or self.name in lifespan.resource_names
+        if taken or self.name in lifespan.status_names:
+            raise ValueError(
+                f"{self.name!r} is already registered with this lifespan: give this database "
+                f"another name (Database(..., name=...))"
+            )
         lifespan.add_check(
             self.name,
             self.check,

@@ -226,11 +226,13 @@ def resilient(
                     f"{name} does nothing without rate_limit: set rate_limit too (the limit "
                     f"of every other route, such as '100/minute'), or leave {name} out"
                 )
-    if options.max_concurrency is None and ("max_lag" in given or "max_lag" in from_env):
-        raise ConfigurationError(
-            "max_lag does nothing without max_concurrency: set max_concurrency (a number or "
-            "'adaptive') too, or leave max_lag out"
-        )
+    if options.max_concurrency is None:
+        for name in ("max_lag", "queue_timeout"):
+            if name in given or name in from_env:
+                raise ConfigurationError(
+                    f"{name} does nothing without max_concurrency: set max_concurrency (a "
+                    f"number or 'adaptive') too, or leave {name} out"
+                )
     if options.debug is None:  # APP_ENV / ENVIRONMENT, read from the same mapping
         options = replace(options, debug=default_debug(env))
     return _build(app, options, env)

@@ -268,7 +268,7 @@ def test_every_option_refuses_a_wrong_value_naming_it(option: str) -> None:
         pass
 
     extra: dict[str, Any] = {"rate_limit": "5/second"} if option.startswith("rate_limit_") else {}
-    if option in ("max_queue", "max_lag"):
+    if option in ("max_queue", "max_lag", "queue_timeout"):
         extra = {"max_concurrency": 4}
     with pytest.raises(ValueError, match=rf"^{option}\b") as raised:
         wrong: dict[str, Any] = {option: WRONG[option]}
@@ -308,3 +308,19 @@ def test_every_backend_url_the_backends_open_is_accepted_by_keyword_and_variable
         pass
 
     resilient(app, environ={}, rate_limit="5/second", rate_limit_backend=url)  # no connection yet
+
+
+def test_timeout_off_from_the_environment_and_options_that_need_max_concurrency() -> None:
+    from asgi_resilience import resilient
+
+    assert options_from_env(env(timeout="off")) == {"timeout": None}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    for given in ({"queue_timeout": 0.5}, {"max_lag": 0.05}):
+        with pytest.raises(ConfigurationError, match="does nothing without max_concurrency"):
+            resilient(app, environ={}, **given)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="queue_timeout does nothing"):
+        resilient(app, environ=env(queue_timeout="0.5"))
+    resilient(app, environ={}, max_concurrency=4, queue_timeout=0.5)  # with it: fine

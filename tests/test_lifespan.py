@@ -993,13 +993,42 @@ def test_registration_refuses_wrong_values_naming_them(register: Any, message: s
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"logger": "app"}, "logger must be a logging.Logger or None, got 'app'"),
+        ({"logger": "app"}, "logger must be a logging.Logger or LoggerAdapter or None, got 'app'"),
         ({"registry": {}}, "registry must be a prometheus_client CollectorRegistry or None"),
     ],
 )
 def test_lifespan_refuses_objects_of_the_wrong_kind(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Lifespan(**options)
+
+
+@pytest.mark.anyio
+async def test_the_phases_refuse_to_run_out_of_order() -> None:
+    lifespan = Lifespan()
+    opened: list[str] = []
+    add_generator(lifespan, "db", opened)
+    with pytest.raises(RuntimeError, match="cannot finish the startup of a lifespan that is idle"):
+        lifespan.finish_startup()
+    with pytest.raises(RuntimeError, match="cannot abort the startup of a lifespan that is idle"):
+        await lifespan.abort_startup()
+    await lifespan.begin_startup()
+    with pytest.raises(RuntimeError, match="cannot start a lifespan that is starting"):
+        await lifespan.begin_startup()
+    lifespan.finish_startup()
+    with pytest.raises(RuntimeError, match="cannot start a lifespan that is ready"):
+        await lifespan.begin_startup()  # resources are not opened twice
+    assert opened.count("open db") == 1
+    assert await lifespan.begin_shutdown() is True
+    await lifespan.finish_shutdown()
+    assert lifespan.state == "stopped" and lifespan.drained is None
+    await lifespan.begin_startup()  # again after a stop: a restart
+    lifespan.finish_startup()
+    await lifespan.shutdown()
+
+
+def test_a_logger_adapter_is_a_logger_for_the_lifespan() -> None:
+    adapter = logging.LoggerAdapter(logging.getLogger("tests.lifespan"), {"service": "api"})
+    assert Lifespan(logger=adapter).logger is adapter  # type: ignore[arg-type,comparison-overlap]
 
 
 def test_resource_options_are_validated() -> None:

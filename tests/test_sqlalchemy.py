@@ -151,14 +151,29 @@ async def test_a_given_engine_is_used_as_is_and_disposed(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"connect_attempts": 0}, "connect_attempts must be >= 1"),
-        ({"check_timeout": 0}, "check_timeout must be a positive"),
-        ({"dispose_timeout": -1}, "dispose_timeout must be a positive"),
+        ({"connect_attempts": 0}, "connect_attempts must be a whole number >= 1"),
+        ({"connect_attempts": 3.0}, "connect_attempts must be a whole number >= 1"),
+        ({"check_timeout": 0}, "check_timeout must be a number of seconds > 0"),
+        ({"check_timeout": float("inf")}, "check_timeout must be a number of seconds > 0"),
+        ({"dispose_timeout": -1}, "dispose_timeout must be a number of seconds > 0"),
+        ({"critical": 1}, "critical must be True or False"),
+        ({"name": ""}, "name must be a non-empty string"),
     ],
 )
 def test_options_are_validated(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Database("sqlite://", **options)
+
+
+def test_install_registers_all_or_nothing() -> None:
+    lifespan = Lifespan()
+    lifespan.add_status("database", dict)  # the name taken by another section
+    with pytest.raises(ValueError, match="'database' is already registered with this lifespan"):
+        Database("sqlite://").install(lifespan)
+    assert not lifespan.checks and not lifespan.resource_names  # nothing half installed
+    Database("sqlite://", name="orders").install(lifespan)
+    assert list(lifespan.checks) == ["orders"] and lifespan.resource_names == ["orders"]
+    assert lifespan.status_names == ["database", "orders"]
 
 
 @SQLITE_DRIVERS
