@@ -252,7 +252,7 @@ def _is_backend(option: str, value: Any) -> Any:
 
 
 def _is_key(option: str, value: Any) -> Any:
-    if callable(value) or (isinstance(value, str) and value.strip() in ("ip", "user")):
+    if callable(value) or (isinstance(value, str) and value in ("ip", "user")):
         return value
     if isinstance(value, str) and value.lower().startswith("header:") and value[7:].strip():
         return value
