@@ -128,10 +128,13 @@ def resilient(
     """Wrap ``app`` in the asgi_resilience stack and return the new ASGI application.
 
     Layers, outermost first: the lifespan (checks, resources, draining; the app's own lifespan
-    kept), request ids, tracing, metrics, access log, error normalization, the built-in
-    endpoints (``/metrics``, health), rate limits (only with ``rate_limit``), envelopes (only
-    when ``envelope=True``), then ``app``. Errors take the envelope shape when envelopes are
-    on, the RFC 9457 problem shape otherwise. WebSocket scopes pass through every layer.
+    kept), request ids, tracing, metrics and the access log (those four in one pass:
+    ``asgi_resilience.observe``), error normalization, the built-in endpoints (``/metrics``,
+    health), the deadline (only with ``timeout``), rate limits (only with ``rate_limit``), the
+    concurrency limit (only with ``max_concurrency``), the body limit (only with
+    ``max_body_size``), envelopes (only when ``envelope=True``), then ``app``. Errors take the
+    envelope shape when envelopes are on, the RFC 9457 problem shape otherwise. WebSocket
+    scopes pass through every layer.
 
     Every option that is a plain value can also come from the environment:
     ``ASGI_RESILIENCE_<OPTION>`` (``ASGI_RESILIENCE_RATE_LIMIT=100/minute``); see
