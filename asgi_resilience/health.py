@@ -44,6 +44,7 @@ class HealthApp:
         path: prefix of the health paths.
         probe_aliases: also answer ``/livez`` and ``/readyz``.
         cache_ttl: seconds readiness results are reused.
+        clock: where those seconds are read (``time.monotonic``; tests give a fake one).
         status_details: serve ``/health/status``.
         version: shown in ``/health/status``.
     """
@@ -57,13 +58,17 @@ class HealthApp:
         cache_ttl: float = 1.0,
         status_details: bool = False,
         version: str | None = None,
+        clock: Callable[[], float] = monotonic,
     ) -> None:
         if not path.startswith("/") or path != path.rstrip("/") or len(path) < 2:
             raise ValueError(f"path must start with '/' and not end with it, got {path!r}")
         if not cache_ttl >= 0:
             raise ValueError(f"cache_ttl must be >= 0 seconds, got {cache_ttl!r}")
         self.lifespan = lifespan
+        if not callable(clock):
+            raise ValueError(f"clock must be a callable returning seconds, got {clock!r}")
         self.cache_ttl = cache_ttl
+        self.clock = clock
         self.status_details = status_details
         self.version = version
         self.routes: dict[str, Callable[[], Any]] = {
@@ -137,7 +142,7 @@ class HealthApp:
     async def _check_results(self, lifespan: Lifespan) -> dict[str, CheckResult]:
         while True:
             cached = self._cached
-            if cached is not None and monotonic() - cached[0] < self.cache_ttl:
+            if cached is not None and self.clock() - cached[0] < self.cache_ttl:
                 return cached[1]
             if self._running is None:
                 break
@@ -147,7 +152,7 @@ class HealthApp:
         self._running = running = anyio.Event()
         try:
             results = await lifespan.run_checks()
-            self._cached = (monotonic(), results)
+            self._cached = (self.clock(), results)
             metrics = lifespan.metrics
             for name, result in results.items():
                 metrics.child(metrics.health_check_up, name).set(1 if result.ok else 0)

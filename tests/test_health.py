@@ -20,6 +20,16 @@ from tests.asgi import Response, call, http_scope
 pytestmark = pytest.mark.anyio
 
 
+class FakeClock:
+    """A clock tests move by hand: ``clock.now += 0.3``."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Dependency:
     """A fake dependency: its check can be made to fail or hang, and counts its runs."""
 
@@ -230,7 +240,8 @@ async def test_concurrent_probes_share_one_run_per_cache_ttl() -> None:
     database.delay = 0.05
     lifespan = lifespan_with(database)
     lifespan.add_check("cache", cache.check)
-    health = HealthApp(lifespan, cache_ttl=0.3)
+    clock = FakeClock()
+    health = HealthApp(lifespan, cache_ttl=0.3, clock=clock)
     statuses: list[int] = []
 
     async def probe(path: str) -> None:
@@ -248,21 +259,26 @@ async def test_concurrent_probes_share_one_run_per_cache_ttl() -> None:
             assert (database.calls, cache.calls) == (2, 2)
             await storm()
             assert (database.calls, cache.calls) == (2, 2)  # within cache_ttl: cached
-            await anyio.sleep(0.35)
+            clock.now += 0.29
+            await storm()
+            assert (database.calls, cache.calls) == (2, 2)  # still within it
+            clock.now += 0.02
             await storm()
             assert (database.calls, cache.calls) == (3, 3)
-    assert statuses == [200] * 300
+    assert statuses == [200] * 400
 
 
 async def test_cached_failure_is_served_until_cache_ttl_elapses() -> None:
     database = Dependency()
     async with started(lifespan_with(database)) as lifespan:
-        health = HealthApp(lifespan, cache_ttl=0.2)
+        clock = FakeClock()
+        health = HealthApp(lifespan, cache_ttl=0.2, clock=clock)
         database.error = ConnectionError("refused")
         assert (await get(health, "/health/ready")).status == 503
         database.error = None
+        clock.now += 0.19
         assert (await get(health, "/health/ready")).status == 503
-        await anyio.sleep(0.25)
+        clock.now += 0.02
         assert (await get(health, "/health/ready")).status == 200
 
 
