@@ -165,7 +165,7 @@ Check = Callable[[str, Any], Any]  # (option, value) -> the value to keep (norma
 def _is_optional_bool(option: str, value: Any) -> bool | None:
     if value is not None and not isinstance(value, bool):
         raise ValueError(
-            f"{option} must be True, False or None (from the environment), got {value!r}"
+            f"{option} must be True, False or None (None: APP_ENV decides), got {value!r}"
         )
     return value
 
