@@ -73,3 +73,10 @@ def check_mapping(option: str, value: object) -> Any:
     if value is not None and not isinstance(value, Mapping):
         raise ValueError(f"{option} must be a mapping of routes to values or None, got {value!r}")
     return value
+
+
+def check_name(option: str, value: object) -> str:
+    """``value`` if it is a non-empty string (a name shown in errors, logs and endpoints)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{option} must be a non-empty string, got {value!r}")
+    return value

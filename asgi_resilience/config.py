@@ -11,16 +11,26 @@ objects (``lifespan``, ``registry``, ``tracer_provider``, ``access_logger``, ``a
 from __future__ import annotations
 
 import difflib
-import importlib
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from ._checks import check_bool, check_mapping, check_seconds
+from opentelemetry.trace import TracerProvider
+
+from ._checks import (
+    check_bool,
+    check_instance,
+    check_logger,
+    check_mapping,
+    check_registry,
+    check_seconds,
+)
 from ._http import HEADER_NAME
+from .access_log import JsonLinesSink
 from .context import PROBE_PATHS
 from .exceptions import ConfigurationError as ConfigurationError
+from .lifespan import Lifespan
 from .proxies import TrustedProxies
 from .ratelimit.backends import BACKEND_SCHEMES
 from .ratelimit.rates import parse_rates
@@ -270,20 +280,17 @@ def _is_one_of(*choices: str) -> Check:
     return check
 
 
-def _is_instance(*kinds: str) -> Check:
-    """``None`` or an instance of one of ``kinds`` (``module:Class``, imported when checked)."""
+def _is_a(kind: type, what: str) -> Check:
+    """``None`` or a ``kind`` (``check_instance``, as a check of one option)."""
 
     def check(option: str, value: Any) -> Any:
-        if value is None:
-            return None
-        for kind in kinds:
-            module, _, name = kind.partition(":")
-            if isinstance(value, getattr(importlib.import_module(module), name)):
-                return value
-        names = " or ".join(kind.partition(":")[2] for kind in kinds)
-        raise ValueError(f"{option} must be a {names} or None, got {value!r}")
+        return check_instance(option, value, kind, what)
 
     return check
+
+
+def _is_access_logger(option: str, value: Any) -> Any:
+    return check_logger(option, value, adapters=False)  # records go to its handle()
 
 
 def _is_concurrency(option: str, value: Any) -> Any:
@@ -323,9 +330,9 @@ class Options:
     )
     trust_incoming_request_id: bool = field(default=True, metadata=_about(check_bool, _boolean))
     access_log: bool = field(default=True, metadata=_about(check_bool, _boolean))
-    access_logger: Any = field(default=None, metadata=_about(_is_instance("logging:Logger")))
+    access_logger: Any = field(default=None, metadata=_about(_is_access_logger))
     access_log_sink: Any = field(
-        default=None, metadata=_about(_is_instance("asgi_resilience.access_log:JsonLinesSink"))
+        default=None, metadata=_about(_is_a(JsonLinesSink, "a JsonLinesSink"))
     )
     access_log_exclude_paths: tuple[str, ...] = field(
         default=PROBE_PATHS, metadata=_about(_is_paths, _paths)
@@ -333,9 +340,7 @@ class Options:
     slow_threshold: float = field(default=1.0, metadata=_about(_is_seconds, _seconds))
     errors: bool = field(default=True, metadata=_about(check_bool, _boolean))
     envelope_exclude_paths: tuple[str, ...] = field(default=(), metadata=_about(_is_paths, _paths))
-    lifespan: Any = field(
-        default=None, metadata=_about(_is_instance("asgi_resilience.lifespan:Lifespan"))
-    )
+    lifespan: Any = field(default=None, metadata=_about(_is_a(Lifespan, "a Lifespan")))
     health_path: str | None = field(
         default="/health", metadata=_about(_is_optional_path, _optional_path)
     )
@@ -372,12 +377,10 @@ class Options:
     metrics_path: str | None = field(
         default="/metrics", metadata=_about(_is_optional_path, _optional_path)
     )
-    registry: Any = field(
-        default=None, metadata=_about(_is_instance("prometheus_client:CollectorRegistry"))
-    )
+    registry: Any = field(default=None, metadata=_about(check_registry))
     tracing: bool = field(default=True, metadata=_about(check_bool, _boolean))
     tracer_provider: Any = field(
-        default=None, metadata=_about(_is_instance("opentelemetry.trace:TracerProvider"))
+        default=None, metadata=_about(_is_a(TracerProvider, "a TracerProvider"))
     )
     max_concurrency: Any = field(default=None, metadata=_about(_is_concurrency, _concurrency))
     max_queue: int | None = field(default=None, metadata=_about(_is_count, _count_or_zero))

@@ -26,7 +26,7 @@ import anyio.from_thread
 import anyio.lowlevel
 from prometheus_client import CollectorRegistry
 
-from ._checks import check_logger, check_seconds
+from ._checks import check_logger, check_name, check_seconds
 from .calls import call as _call
 from .calls import describe_error
 from .exceptions import StartupError as StartupError
@@ -51,11 +51,6 @@ CheckFunction = Callable[[], Any]
 ResourceFactory = Callable[[], AsyncIterator[Any]]
 F = TypeVar("F", bound=Callable[..., Any])
 _MAX_BACKOFF = 2.0
-
-
-def _check_name(kind: str, name: object) -> None:
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"a {kind}'s name must be a non-empty string, got {name!r}")
 
 
 @dataclass(frozen=True)
@@ -224,7 +219,7 @@ class Lifespan:
             readiness: run it again for ``/health/ready``.
             attempts: tries at startup, with exponential backoff between them.
         """
-        _check_name("check", name)
+        check_name("a check's name", name)
         if name in self.checks:
             raise ValueError(f"a check named {name!r} is already registered")
         if not callable(function):
@@ -294,7 +289,7 @@ class Lifespan:
         """Add a section to ``/health/status`` (pool statistics, breaker states): ``provider``
         (sync or async) returns a JSON-serialisable value. A sync one is called in the event
         loop: it must not block."""
-        _check_name("status section", name)
+        check_name("a status section's name", name)
         if not callable(provider):
             raise ValueError(
                 f"status section {name!r}: provider must be callable, got {provider!r}"
@@ -302,7 +297,7 @@ class Lifespan:
         self._status_providers[name] = provider
 
     def _register(self, resource: _Resource) -> None:
-        _check_name("resource", resource.name)
+        check_name("a resource's name", resource.name)
         if any(r.name == resource.name for r in self._resources):
             raise ValueError(f"a resource named {resource.name!r} is already registered")
         check_seconds(f"resource {resource.name!r}: timeout", resource.timeout)

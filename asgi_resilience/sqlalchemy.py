@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
-from ._checks import check_bool, check_count, check_seconds
+from ._checks import check_bool, check_count, check_name, check_seconds
 from .calls import describe_error, in_daemon_thread
 from .context import remaining_time
 from .exceptions import DatabaseUnavailable as DatabaseUnavailable
@@ -135,8 +135,7 @@ class Database(Generic[SessionT]):
         critical: bool = True,
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        check_name("name", name)
         check_count("connect_attempts", connect_attempts, minimum=1)
         check_seconds("check_timeout", check_timeout)
         check_seconds("dispose_timeout", dispose_timeout)
