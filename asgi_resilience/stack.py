@@ -225,17 +225,11 @@ def resilient(
         for name in _RATE_LIMIT_OPTIONS:
             value = given.get(name)
             if name in from_env or (value is not None and value != DEFAULTS[name]):
-                raise ConfigurationError(
-                    f"{name} does nothing without rate_limit: set rate_limit too (the limit "
-                    f"of every other route, such as '100/minute'), or leave {name} out"
-                )
+                raise _does_nothing_without(name, "rate_limit")
     if options.max_concurrency is None:
         for name in ("max_lag", "queue_timeout"):
             if name in given or name in from_env:
-                raise ConfigurationError(
-                    f"{name} does nothing without max_concurrency: set max_concurrency (a "
-                    f"number or 'adaptive') too, or leave {name} out"
-                )
+                raise _does_nothing_without(name, "max_concurrency")
     if options.debug is None:  # APP_ENV / ENVIRONMENT, read from the same mapping
         options = replace(options, debug=default_debug(env))
     return _build(app, options, env)
@@ -268,10 +262,7 @@ def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp
             registry=o.registry,
         )
     elif o.max_queue is not None:
-        raise ConfigurationError(
-            "max_queue does nothing without max_concurrency: set max_concurrency (a number or "
-            "'adaptive') too, or leave max_queue out"
-        )
+        raise _does_nothing_without("max_queue", "max_concurrency")
     if o.rate_limit is not None:
         if o.rate_limit_key == "user":
             raise ConfigurationError(
@@ -373,6 +364,20 @@ def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp
         stack = Observers(stack, observers)
     stack = LifespanMiddleware(stack, lifespan=lifespan)
     return ResilientApp(app, stack, lifespan, health)
+
+
+# What each option that others depend on takes, for the error naming it.
+_REQUIRED_FORM = {
+    "rate_limit": "the limit of every other route, such as '100/minute'",
+    "max_concurrency": "a number or 'adaptive'",
+}
+
+
+def _does_nothing_without(name: str, required: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"{name} does nothing without {required}: set {required} too "
+        f"({_REQUIRED_FORM[required]}), or leave {name} out"
+    )
 
 
 def _unique(name: str, taken: Iterable[str]) -> str:
