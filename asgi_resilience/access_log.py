@@ -265,6 +265,8 @@ _CORE_FIELDS = (
 _HEAD_FIELDS = frozenset({"timestamp", "level", "logger", "message"})
 # The attributes a record has before its extra fields (the default factory's).
 _RECORD_SIZE = len(logging.LogRecord("", 0, "", 0, "", (), None).__dict__)
+_CORE_COUNT = len(_CORE_FIELDS)
+_EXTRA_START = _RECORD_SIZE + _CORE_COUNT  # where a record's fields after the core ones start
 _NO_KEYS: frozenset[str] = frozenset()
 _IMMUTABLE = (str, int, float, bool, type(None))
 _quote = encode_basestring  # a str as a JSON string, exactly as the encoder writes one (C)
@@ -364,13 +366,13 @@ def _access_line_of(record: logging.LogRecord, static: _StaticFields) -> str | N
     d = record.__dict__
     keys = tuple(d)
     if (
-        keys[_RECORD_SIZE : _RECORD_SIZE + 11] != _CORE_FIELDS
+        keys[_RECORD_SIZE:_EXTRA_START] != _CORE_FIELDS
         or d.get("exc_info")
         or d.get("stack_info")
         or not _RECORD_ATTRIBUTES.issuperset(keys[:_RECORD_SIZE])
     ):
         return None
-    members = _access_members(d, keys[_RECORD_SIZE + 11 :], _RECORD_ATTRIBUTES, static)
+    members = _access_members(d, keys[_EXTRA_START:], _RECORD_ATTRIBUTES, static)
     level, name = record.levelname, record.name
     if members is None or type(level) is not str or type(name) is not str:
         return None
@@ -481,8 +483,8 @@ class JsonLinesSink:
         static = self._static
         keys = tuple(fields)
         members = (
-            _access_members(fields, keys[11:], _NO_KEYS, static)
-            if keys[:11] == _CORE_FIELDS and static.fast and type(level_name) is str
+            _access_members(fields, keys[_CORE_COUNT:], _NO_KEYS, static)
+            if keys[:_CORE_COUNT] == _CORE_FIELDS and static.fast and type(level_name) is str
             else None
         )
         if members is not None and type(logger) is str and type(message) is str:
