@@ -31,10 +31,10 @@ from .lifespan import (
     Check,
     CheckResult,
     Lifespan,
+    LifespanMiddleware,
     ResourceReport,
     StartupError,
 )
-from .lifespan_middleware import LifespanMiddleware
 from .metrics import Metrics, MetricsMiddleware, metrics_app
 from .overload import (
     AdaptiveLimit,

@@ -16,8 +16,7 @@ from .config import DEFAULTS, ConfigurationError, Options, options_from_env
 from .envelope import EnvelopeMiddleware
 from .errors import ErrorMiddleware, default_debug
 from .health import HealthApp
-from .lifespan import Lifespan
-from .lifespan_middleware import LifespanMiddleware
+from .lifespan import Lifespan, LifespanMiddleware
 from .metrics import MetricsMiddleware, metrics_app
 from .observe import Observer, Observers
 from .overload import BodyLimitMiddleware, ConcurrencyLimitMiddleware, TimeoutMiddleware

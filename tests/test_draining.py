@@ -45,7 +45,7 @@ def server_handler() -> Iterator[Recorder]:
 async def test_sigterm_drains_then_hands_over_after_the_delay(server_handler: Recorder) -> None:
     lifespan = Lifespan(drain_delay=0.3)
     await lifespan.startup()
-    assert signal.getsignal(signal.SIGTERM) == lifespan._on_sigterm
+    assert lifespan.watching_sigterm
     signal.raise_signal(signal.SIGTERM)
     assert lifespan.state == "draining"  # at once
     assert server_handler.calls == []  # the server keeps serving meanwhile
@@ -55,6 +55,7 @@ async def test_sigterm_drains_then_hands_over_after_the_delay(server_handler: Re
     assert server_handler.calls == [signal.SIGTERM]
     await lifespan.shutdown()
     assert signal.getsignal(signal.SIGTERM) is server_handler  # restored
+    assert not lifespan.watching_sigterm
     assert lifespan.shutdown_report == [] and str(lifespan.state) in {"stopped"}
 
 

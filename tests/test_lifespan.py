@@ -1085,6 +1085,7 @@ async def test_a_blocked_sync_check_is_not_run_again_in_new_threads() -> None:
     lifespan.add_check("blocked", lambda: release.wait(10), timeout=0.05)
     try:
         first = await lifespan.run_checks()
+        assert lifespan.blocked_checks == {"blocked": 1}
         before = threading.active_count()
         later = [await lifespan.run_checks() for _ in range(20)]
         assert threading.active_count() == before  # no thread per probe
@@ -1096,7 +1097,7 @@ async def test_a_blocked_sync_check_is_not_run_again_in_new_threads() -> None:
     finally:
         release.set()
     with anyio.fail_after(5):
-        while lifespan._abandoned["blocked"]:  # noqa: ASYNC110 - a thread, no event to wait on
+        while lifespan.blocked_checks:  # noqa: ASYNC110 - a thread, no event to wait on
             await anyio.sleep(0.01)
     assert (await lifespan.run_checks())["blocked"].ok
 

@@ -1,4 +1,4 @@
-"""Lifespan: fail-fast startup checks, managed resources, SIGTERM draining, orderly shutdown.
+"""``Lifespan``: the state machine and the public interface; the jobs live beside it.
 
 ``Lifespan`` is used three ways: as a Starlette/FastAPI lifespan (``Starlette(lifespan=ls)``), as a
 layer around any ASGI app (``ls.wrap(app)``, which ``resilient()`` does), or driven directly
@@ -12,97 +12,30 @@ from __future__ import annotations
 
 import inspect
 import logging
-import signal
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
 from time import monotonic, perf_counter
-from types import FrameType
 from typing import Any, Literal, TypeVar
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
 from prometheus_client import CollectorRegistry
 
-from ._checks import check_logger, check_name, check_seconds
-from .calls import call as _call
-from .calls import describe_error
-from .exceptions import StartupError as StartupError
-from .metrics import Metrics
-from .types import ASGIApp
+from .._checks import check_logger, check_name, check_seconds
+from ..calls import describe_error
+from ..exceptions import StartupError
+from ..metrics import Metrics
+from ..types import ASGIApp
+from ._checks import Check, CheckFunction, CheckResult, CheckRunner
+from ._drain import SigtermWatch
+from ._resources import ResourceFactory, ResourceReport, Resources
 
-__all__ = [
-    "Check",
-    "CheckResult",
-    "Lifespan",
-    "LifespanState",
-    "ResourceReport",
-    "StartupError",
-    "describe_error",
-]
+__all__ = ["STARTABLE", "Lifespan", "LifespanState"]
 
 _logger = logging.getLogger("asgi_resilience.lifespan")
 
 LifespanState = Literal["idle", "starting", "ready", "draining", "stopping", "stopped", "failed"]
 STARTABLE = frozenset({"idle", "stopped", "failed"})  # states startup() starts from
-CheckFunction = Callable[[], Any]
-ResourceFactory = Callable[[], AsyncIterator[Any]]
 F = TypeVar("F", bound=Callable[..., Any])
-_MAX_BACKOFF = 2.0
-
-
-@dataclass(frozen=True)
-class Check:
-    """A dependency check run at startup and, if ``readiness``, by ``/health/ready``."""
-
-    name: str
-    function: CheckFunction
-    timeout: float = 5.0
-    critical: bool = True
-    readiness: bool = True
-    attempts: int = 1
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """The outcome of one check run: ``ok``, how long it took and why it failed."""
-
-    name: str
-    ok: bool
-    duration: float
-    error: str | None = None
-    critical: bool = True
-    attempts: int = 1
-    timed_out: bool = False
-
-    @property
-    def status(self) -> Literal["up", "down"]:
-        return "up" if self.ok else "down"
-
-    @property
-    def outcome(self) -> Literal["ok", "error", "timeout"]:
-        """The ``outcome`` label of the check duration metric."""
-        return "ok" if self.ok else "timeout" if self.timed_out else "error"
-
-
-@dataclass(frozen=True)
-class ResourceReport:
-    """How one resource closed: ``ok``, ``error`` or ``timeout`` (abandoned), and how long."""
-
-    name: str
-    outcome: Literal["ok", "error", "timeout"]
-    duration: float
-    error: str | None = None
-
-
-@dataclass
-class _Resource:
-    name: str
-    timeout: float
-    close: Callable[[], Any]
-    factory: Callable[[], AsyncIterator[Any]] | None = None
 
 
 class Lifespan:
@@ -167,16 +100,10 @@ class Lifespan:
         self.started_at: float | None = None
         self.in_flight = 0
         self.users = 0  # stacks (LifespanMiddleware) running this lifespan now
-        self._resources: list[_Resource] = []
-        self._opened: list[_Resource] = []
+        self._resources = Resources()
         self._status_providers: dict[str, Callable[[], Any]] = {}
-        # Sync checks whose thread was abandoned at a timeout and has not returned yet.
-        self._abandoned: dict[str, int] = {}
-        self._threads_lock = threading.Lock()
-        self._previous_sigterm: Any = None
-        self._sigterm_installed = False
-        self._loop_token: Any = None
-        self._drain_timer: threading.Timer | None = None
+        self._runner = CheckRunner(self.logger)
+        self._sigterm = SigtermWatch(self)
         # While a shutdown waits for the requests in flight: set by the ASGI layer when the
         # last one ends. None otherwise (reset at each start: an event belongs to one loop).
         self.drained: anyio.Event | None = None
@@ -184,7 +111,7 @@ class Lifespan:
     @property
     def resource_names(self) -> list[str]:
         """The registered resources, in registration order."""
-        return [resource.name for resource in self._resources]
+        return self._resources.names
 
     @property
     def status_names(self) -> list[str]:
@@ -274,7 +201,7 @@ class Lifespan:
                     f"resource {name!r} must be an async generator function (async def with "
                     f"yield), got {factory!r}"
                 )
-            self._register(_Resource(name, timeout, _not_opened, factory))
+            self._register(name, timeout, factory=factory)
             return factory
 
         return register
@@ -283,7 +210,7 @@ class Lifespan:
         """Register an object created elsewhere: ``close`` (sync or async) runs at shutdown."""
         if not callable(close):
             raise ValueError(f"resource {name!r}: close must be callable, got {close!r}")
-        self._register(_Resource(name, timeout, close))
+        self._register(name, timeout, close=close)
 
     def add_status(self, name: str, provider: Callable[[], Any]) -> None:
         """Add a section to ``/health/status`` (pool statistics, breaker states): ``provider``
@@ -296,12 +223,19 @@ class Lifespan:
             )
         self._status_providers[name] = provider
 
-    def _register(self, resource: _Resource) -> None:
-        check_name("a resource's name", resource.name)
-        if any(r.name == resource.name for r in self._resources):
-            raise ValueError(f"a resource named {resource.name!r} is already registered")
-        check_seconds(f"resource {resource.name!r}: timeout", resource.timeout)
-        self._resources.append(resource)
+    def _register(
+        self,
+        name: str,
+        timeout: float,
+        *,
+        close: Callable[[], Any] | None = None,
+        factory: ResourceFactory | None = None,
+    ) -> None:
+        check_name("a resource's name", name)
+        if name in self._resources.names:
+            raise ValueError(f"a resource named {name!r} is already registered")
+        timeout = check_seconds(f"resource {name!r}: timeout", timeout)
+        self._resources.register(name, timeout, close, factory)
 
     # -- startup ---------------------------------------------------------------------------
 
@@ -339,7 +273,7 @@ class Lifespan:
         finished: dict[str, CheckResult] = {}
         try:
             with anyio.fail_after(self.startup_timeout):
-                await self._open_resources()
+                await self._resources.open(self.values)
                 results = await self.run_checks(startup=True, into=finished)
             self.startup_results = results
             self._observe_checks(results)
@@ -371,7 +305,7 @@ class Lifespan:
         self.logger.info(
             "Startup complete in %.0fms: %d resources, %d checks",
             (perf_counter() - began) * 1000,
-            len(self._opened),
+            len(self._resources.opened_names),
             len(results),
         )
 
@@ -386,33 +320,7 @@ class Lifespan:
             raise RuntimeError(f"cannot finish the startup of a lifespan that is {self.state}")
         self.state = "ready"
         self.started_at = monotonic()
-        self._install_sigterm()
-
-    async def _open_resources(self) -> None:
-        for resource in self._resources:
-            if resource.factory is None:
-                self._opened.append(resource)
-                continue
-            generator = resource.factory()
-            value: Any = None
-            try:
-                # move_on_after: a TimeoutError the setup raises itself is its own error.
-                with anyio.move_on_after(resource.timeout) as deadline:
-                    value = await generator.__anext__()
-            except Exception as exc:
-                raise StartupError(
-                    f"startup failed: resource {resource.name!r} could not be opened: "
-                    f"{describe_error(exc)}"
-                ) from exc
-            if deadline.cancelled_caught:
-                raise StartupError(
-                    f"startup failed: resource {resource.name!r} did not open within "
-                    f"{resource.timeout:g}s"
-                )
-            self.values[resource.name] = value
-            self._opened.append(
-                _Resource(resource.name, resource.timeout, _closer(resource.name, generator))
-            )
+        self._sigterm.install()
 
     async def run_checks(
         self, *, startup: bool = False, into: dict[str, CheckResult] | None = None
@@ -426,80 +334,13 @@ class Lifespan:
                 caller's deadline cut them short).
         """
         checks = [c for c in self.checks.values() if startup or c.readiness]
-        results: dict[str, CheckResult] = {} if into is None else into
-        async with anyio.create_task_group() as group:
-            for check in checks:
-                group.start_soon(self._run_check, check, check.attempts if startup else 1, results)
-        return {check.name: results[check.name] for check in checks}
+        return await self._runner.run(checks, startup=startup, into={} if into is None else into)
 
-    async def _run_check(
-        self, check: Check, attempts: int, results: dict[str, CheckResult]
-    ) -> None:
-        began = perf_counter()
-        error = "not run"
-        timed_out = False
-        for attempt in range(1, attempts + 1):
-            outcome: Any = False
-            if attempts == 1 and self._abandoned.get(check.name):
-                # A sync check that timed out earlier is still blocked in its thread: a probe
-                # does not start another thread for it (startup's own retries still do).
-                error, timed_out = "still blocked since an earlier run timed out", True
-                break
-            function, run = self._tracked(check)
-            try:
-                # move_on_after, not fail_after: a TimeoutError the check raises itself (a
-                # driver's own timeout) is its error, not ours.
-                with anyio.move_on_after(check.timeout) as deadline:
-                    outcome = await _call(function)
-            except Exception as exc:
-                error, timed_out = describe_error(exc), False
-            else:
-                timed_out = deadline.cancelled_caught
-                if timed_out:
-                    self._abandon(check.name, run)
-                    error = f"timed out after {check.timeout:g}s"
-                elif outcome is False:
-                    error = "returned False"
-                else:
-                    results[check.name] = CheckResult(
-                        check.name, True, perf_counter() - began, None, check.critical, attempt
-                    )
-                    return
-            if attempt < attempts:
-                self.logger.info(
-                    "Check %r attempt %d/%d failed: %s", check.name, attempt, attempts, error
-                )
-                await anyio.sleep(min(0.1 * 2 ** (attempt - 1), _MAX_BACKOFF))
-        results[check.name] = CheckResult(
-            check.name, False, perf_counter() - began, error, check.critical, attempts, timed_out
-        )
-
-    def _tracked(self, check: Check) -> tuple[Callable[[], Any], dict[str, bool] | None]:
-        """``check.function``, and for a sync one a record of its thread: when it returns, an
-        abandoned run (timed out while blocked) stops counting against its check."""
-        function = check.function
-        if inspect.iscoroutinefunction(function):
-            return function, None  # cancelled at its timeout: nothing is left running
-        run = {"done": False, "abandoned": False}
-
-        def tracked() -> Any:
-            try:
-                return function()
-            finally:
-                with self._threads_lock:
-                    run["done"] = True
-                    if run["abandoned"]:
-                        self._abandoned[check.name] -= 1
-
-        return tracked, run
-
-    def _abandon(self, name: str, run: dict[str, bool] | None) -> None:
-        if run is None:
-            return
-        with self._threads_lock:
-            if not run["done"] and not run["abandoned"]:
-                run["abandoned"] = True
-                self._abandoned[name] = self._abandoned.get(name, 0) + 1
+    @property
+    def blocked_checks(self) -> dict[str, int]:
+        """Sync checks whose thread timed out and has not returned yet, and how many each
+        (such a check's readiness probe fails at once rather than block another thread)."""
+        return {name: n for name in self.checks if (n := self._runner.blocked(name))}
 
     # -- draining --------------------------------------------------------------------------
 
@@ -514,54 +355,10 @@ class Lifespan:
             self.state = "draining"
             self.logger.info("Draining: readiness now fails")
 
-    def _install_sigterm(self) -> None:
-        if self._sigterm_installed:
-            return  # never chain to ourselves
-        if threading.current_thread() is not threading.main_thread():
-            self.logger.debug("Not in the main thread: SIGTERM draining not installed")
-            return
-        self._previous_sigterm = signal.getsignal(signal.SIGTERM)
-        self._loop_token = anyio.lowlevel.current_token()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._sigterm_installed = True
-
-    def _restore_sigterm(self) -> None:
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
-        if not self._sigterm_installed or threading.current_thread() is not threading.main_thread():
-            return
-        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
-            signal.signal(signal.SIGTERM, self._previous_sigterm)
-        self._sigterm_installed = False
-
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if self.state != "ready" or self.drain_delay <= 0:
-            self.begin_drain()  # a second SIGTERM, or no delay wanted: hand over now
-            self._hand_over(signum, frame)
-            return
-        self.begin_drain()
-        self.logger.info("SIGTERM: serving %gs more before shutdown", self.drain_delay)
-        self._drain_timer = threading.Timer(self.drain_delay, self._hand_over_later, (signum,))
-        self._drain_timer.daemon = True
-        self._drain_timer.start()
-
-    def _hand_over_later(self, signum: int) -> None:
-        # The timer's thread asks the event loop (in the main thread, where the handler was
-        # installed) to run the server's handler, waking it if it is idle.
-        try:
-            anyio.from_thread.run_sync(self._hand_over, signum, None, token=self._loop_token)
-        except RuntimeError:
-            self.logger.debug("Event loop gone before the drain delay ended")
-
-    def _hand_over(self, signum: int, frame: FrameType | None) -> None:
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
-        previous = self._previous_sigterm
-        if callable(previous):
-            previous(signum, frame)
-        elif previous != signal.SIG_IGN:
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
+    @property
+    def watching_sigterm(self) -> bool:
+        """Our SIGTERM handler is installed (started in the main thread, not stopping)."""
+        return self._sigterm.installed
 
     # -- shutdown --------------------------------------------------------------------------
 
@@ -578,7 +375,7 @@ class Lifespan:
         if self.state not in ("ready", "draining"):
             return False
         self.state = "stopping"
-        self._restore_sigterm()
+        self._sigterm.restore()
         if self.in_flight == 0:
             return True
         self.drained = anyio.Event()  # set by LifespanMiddleware when the last request ends
@@ -605,14 +402,9 @@ class Lifespan:
         self.state = "failed"
 
     async def _close_resources(self) -> list[ResourceReport]:
-        deadline = monotonic() + self.shutdown_timeout
-        reports = []
-        while self._opened:
-            resource = self._opened.pop()
-            budget = max(0.0, min(resource.timeout, deadline - monotonic()))
-            report = await self._close_one(resource, budget)
-            reports.append(report)
-            histogram = self.metrics.shutdown_resources
+        reports = await self._resources.close(self.shutdown_timeout)
+        histogram = self.metrics.shutdown_resources
+        for report in reports:
             self.metrics.child(histogram, report.name, report.outcome).observe(report.duration)
         if reports:
             failed = [r for r in reports if r.outcome != "ok"]
@@ -623,21 +415,6 @@ class Lifespan:
                 extra={"resources": [r.__dict__ for r in reports]},
             )
         return reports
-
-    async def _close_one(self, resource: _Resource, budget: float) -> ResourceReport:
-        began = perf_counter()
-        outcome: Literal["ok", "error", "timeout"] = "ok"
-        error = None
-        # Shielded: the server cancelling the lifespan task must not cut a close short.
-        with anyio.move_on_after(budget, shield=True) as scope:
-            try:
-                await _call(resource.close)
-            except Exception as exc:
-                outcome, error = "error", describe_error(exc)
-        if scope.cancelled_caught:
-            outcome = "timeout"
-            error = f"abandoned after {budget:g}s" if budget else "shutdown_timeout exhausted"
-        return ResourceReport(resource.name, outcome, perf_counter() - began, error)
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -666,7 +443,7 @@ class Lifespan:
                 }
                 for name, r in self.startup_results.items()
             },
-            "resources": [r.name for r in self._opened],
+            "resources": self._resources.opened_names,
             **sections,
         }
 
@@ -689,22 +466,7 @@ class Lifespan:
     def wrap(self, app: ASGIApp) -> ASGIApp:
         """A layer around ``app`` that runs this lifespan (and ``app``'s own) and counts
         in-flight HTTP requests for draining."""
-        from .lifespan_middleware import LifespanMiddleware
+        # Imported here: the layer is built on Lifespan, which reaches it only when asked.
+        from ._layer import LifespanMiddleware
 
         return LifespanMiddleware(app, lifespan=self)
-
-
-async def _not_opened() -> None:
-    """Placeholder close of a resource factory; replaced by ``_closer`` once opened."""
-
-
-def _closer(name: str, generator: AsyncIterator[Any]) -> Callable[[], Any]:
-    async def close() -> None:
-        try:
-            await generator.__anext__()
-        except StopAsyncIteration:
-            return
-        await generator.aclose()  # type: ignore[attr-defined]
-        raise RuntimeError(f"resource {name!r} yielded more than once")
-
-    return close

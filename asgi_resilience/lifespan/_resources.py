@@ -1,0 +1,140 @@
+"""The resource stack: opened in registration order at startup, closed in reverse at shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from time import monotonic, perf_counter
+from typing import Any, Literal
+
+import anyio
+
+from ..calls import call as _call
+from ..calls import describe_error
+from ..exceptions import StartupError
+
+__all__ = ["ResourceFactory", "ResourceReport", "Resources"]
+
+ResourceFactory = Callable[[], AsyncIterator[Any]]
+
+
+@dataclass(frozen=True)
+class ResourceReport:
+    """How one resource closed: ``ok``, ``error`` or ``timeout`` (abandoned), and how long."""
+
+    name: str
+    outcome: Literal["ok", "error", "timeout"]
+    duration: float
+    error: str | None = None
+
+
+@dataclass
+class _Resource:
+    name: str
+    timeout: float
+    close: Callable[[], Any]
+    factory: ResourceFactory | None = None
+
+
+class Resources:
+    """The registered resources and, while started, the opened ones."""
+
+    def __init__(self) -> None:
+        self._registered: list[_Resource] = []
+        self._opened: list[_Resource] = []
+
+    @property
+    def names(self) -> list[str]:
+        """The registered resources, in registration order."""
+        return [resource.name for resource in self._registered]
+
+    @property
+    def opened_names(self) -> list[str]:
+        """The resources open now, in the order they were opened."""
+        return [resource.name for resource in self._opened]
+
+    def register(
+        self,
+        name: str,
+        timeout: float,
+        close: Callable[[], Any] | None = None,
+        factory: ResourceFactory | None = None,
+    ) -> None:
+        """A resource closed by ``close``, or opened and closed by the async generator
+        ``factory``; names are unique (checked by the caller)."""
+        self._registered.append(_Resource(name, timeout, close or _not_opened, factory))
+
+    async def open(self, values: dict[str, Any]) -> None:
+        """Open every resource in order; each opened value lands in ``values``.
+
+        Raises:
+            StartupError: one could not be opened, or not within its timeout. What was
+                opened before it stays open: ``close()`` closes it.
+        """
+        for resource in self._registered:
+            if resource.factory is None:
+                self._opened.append(resource)
+                continue
+            generator = resource.factory()
+            value: Any = None
+            try:
+                # move_on_after: a TimeoutError the setup raises itself is its own error.
+                with anyio.move_on_after(resource.timeout) as deadline:
+                    value = await generator.__anext__()
+            except Exception as exc:
+                raise StartupError(
+                    f"startup failed: resource {resource.name!r} could not be opened: "
+                    f"{describe_error(exc)}"
+                ) from exc
+            if deadline.cancelled_caught:
+                raise StartupError(
+                    f"startup failed: resource {resource.name!r} did not open within "
+                    f"{resource.timeout:g}s"
+                )
+            values[resource.name] = value
+            self._opened.append(
+                _Resource(resource.name, resource.timeout, _closer(resource.name, generator))
+            )
+
+    async def close(self, total: float) -> list[ResourceReport]:
+        """Close the opened resources in reverse order, each within its own timeout and all
+        within ``total`` seconds, failures isolated; one report per resource."""
+        deadline = monotonic() + total
+        reports = []
+        while self._opened:
+            resource = self._opened.pop()
+            budget = max(0.0, min(resource.timeout, deadline - monotonic()))
+            reports.append(await _close_one(resource, budget))
+        return reports
+
+
+async def _close_one(resource: _Resource, budget: float) -> ResourceReport:
+    began = perf_counter()
+    outcome: Literal["ok", "error", "timeout"] = "ok"
+    error = None
+    # Shielded: the server cancelling the lifespan task must not cut a close short.
+    with anyio.move_on_after(budget, shield=True) as scope:
+        try:
+            await _call(resource.close)
+        except Exception as exc:
+            outcome, error = "error", describe_error(exc)
+    if scope.cancelled_caught:
+        outcome = "timeout"
+        error = f"abandoned after {budget:g}s" if budget else "shutdown_timeout exhausted"
+    return ResourceReport(resource.name, outcome, perf_counter() - began, error)
+
+
+async def _not_opened() -> None:
+    """Placeholder close of a resource factory; replaced by ``_closer`` once opened."""
+
+
+def _closer(name: str, generator: AsyncIterator[Any]) -> Callable[[], Any]:
+    async def close() -> None:
+        try:
+            await generator.__anext__()
+        except StopAsyncIteration:
+            return
+        await generator.aclose()  # type: ignore[attr-defined]
+        raise RuntimeError(f"resource {name!r} yielded more than once")
+
+    return close
