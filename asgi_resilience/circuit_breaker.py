@@ -38,12 +38,12 @@ from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar
 
 import anyio
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .context import remaining_time
 from .exceptions import CircuitOpenError
 from .lifespan import Lifespan
-from .metrics import Metrics
+from .metrics import Metrics, collectors
 from .retry import ExceptionTypes, Retry, exception_types, require_count, require_seconds, retry
 
 # Retry lives in asgi_resilience.retry; it is re-exported here, beside the breaker it wraps.
@@ -54,6 +54,28 @@ _logger = logging.getLogger("asgi_resilience.circuit_breaker")
 BreakerState = Literal["closed", "open", "half_open"]
 CallOutcome = Literal["success", "failure", "timeout", "excluded", "rejected"]
 STATES: tuple[BreakerState, ...] = ("closed", "open", "half_open")
+
+
+@collectors
+class BreakerCollectors:
+    """Each breaker's state and the outcomes of the calls through it."""
+
+    def __init__(self, registry: CollectorRegistry, request_path: Any) -> None:
+        self.breaker_state = Gauge(
+            "asgi_resilience_circuit_breaker_state",
+            "1 for the state each circuit breaker is in, 0 for the others.",
+            ["breaker", "state"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.breaker_calls = Counter(
+            "asgi_resilience_circuit_breaker_calls",
+            "Calls through circuit breakers by outcome.",
+            ["breaker", "outcome"],
+            registry=registry,
+        )
+
+
 OUTCOMES: tuple[CallOutcome, ...] = ("success", "failure", "timeout", "excluded", "rejected")
 STATUS_SECTION = "circuit_breakers"
 
@@ -189,7 +211,7 @@ class CircuitBreaker:
         self._window_failures = 0
         self._trials = 0  # half-open permits held by calls in flight
         self._trial_successes = 0
-        metrics = Metrics.for_registry(registry)
+        metrics = Metrics.for_registry(registry).feature(BreakerCollectors)
         self._gauges = {s: metrics.breaker_state.labels(name, s) for s in STATES}
         self._counters = {o: metrics.breaker_calls.labels(name, o) for o in OUTCOMES}
         self._set_gauges()

@@ -8,13 +8,30 @@ from time import monotonic
 from typing import Any
 
 import anyio
+from prometheus_client import CollectorRegistry, Gauge
 
 from .context import RequestContext
 from .lifespan import CheckResult, Lifespan
+from .metrics import collectors
 from .problems import send_error
 from .types import Receive, Scope, Send
 
 __all__ = ["HealthApp"]
+
+
+@collectors
+class HealthCollectors:
+    """What readiness probes found."""
+
+    def __init__(self, registry: CollectorRegistry, request_path: Any) -> None:
+        self.health_check_up = Gauge(
+            "asgi_resilience_health_check_up",
+            "1 when the readiness check passed at its last run, else 0.",
+            ["check"],
+            multiprocess_mode="livemin",
+            registry=registry,
+        )
+
 
 _ALLOW = [(b"allow", b"GET, HEAD")]
 
@@ -154,8 +171,9 @@ class HealthApp:
             results = await lifespan.run_checks()
             self._cached = (self.clock(), results)
             metrics = lifespan.metrics
+            gauge = metrics.feature(HealthCollectors).health_check_up
             for name, result in results.items():
-                metrics.child(metrics.health_check_up, name).set(1 if result.ok else 0)
+                metrics.child(gauge, name).set(1 if result.ok else 0)
         finally:
             self._running = None
             running.set()

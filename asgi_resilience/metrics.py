@@ -5,15 +5,19 @@ is the labelling (route templates from the request context, never raw paths; unk
 collapsed), the cached label children (``labels()`` costs more than an observation), the
 lock-free series the request path updates in a single process (``asgi_resilience.series``), and
 one set of collectors per registry, so two apps or the same test twice never register twice.
+
+The HTTP request collectors live here; every other feature declares its own next to its code
+(a class decorated with ``@collectors``, built on first use by ``Metrics.feature``), so this
+module knows no feature and no feature depends on another's metrics.
 """
 
 from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from time import perf_counter
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -27,13 +31,24 @@ from .context import PathSet, RequestContext
 from .observe import Observer
 from .types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["Metrics", "MetricsMiddleware", "metrics_app"]
+__all__ = ["DECLARED", "Metrics", "MetricsMiddleware", "collectors", "metrics_app"]
 
 DISCONNECTED_STATUS = "499"  # nginx's "client closed request": no status was sent
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
 SIZE_BUCKETS = (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
 
 _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()
+C = TypeVar("C", bound=type)
+T = TypeVar("T")
+DECLARED: list[type] = []  # every feature's collectors class, in import order (for tests, docs)
+
+
+def collectors(cls: C) -> C:
+    """Declare a feature's collectors: ``cls(registry, request_path)`` registers them, where
+    ``request_path`` offers ``Histogram``/``Counter``/``Gauge`` for metrics the request path
+    updates (lock-free series in one process, prometheus_client's in multiprocess mode)."""
+    DECLARED.append(cls)
+    return cls
 
 
 class _PrometheusClasses:
@@ -53,18 +68,16 @@ class _PrometheusClasses:
 
 
 class Metrics:
-    """Every collector asgi_resilience exports, registered once per registry.
+    """The collectors of one registry, made once: ``Metrics.for_registry(registry)`` returns the
+    same object for the same registry, so any number of middlewares, lifespans and apps share it.
 
-    ``Metrics.for_registry(registry)`` returns the same object for the same registry, so any
-    number of middlewares, lifespans and apps share it. Attributes are the collectors named in
-    the design (``request_duration``, ``time_to_first_byte``, ``active_requests``,
-    ``response_body_bytes``, ``exceptions``, ``rate_limit_decisions``, ``startup_checks``,
-    ``shutdown_resources``, ``health_check_up``, ``breaker_state``, ``breaker_calls``,
-    ``concurrency_limit``, ``concurrency_in_flight``, ``load_shed``, ``request_timeouts``). The
-    ten the request path updates are ``asgi_resilience.series`` collectors in a single process
-    with the GIL (``labels()`` by position or name, ``remove()``, ``clear()``; children with
-    ``observe``, ``inc``, ``dec``, ``set``), prometheus_client's in multiprocess mode; the
-    others always the latter.
+    Attributes are the HTTP request collectors (``request_duration``, ``time_to_first_byte``,
+    ``active_requests``, ``response_body_bytes``, ``exceptions``); ``feature(cls)`` gives a
+    feature's own (rate limits, overload, lifespan, health, circuit breakers). The request
+    path's are ``asgi_resilience.series`` collectors in a single process with the GIL
+    (``labels()`` by position or name, ``remove()``, ``clear()``; children with ``observe``,
+    ``inc``, ``dec``, ``set``), prometheus_client's in multiprocess mode; the others always the
+    latter.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -72,6 +85,8 @@ class Metrics:
         # The metrics every request updates: lock-free series where they can be (see
         # asgi_resilience.series), prometheus_client's classes in multiprocess mode.
         request_path: Any = series if series.lock_free() else _PrometheusClasses
+        self.request_path = request_path
+        self._features: dict[Callable[[CollectorRegistry, Any], Any], Any] = {}
         self.request_duration = request_path.Histogram(
             "http_server_request_duration_seconds",
             "Duration of HTTP server requests, to the last body byte sent.",
@@ -105,76 +120,6 @@ class Metrics:
             ["route", "exception_type"],
             registry=registry,
         )
-        self.rate_limit_decisions = request_path.Counter(
-            "asgi_resilience_rate_limit_decisions",
-            "Rate limit decisions.",
-            ["policy", "outcome"],
-            registry=registry,
-        )
-        self.concurrency_limit = request_path.Gauge(
-            "asgi_resilience_concurrency_limit",
-            "Requests the concurrency limit lets in at once (adaptive: its current value).",
-            [],
-            registry=registry,
-        )
-        self.concurrency_in_flight = request_path.Gauge(
-            "asgi_resilience_concurrency_in_flight",
-            "Requests inside the concurrency limit now.",
-            [],
-            registry=registry,
-        )
-        # Set by the heartbeat, not per request; across workers the most behind one counts.
-        self.event_loop_lag = Gauge(
-            "asgi_resilience_event_loop_lag_seconds",
-            "How late the event loop ran its last heartbeat (the concurrency limit's max_lag).",
-            [],
-            multiprocess_mode="livemax",
-            registry=registry,
-        )
-        self.load_shed = request_path.Counter(
-            "asgi_resilience_load_shed",
-            "Requests refused by the concurrency limit (503), by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        self.request_timeouts = request_path.Counter(
-            "asgi_resilience_request_timeouts",
-            "Requests cut off at their deadline: before the response started (504) or during it.",
-            ["phase"],
-            registry=registry,
-        )
-        self.startup_checks = Histogram(
-            "asgi_resilience_startup_check_duration_seconds",
-            "Duration of startup checks.",
-            ["check", "outcome"],
-            registry=registry,
-        )
-        self.shutdown_resources = Histogram(
-            "asgi_resilience_shutdown_resource_duration_seconds",
-            "Duration of closing each resource at shutdown.",
-            ["resource", "outcome"],
-            registry=registry,
-        )
-        self.health_check_up = Gauge(
-            "asgi_resilience_health_check_up",
-            "1 when the readiness check passed at its last run, else 0.",
-            ["check"],
-            multiprocess_mode="livemin",
-            registry=registry,
-        )
-        self.breaker_state = Gauge(
-            "asgi_resilience_circuit_breaker_state",
-            "1 for the state each circuit breaker is in, 0 for the others.",
-            ["breaker", "state"],
-            multiprocess_mode="livemax",
-            registry=registry,
-        )
-        self.breaker_calls = Counter(
-            "asgi_resilience_circuit_breaker_calls",
-            "Calls through circuit breakers by outcome.",
-            ["breaker", "outcome"],
-            registry=registry,
-        )
         self._children: dict[tuple[Any, ...], Any] = {}
 
     @classmethod
@@ -185,6 +130,13 @@ class Metrics:
         if metrics is None:
             metrics = _by_registry[registry] = cls(registry)
         return metrics
+
+    def feature(self, cls: Callable[[CollectorRegistry, Any], T]) -> T:
+        """The collectors ``cls`` (a ``@collectors`` class) declares, made once per registry."""
+        built = self._features.get(cls)
+        if built is None:
+            built = self._features[cls] = cls(self.registry, self.request_path)
+        return built
 
     def child(self, collector: Any, *labels: str) -> Any:
         """``collector.labels(*labels)``, cached: the lookup is most of an observation's cost."""

@@ -18,7 +18,7 @@ from time import perf_counter
 from typing import Any, Generic, Literal, TypeVar
 
 import anyio
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from ._checks import check_mapping
 from .adaptive import AdaptiveLimit
@@ -32,7 +32,7 @@ from .context import (
     path_matcher,
     remaining_time,
 )
-from .metrics import Metrics
+from .metrics import Metrics, collectors
 from .problems import send_error
 from .types import ASGIApp, Message, Receive, Scope, Send
 
@@ -52,6 +52,45 @@ _logger = logging.getLogger("asgi_resilience.overload")
 # service that refuses work it cannot do now.
 OVERLOADED_TYPE = "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity"
 T = TypeVar("T")
+
+
+@collectors
+class OverloadCollectors:
+    """The concurrency limit's, the heartbeat's and the deadlines' collectors."""
+
+    def __init__(self, registry: CollectorRegistry, request_path: Any) -> None:
+        self.concurrency_limit = request_path.Gauge(
+            "asgi_resilience_concurrency_limit",
+            "Requests the concurrency limit lets in at once (adaptive: its current value).",
+            [],
+            registry=registry,
+        )
+        self.concurrency_in_flight = request_path.Gauge(
+            "asgi_resilience_concurrency_in_flight",
+            "Requests inside the concurrency limit now.",
+            [],
+            registry=registry,
+        )
+        # Set by the heartbeat, not per request; across workers the most behind one counts.
+        self.event_loop_lag = Gauge(
+            "asgi_resilience_event_loop_lag_seconds",
+            "How late the event loop ran its last heartbeat (the concurrency limit's max_lag).",
+            [],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.load_shed = request_path.Counter(
+            "asgi_resilience_load_shed",
+            "Requests refused by the concurrency limit (503), by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.request_timeouts = request_path.Counter(
+            "asgi_resilience_request_timeouts",
+            "Requests cut off at their deadline: before the response started (504) or during it.",
+            ["phase"],
+            registry=registry,
+        )
 
 
 class _ByRoute(Generic[T]):
@@ -119,7 +158,7 @@ class TimeoutMiddleware(ContextMiddleware):
     ) -> None:
         self.app = app
         self.timeout_for = _ByRoute(timeout, routes, _seconds("timeout"))
-        metrics = Metrics.for_registry(registry)
+        metrics = Metrics.for_registry(registry).feature(OverloadCollectors)
         self._before = metrics.request_timeouts.labels("before_response")
         self._during = metrics.request_timeouts.labels("during_response")
         self.logger = logger if logger is not None else _logger
@@ -457,7 +496,7 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
         self.clock = clock if clock is not None else anyio.current_time
         self.in_flight = 0
         self._waiters: deque[_Waiter] = deque()
-        metrics = Metrics.for_registry(registry)
+        metrics = Metrics.for_registry(registry).feature(OverloadCollectors)
         self._limit_gauge = metrics.concurrency_limit.labels()
         self._in_flight_gauge = metrics.concurrency_in_flight.labels()
         self._shed = {r: metrics.load_shed.labels(r) for r in _SHED_REASONS}

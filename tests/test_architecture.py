@@ -121,3 +121,23 @@ def test_every_exception_class_lives_in_exceptions_and_keeps_its_old_place() -> 
     for attribute, module_name in old_places.items():
         module = importlib.import_module(module_name)
         assert getattr(module, attribute) is getattr(exceptions, attribute)
+
+
+def test_each_feature_declares_its_own_collectors() -> None:
+    from asgi_resilience.metrics import DECLARED, Metrics
+
+    assert {cls.__module__ for cls in DECLARED} == {
+        "asgi_resilience.circuit_breaker",
+        "asgi_resilience.health",
+        "asgi_resilience.lifespan._core",
+        "asgi_resilience.overload",
+        "asgi_resilience.ratelimit._collectors",
+    }
+    # metrics.py itself holds only the HTTP request collectors.
+    source = Path(PACKAGE / "metrics.py").read_text()
+    assert "asgi_resilience_" not in source
+    # A feature's collectors are made once per registry, on first use.
+    from prometheus_client import CollectorRegistry
+
+    metrics = Metrics(CollectorRegistry())
+    assert metrics.feature(DECLARED[0]) is metrics.feature(DECLARED[0])

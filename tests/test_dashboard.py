@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from asgi_resilience.metrics import Metrics
+from asgi_resilience.metrics import DECLARED, Metrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "asgi-resilience.json"
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
@@ -56,7 +56,9 @@ def metric_names(expr: str) -> set[str]:
 def emitted_series() -> dict[str, str]:
     """Every series name asgi_resilience's collectors expose -> its metric family."""
     registry = CollectorRegistry()
-    Metrics(registry)
+    metrics = Metrics(registry)
+    for declared in DECLARED:  # every feature's own, declared where the feature lives
+        metrics.feature(declared)
     series: dict[str, str] = {}
     for family in registry.collect():
         for sample in family.samples:

@@ -11,7 +11,9 @@ from prometheus_client import CollectorRegistry, generate_latest, values
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from asgi_resilience import series
+from asgi_resilience.lifespan._core import LifespanCollectors
 from asgi_resilience.metrics import DURATION_BUCKETS, Metrics
+from asgi_resilience.ratelimit._collectors import RateLimitCollectors
 
 OBSERVATIONS = [0.0, 0.005, 0.0051, 0.3, 1, 9.99, 10, 11, 1e9, float("inf")]
 
@@ -140,8 +142,9 @@ def test_request_metrics_use_prometheus_client_where_lock_free_cannot_hold(
     assert series.lock_free()
     fast = Metrics(CollectorRegistry())
     assert isinstance(fast.request_duration, series.Histogram)
-    assert isinstance(fast.rate_limit_decisions, series.Counter)
-    assert isinstance(fast.startup_checks, prometheus_client.Histogram)  # not on the request path
+    assert isinstance(fast.feature(RateLimitCollectors).rate_limit_decisions, series.Counter)
+    startup_checks = fast.feature(LifespanCollectors).startup_checks
+    assert isinstance(startup_checks, prometheus_client.Histogram)  # not on the request path
 
     # Multiprocess mode: prometheus_client chose file-backed values at import (a value class
     # of its own; collectors without labels make their value at once, so it must work).

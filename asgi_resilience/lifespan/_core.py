@@ -18,12 +18,12 @@ from time import monotonic, perf_counter
 from typing import Any, Literal, TypeVar
 
 import anyio
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 
 from .._checks import check_logger, check_name, check_seconds
 from ..calls import describe_error
 from ..exceptions import StartupError
-from ..metrics import Metrics
+from ..metrics import Metrics, collectors
 from ..types import ASGIApp
 from ._checks import Check, CheckFunction, CheckResult, CheckRunner
 from ._drain import SigtermWatch
@@ -36,6 +36,25 @@ _logger = logging.getLogger("asgi_resilience.lifespan")
 LifespanState = Literal["idle", "starting", "ready", "draining", "stopping", "stopped", "failed"]
 STARTABLE = frozenset({"idle", "stopped", "failed"})  # states startup() starts from
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+@collectors
+class LifespanCollectors:
+    """What startup and shutdown report to Prometheus."""
+
+    def __init__(self, registry: CollectorRegistry, request_path: Any) -> None:
+        self.startup_checks = Histogram(
+            "asgi_resilience_startup_check_duration_seconds",
+            "Duration of startup checks.",
+            ["check", "outcome"],
+            registry=registry,
+        )
+        self.shutdown_resources = Histogram(
+            "asgi_resilience_shutdown_resource_duration_seconds",
+            "Duration of closing each resource at shutdown.",
+            ["resource", "outcome"],
+            registry=registry,
+        )
 
 
 class Lifespan:
@@ -310,7 +329,7 @@ class Lifespan:
         )
 
     def _observe_checks(self, results: dict[str, CheckResult]) -> None:
-        histogram = self.metrics.startup_checks
+        histogram = self.metrics.feature(LifespanCollectors).startup_checks
         for result in results.values():
             self.metrics.child(histogram, result.name, result.outcome).observe(result.duration)
 
@@ -403,7 +422,7 @@ class Lifespan:
 
     async def _close_resources(self) -> list[ResourceReport]:
         reports = await self._resources.close(self.shutdown_timeout)
-        histogram = self.metrics.shutdown_resources
+        histogram = self.metrics.feature(LifespanCollectors).shutdown_resources
         for report in reports:
             self.metrics.child(histogram, report.name, report.outcome).observe(report.duration)
         if reports:

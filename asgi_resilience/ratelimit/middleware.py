@@ -19,6 +19,7 @@ from ..metrics import Metrics
 from ..problems import send_error
 from ..proxies import TrustedProxies
 from ..types import ASGIApp, Receive, Scope, Send
+from ._collectors import RateLimitCollectors
 from .backends import Backend, MemoryBackend, backend_from_url
 from .rates import Rate, parse_rates
 from .strategies import GCRA, Decision, StrategyName, strategy_for
@@ -207,7 +208,7 @@ class RateLimitMiddleware(ContextMiddleware):
         self.backend_timeout = backend_timeout
         self.logger = logger if logger is not None else _logger
         self.metrics = Metrics.for_registry(registry)
-        decisions = self.metrics.rate_limit_decisions
+        decisions = self.metrics.feature(RateLimitCollectors).rate_limit_decisions
         self._outcomes = {
             policy.bucket: tuple(
                 decisions.labels(policy.name, outcome)
