@@ -43,7 +43,8 @@ class HealthApp:
 
     - ``/health/live`` and ``/livez``: 200 while the process can answer; touches no dependency.
     - ``/health/ready`` and ``/readyz``: 200 only when the lifespan has started, is not
-      draining, and every critical readiness check passes; else 503. Checks run concurrently,
+      draining, every critical readiness check passes and every critical background task is
+      running; else 503 (the body names the tasks down in ``tasks_down``). Checks run concurrently,
       each under its own timeout; results are cached for ``cache_ttl`` seconds and concurrent
       probes share one run, so a probe storm runs each check at most once per ``cache_ttl``.
       The body lists each check with ``status`` (up/down), ``duration_ms`` and ``error``.
@@ -144,7 +145,8 @@ class HealthApp:
             # Starting, draining, stopping...: not ready whatever the checks say; skip them.
             return False, {"status": lifespan.state, "checks": {}}
         results = await self._check_results(lifespan)
-        ready = all(r.ok for r in results.values() if r.critical)
+        down = lifespan.tasks_down
+        ready = not down and all(r.ok for r in results.values() if r.critical)
         checks = {
             name: {
                 "status": r.status,
@@ -154,7 +156,10 @@ class HealthApp:
             }
             for name, r in results.items()
         }
-        return ready, {"status": "ready" if ready else "not_ready", "checks": checks}
+        body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": checks}
+        if down:
+            body["tasks_down"] = down
+        return ready, body
 
     async def _check_results(self, lifespan: Lifespan) -> dict[str, CheckResult]:
         while True:

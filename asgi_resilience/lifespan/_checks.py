@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import anyio
 
@@ -61,11 +61,15 @@ class CheckResult:
         return "ok" if self.ok else "timeout" if self.timed_out else "error"
 
 
+class _Owner(Protocol):
+    logger: logging.Logger
+
+
 class CheckRunner:
     """Runs checks and keeps count of the sync ones still blocked in an abandoned thread."""
 
-    def __init__(self, logger: logging.Logger) -> None:
-        self.logger = logger
+    def __init__(self, owner: _Owner) -> None:
+        self.owner = owner  # whose logger reports retries (read each time: it may change)
         self._blocked: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -116,7 +120,7 @@ class CheckRunner:
                     )
                     return
             if attempt < attempts:
-                self.logger.info(
+                self.owner.logger.info(
                     "Check %r attempt %d/%d failed: %s", check.name, attempt, attempts, error
                 )
                 await anyio.sleep(min(0.1 * 2 ** (attempt - 1), _MAX_BACKOFF))

@@ -18,7 +18,7 @@ from time import monotonic, perf_counter
 from typing import Any, Literal, TypeVar
 
 import anyio
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .._checks import check_logger, check_name, check_seconds
 from ..calls import describe_error
@@ -27,7 +27,11 @@ from ..metrics import Metrics, collectors
 from ..types import ASGIApp
 from ._checks import Check, CheckFunction, CheckResult, CheckRunner
 from ._drain import SigtermWatch
+from ._exit import exit_soon
+from ._faults import FaultWatch, OnUnhandled
+from ._process import process_facts
 from ._resources import ResourceFactory, ResourceReport, Resources
+from ._tasks import Task, TaskFunction, TaskReport, Tasks
 
 __all__ = ["STARTABLE", "Lifespan", "LifespanState"]
 
@@ -55,6 +59,25 @@ class LifespanCollectors:
             ["resource", "outcome"],
             registry=registry,
         )
+        self.task_up = Gauge(
+            "asgi_resilience_task_up",
+            "1 while the background task is running, else 0 (crashed, stopped, finished).",
+            ["task"],
+            multiprocess_mode="livemin",
+            registry=registry,
+        )
+        self.task_restarts = Counter(
+            "asgi_resilience_task_restarts",
+            "Restarts of background tasks after a crash.",
+            ["task"],
+            registry=registry,
+        )
+        self.unhandled_exceptions = Counter(
+            "asgi_resilience_unhandled_exceptions",
+            "Exceptions nobody handled: left in an asyncio task, or ending a thread.",
+            ["source"],
+            registry=registry,
+        )
 
 
 class Lifespan:
@@ -72,12 +95,25 @@ class Lifespan:
     seconds; then the server's own SIGTERM handler runs (chained, not replaced) and its shutdown
     proceeds. A second SIGTERM hands over at once.
 
+    Background tasks (``add_task``/``@task``) start once startup succeeded (the wrapped app's
+    own startup included) and are supervised: see ``add_task``.
+
     Shutdown: wait up to ``drain_timeout`` seconds for in-flight requests (counted by
-    ``wrap``), run the wrapped app's own lifespan shutdown, then close resources in reverse
-    order, each under its own timeout in a cancel scope shielded from the server's
-    cancellation, failures isolated, the whole bounded by ``shutdown_timeout``.
-    ``shutdown_report`` names each resource with its outcome and duration; the report is also
-    logged. A second shutdown does nothing.
+    ``wrap``), cancel the tasks (each gets its ``timeout`` to finish), run the wrapped app's own
+    lifespan shutdown, then close resources in reverse order, each under its own timeout,
+    failures isolated. Tasks and resources together get ``shutdown_timeout``; each step runs in
+    a task of its own, waited for shielded from the server's cancellation, and one still running
+    past its time (it may shield itself around a hung call) is abandoned so the next can go on.
+    ``task_report`` and ``shutdown_report`` name each task and resource with its outcome and
+    duration; both are logged. When a SIGTERM began the shutdown and something had to be
+    abandoned, the process exits (status 1) half a second after the shutdown ends if it has not
+    exited by then: an abandoned task would otherwise keep the event loop, and the process,
+    from ever ending. A second shutdown does nothing.
+
+    Process faults, while it runs: an exception left in an asyncio task nobody awaited, or one
+    ending a thread, is logged once with its traceback (and the request id when raised inside a
+    request) and counted; ``on_unhandled="shutdown"`` then begins a graceful shutdown, as
+    SIGTERM does.
 
     Args:
         startup_timeout: seconds for the whole startup (resources and checks).
@@ -88,6 +124,8 @@ class Lifespan:
         logger: where startup and shutdown are reported (``asgi_resilience.lifespan``).
         registry: the Prometheus registry for check and shutdown durations (the global one
             by default; ``resilient(registry=...)`` sets it when left unset).
+        on_unhandled: ``"log"`` (log and count unhandled exceptions) or ``"shutdown"`` (also
+            begin a graceful shutdown: a process with an unknown fault is replaced).
     """
 
     def __init__(
@@ -99,6 +137,7 @@ class Lifespan:
         drain_timeout: float = 20,
         logger: logging.Logger | None = None,
         registry: CollectorRegistry | None = None,
+        on_unhandled: OnUnhandled = "log",
     ) -> None:
         self.startup_timeout = check_seconds("startup_timeout", startup_timeout)
         self.shutdown_timeout = check_seconds("shutdown_timeout", shutdown_timeout)
@@ -109,20 +148,29 @@ class Lifespan:
             raise ValueError(
                 f"registry must be a prometheus_client CollectorRegistry or None, got {registry!r}"
             )
+        if on_unhandled not in ("log", "shutdown"):
+            raise ValueError(f"on_unhandled must be 'log' or 'shutdown', got {on_unhandled!r}")
+        self.on_unhandled: OnUnhandled = on_unhandled
         self.logger = logger if logger is not None else _logger
         self.registry = registry
         self.state: LifespanState = "idle"
         self.checks: dict[str, Check] = {}
         self.startup_results: dict[str, CheckResult] = {}
         self.shutdown_report: list[ResourceReport] = []
+        self.task_report: list[TaskReport] = []
         self.values: dict[str, Any] = {}
         self.started_at: float | None = None
         self.in_flight = 0
         self.users = 0  # stacks (LifespanMiddleware) running this lifespan now
         self._resources = Resources()
         self._status_providers: dict[str, Callable[[], Any]] = {}
-        self._runner = CheckRunner(self.logger)
+        self._runner = CheckRunner(self)
         self._sigterm = SigtermWatch(self)
+        self._tasks = Tasks(self, lambda: self.metrics.feature(LifespanCollectors))
+        self._faults = FaultWatch(
+            self, lambda: self.metrics.feature(LifespanCollectors).unhandled_exceptions
+        )
+        self._shutdown_deadline = 0.0
         # While a shutdown waits for the requests in flight: set by the ASGI layer when the
         # last one ends. None otherwise (reset at each start: an event belongs to one loop).
         self.drained: anyio.Event | None = None
@@ -242,6 +290,87 @@ class Lifespan:
             )
         self._status_providers[name] = provider
 
+    def add_task(
+        self,
+        name: str,
+        function: TaskFunction,
+        *,
+        every: float | None = None,
+        critical: bool = False,
+        restart: bool = True,
+        timeout: float = 5.0,
+    ) -> Task:
+        """Register a background task: ``async def function()``, started once startup
+        succeeded, supervised until shutdown.
+
+        With ``every``, it is called every ``every`` seconds (at a fixed rate from each run's
+        start, never overlapping: a slow run delays the next, missed runs are skipped);
+        without, it runs until shutdown (returning ends it: it is not restarted). A crash is
+        logged once with its traceback and restarted after 0.5 s, doubling up to 60 s
+        (``asgi_resilience_task_restarts_total``); ``restart=False`` leaves it stopped.
+        ``/health/status`` shows it (``running``, ``restarts``, ``last_error``, ``last_run``)
+        and ``asgi_resilience_task_up`` follows it. At shutdown, after the drain, every task is
+        cancelled and gets ``timeout`` seconds to finish (the resources it uses are still
+        open); one that ignores the cancellation is abandoned and reported.
+
+        Args:
+            name: unique name, in logs, metrics and ``/health/status``.
+            function: an async function taking no arguments (run blocking work in it with
+                ``anyio.to_thread.run_sync``).
+            every: seconds between runs; ``None``: a long-running task.
+            critical: while it is not running (crashed and waiting to restart, stopped,
+                finished), ``/health/ready`` answers 503.
+            restart: restart it after a crash.
+            timeout: seconds it gets to finish once cancelled at shutdown.
+        """
+        check_name("a task's name", name)
+        if name in self._tasks.registered:
+            raise ValueError(f"a task named {name!r} is already registered")
+        if not inspect.iscoroutinefunction(function):
+            raise ValueError(
+                f"task {name!r}: function must be an async function (async def) taking no "
+                f"arguments, got {function!r}; run blocking work inside it with "
+                "anyio.to_thread.run_sync"
+            )
+        if every is not None:
+            every = check_seconds(f"task {name!r}: every", every)
+        for option, value in (("critical", critical), ("restart", restart)):
+            if not isinstance(value, bool):
+                raise ValueError(f"task {name!r}: {option} must be True or False, got {value!r}")
+        timeout = check_seconds(f"task {name!r}: timeout", timeout)
+        task = Task(name, function, every, critical, restart, timeout)
+        self._tasks.add(task)
+        return task
+
+    def task(
+        self,
+        name: str,
+        *,
+        every: float | None = None,
+        critical: bool = False,
+        restart: bool = True,
+        timeout: float = 5.0,
+    ) -> Callable[[F], F]:
+        """Decorator form of ``add_task``."""
+
+        def register(function: F) -> F:
+            self.add_task(
+                name, function, every=every, critical=critical, restart=restart, timeout=timeout
+            )
+            return function
+
+        return register
+
+    @property
+    def task_names(self) -> list[str]:
+        """The registered background tasks, in registration order."""
+        return list(self._tasks.registered)
+
+    @property
+    def tasks_down(self) -> list[str]:
+        """The critical tasks not running now (what makes ``/health/ready`` answer 503)."""
+        return self._tasks.down() if self.state in ("ready", "draining") else []
+
     def _register(
         self,
         name: str,
@@ -286,6 +415,7 @@ class Lifespan:
         self.values.clear()
         self.startup_results = {}
         self.shutdown_report = []
+        self.task_report = []
         self.started_at = None
         self.state = "starting"
         began = perf_counter()
@@ -302,7 +432,7 @@ class Lifespan:
                 raise StartupError(f"startup failed: {reasons}", failures)
         except BaseException as exc:
             # Failed, timed out, or cancelled by the server: close what was opened either way.
-            await self._close_resources()
+            await self._close_resources(self.shutdown_timeout)
             self.state = "failed"
             if not isinstance(exc, (StartupError, TimeoutError)):
                 raise
@@ -334,12 +464,15 @@ class Lifespan:
             self.metrics.child(histogram, result.name, result.outcome).observe(result.duration)
 
     def finish_startup(self) -> None:
-        """Started, the wrapped app's own startup included: ready, SIGTERM watched."""
+        """Started, the wrapped app's own startup included: ready, SIGTERM and process faults
+        watched, background tasks started."""
         if self.state != "starting":
             raise RuntimeError(f"cannot finish the startup of a lifespan that is {self.state}")
         self.state = "ready"
         self.started_at = monotonic()
         self._sigterm.install()
+        self._faults.install()
+        self._tasks.start()
 
     async def run_checks(
         self, *, startup: bool = False, into: dict[str, CheckResult] | None = None
@@ -388,40 +521,61 @@ class Lifespan:
         return self.shutdown_report
 
     async def begin_shutdown(self) -> bool:
-        """Begin the shutdown (state ``stopping``, the server's SIGTERM handler back) and wait,
-        up to ``drain_timeout``, for the requests in flight. ``False``: not running, nothing
-        to shut down."""
+        """Begin the shutdown (state ``stopping``, the server's SIGTERM handler back), wait up
+        to ``drain_timeout`` for the requests in flight, then stop the background tasks (the
+        first part of ``shutdown_timeout``). ``False``: not running, nothing to shut down."""
         if self.state not in ("ready", "draining"):
             return False
         self.state = "stopping"
         self._sigterm.restore()
-        if self.in_flight == 0:
-            return True
-        self.drained = anyio.Event()  # set by LifespanMiddleware when the last request ends
-        with anyio.move_on_after(self.drain_timeout) as waiting:
-            await self.drained.wait()
-        self.drained = None
-        if waiting.cancelled_caught:
-            self.logger.warning(
-                "%d requests still in flight after %gs", self.in_flight, self.drain_timeout
-            )
+        if self.in_flight:
+            self.drained = anyio.Event()  # set by LifespanMiddleware when the last one ends
+            with anyio.move_on_after(self.drain_timeout) as waiting:
+                await self.drained.wait()
+            self.drained = None
+            if waiting.cancelled_caught:
+                self.logger.warning(
+                    "%d requests still in flight after %gs", self.in_flight, self.drain_timeout
+                )
+        self._shutdown_deadline = monotonic() + self.shutdown_timeout
+        await self._stop_tasks()
         return True
 
     async def finish_shutdown(self) -> None:
-        """Close the resources in reverse order (state ``stopped``); the report is kept."""
-        self.shutdown_report = await self._close_resources()
+        """Close the resources in reverse order within what is left of ``shutdown_timeout``
+        (state ``stopped``); the report is kept. Process faults are no longer watched."""
+        left = max(0.0, self._shutdown_deadline - monotonic())
+        self.shutdown_report = await self._close_resources(left)
         self.state = "stopped"
+        self._faults.restore()
+        abandoned = [r.name for r in self.task_report if r.outcome == "abandoned"]
+        abandoned += [r.name for r in self.shutdown_report if r.abandoned]
+        if abandoned and self._sigterm.received:
+            exit_soon(0.5, self.logger, abandoned)
 
     async def abort_startup(self) -> None:
         """The wrapped app's own startup failed after ours: close what was opened (state
         ``failed``)."""
         if self.state != "starting":
             raise RuntimeError(f"cannot abort the startup of a lifespan that is {self.state}")
-        await self._close_resources()
+        await self._close_resources(self.shutdown_timeout)
         self.state = "failed"
 
-    async def _close_resources(self) -> list[ResourceReport]:
-        reports = await self._resources.close(self.shutdown_timeout)
+    async def _stop_tasks(self) -> None:
+        if not self._tasks.registered:
+            return
+        self.task_report = reports = await self._tasks.stop(self.shutdown_timeout)
+        abandoned = [r for r in reports if r.outcome == "abandoned"]
+        self.logger.log(
+            logging.WARNING if abandoned else logging.INFO,
+            "Tasks stopped: %s%s",
+            ", ".join(f"{r.name} {r.outcome} {r.duration * 1000:.0f}ms" for r in reports),
+            _abandoned_suffix([r.name for r in abandoned]),
+            extra={"tasks": [r.__dict__ for r in reports]},
+        )
+
+    async def _close_resources(self, seconds: float) -> list[ResourceReport]:
+        reports = await self._resources.close(seconds)
         histogram = self.metrics.feature(LifespanCollectors).shutdown_resources
         for report in reports:
             self.metrics.child(histogram, report.name, report.outcome).observe(report.duration)
@@ -429,8 +583,9 @@ class Lifespan:
             failed = [r for r in reports if r.outcome != "ok"]
             self.logger.log(
                 logging.WARNING if failed else logging.INFO,
-                "Shutdown: %s",
+                "Shutdown: %s%s",
                 ", ".join(f"{r.name} {r.outcome} {r.duration * 1000:.0f}ms" for r in reports),
+                _abandoned_suffix([r.name for r in reports if r.abandoned]),
                 extra={"resources": [r.__dict__ for r in reports]},
             )
         return reports
@@ -438,7 +593,8 @@ class Lifespan:
     # -- reporting -------------------------------------------------------------------------
 
     async def status(self) -> dict[str, Any]:
-        """What ``/health/status`` shows: state, uptime, checks, resources and the sections
+        """What ``/health/status`` shows: state, uptime (since ready), checks, resources,
+        tasks, the process (pid, memory, uptime since it started, Python) and the sections
         added with ``add_status`` (a failing provider shows its error, never breaks the page)."""
         uptime = monotonic() - self.started_at if self.started_at is not None else None
         sections: dict[str, Any] = {}
@@ -463,6 +619,15 @@ class Lifespan:
                 for name, r in self.startup_results.items()
             },
             "resources": self._resources.opened_names,
+            "tasks": {
+                name: {
+                    **self._tasks.states[name].as_dict(),
+                    "critical": task.critical,
+                    "every": task.every,
+                }
+                for name, task in self._tasks.registered.items()
+            },
+            "process": process_facts(),
             **sections,
         }
 
@@ -489,3 +654,9 @@ class Lifespan:
         from ._layer import LifespanMiddleware
 
         return LifespanMiddleware(app, lifespan=self)
+
+
+def _abandoned_suffix(names: list[str]) -> str:
+    if not names:
+        return ""
+    return f"; abandoned (still running): {', '.join(names)}"

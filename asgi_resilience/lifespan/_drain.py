@@ -40,6 +40,7 @@ class SigtermWatch:
         self._installed = False
         self._loop_token: Any = None
         self._timer: threading.Timer | None = None
+        self.received = False  # a SIGTERM came while ours was installed (since install)
 
     @property
     def installed(self) -> bool:
@@ -55,6 +56,7 @@ class SigtermWatch:
             return
         self._previous = signal.getsignal(signal.SIGTERM)
         self._loop_token = anyio.lowlevel.current_token()
+        self.received = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self._installed = True
 
@@ -70,6 +72,7 @@ class SigtermWatch:
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         owner = self.owner
+        self.received = True
         if not owner.ready or owner.drain_delay <= 0:
             owner.begin_drain()  # a second SIGTERM, or no delay wanted: hand over now
             self._hand_over(signum, frame)

@@ -1,4 +1,12 @@
-"""The resource stack: opened in registration order at startup, closed in reverse at shutdown."""
+"""The resource stack: opened in registration order at startup, closed in reverse at shutdown.
+
+Each close runs in a task of its own (``_detached``) and is waited for up to its timeout (and
+what is left of ``shutdown_timeout``); one still running then is cancelled, and if it ignores
+the cancellation (a close that shields itself around a hung call), abandoned: the next resource
+is closed all the same, and the report says ``abandoned``. An async generator resource is
+therefore finished in another task than the one that opened it: it must not hold a cancel scope
+or a task group open across its ``yield`` (start background work with ``@lifespan.task``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import anyio
 from ..calls import call as _call
 from ..calls import describe_error
 from ..exceptions import StartupError
+from ._detached import Detached
 
 __all__ = ["ResourceFactory", "ResourceReport", "Resources"]
 
@@ -20,12 +29,14 @@ ResourceFactory = Callable[[], AsyncIterator[Any]]
 
 @dataclass(frozen=True)
 class ResourceReport:
-    """How one resource closed: ``ok``, ``error`` or ``timeout`` (abandoned), and how long."""
+    """How one resource closed: ``ok``, ``error`` or ``timeout``, and how long. ``abandoned``:
+    the close was still running when the shutdown moved on (it ignored its cancellation)."""
 
     name: str
     outcome: Literal["ok", "error", "timeout"]
     duration: float
     error: str | None = None
+    abandoned: bool = False
 
 
 @dataclass
@@ -110,18 +121,23 @@ class Resources:
 
 async def _close_one(resource: _Resource, budget: float) -> ResourceReport:
     began = perf_counter()
-    outcome: Literal["ok", "error", "timeout"] = "ok"
-    error = None
-    # Shielded: the server cancelling the lifespan task must not cut a close short.
-    with anyio.move_on_after(budget, shield=True) as scope:
-        try:
-            await _call(resource.close)
-        except Exception as exc:
-            outcome, error = "error", describe_error(exc)
-    if scope.cancelled_caught:
-        outcome = "timeout"
-        error = f"abandoned after {budget:g}s" if budget else "shutdown_timeout exhausted"
-    return ResourceReport(resource.name, outcome, perf_counter() - began, error)
+    if budget <= 0:
+        return ResourceReport(resource.name, "timeout", 0.0, "not closed: shutdown_timeout spent")
+
+    async def close() -> None:
+        await _call(resource.close)
+
+    run = Detached.start(close, name=f"asgi-resilience close {resource.name}")
+    ended = await run.stop(budget)
+    duration = perf_counter() - began
+    if ended == "abandoned":
+        error = f"abandoned after {budget:g}s, still running (it ignored its cancellation)"
+        return ResourceReport(resource.name, "timeout", duration, error, abandoned=True)
+    if ended == "cancelled":
+        return ResourceReport(resource.name, "timeout", duration, f"cancelled after {budget:g}s")
+    if run.error is not None:
+        return ResourceReport(resource.name, "error", duration, describe_error(run.error))
+    return ResourceReport(resource.name, "ok", duration)
 
 
 async def _not_opened() -> None:
