@@ -94,7 +94,8 @@ class FaultWatch:
         if args.exc_type is SystemExit or args.exc_value is None:
             return  # how a thread asks to end, as the default hook sees it
         name = args.thread.name if args.thread is not None else "?"
-        # The hook runs in the thread that died: its context is the thread's own.
+        # The hook runs in the thread that died, in the thread's own context: before Python
+        # 3.14 a thread does not inherit the request's, so this is seldom a request id.
         self._report("thread", name, args.exc_value, get_request_id())
 
     def _loop_hook(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
