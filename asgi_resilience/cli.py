@@ -3,6 +3,7 @@
     asgi-resilience run module:app [--host 127.0.0.1] [--port 8000] [--workers 1]
                                    [--env-file .env] [--log-level info] [--plain-logs]
     asgi-resilience check module:app [--env-file .env]
+    asgi-resilience worker module:lifespan [--host 127.0.0.1] [--port 8000] [--env-file .env]
     asgi-resilience demo [--host 127.0.0.1] [--port 8000]
 
 ``run`` wraps the app with ``resilient()`` (not twice: an app that already is one is served as
@@ -10,7 +11,10 @@ it is), configured from ``ASGI_RESILIENCE_*`` variables, and serves it with uvic
 lines on stdout, SIGTERM draining, exit code 0 after a graceful stop. With ``--workers`` above 1
 it runs uvicorn's worker processes with Prometheus multiprocess mode in a directory of its own,
 removed at the end. ``check`` runs the startup (resources and checks) once, prints a table and
-exits 0 when startup succeeds, 1 when it fails. Bad arguments exit 2 with one line on stderr.
+exits 0 when startup succeeds, 1 when it fails. ``worker`` serves a ``Lifespan`` without an
+HTTP app (a queue consumer, a scheduler): its health endpoints and ``/metrics`` on the port, its
+checks, resources and background tasks; 0 after a graceful stop, 3 when startup failed (as
+uvicorn exits for ``run``). Bad arguments exit 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "check":
             return check(args.target)
+        if args.command == "worker":
+            return worker(args.target, args.host, args.port, args.log_level, args.plain_logs)
         return demo(args.host, args.port, args.log_level)
     except (UsageError, ConfigurationError) as exc:
         print(f"asgi-resilience: error: {exc}", file=sys.stderr)
@@ -77,9 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     run_parser = commands.add_parser("run", help="serve module:app wrapped with resilient()")
     check_parser = commands.add_parser("check", help="run the startup checks of module:app")
     demo_parser = commands.add_parser("demo", help="serve the bundled demo service")
+    worker_parser = commands.add_parser(
+        "worker", help="run module:lifespan's checks, resources and tasks without an HTTP app"
+    )
     for sub in (run_parser, check_parser):
         sub.add_argument("target", help="the app to load, as module:attribute")
-    for sub in (run_parser, demo_parser):
+    worker_parser.add_argument("target", help="the Lifespan to run, as module:attribute")
+    for sub in (run_parser, demo_parser, worker_parser):
         sub.add_argument("--host", default="127.0.0.1")
         sub.add_argument("--port", type=int, default=8000)
         sub.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
@@ -90,10 +100,11 @@ def _parser() -> argparse.ArgumentParser:
         help="listen on this unix socket instead of --host/--port (a proxy in front); its "
         "peers are then trusted proxies (ASGI_RESILIENCE_TRUSTED_PROXIES=unix unless set)",
     )
-    run_parser.add_argument(
-        "--plain-logs", action="store_true", help="human-readable log lines instead of JSON"
-    )
-    for sub in (run_parser, check_parser, demo_parser):
+    for sub in (run_parser, worker_parser):
+        sub.add_argument(
+            "--plain-logs", action="store_true", help="human-readable log lines instead of JSON"
+        )
+    for sub in (run_parser, check_parser, demo_parser, worker_parser):
         sub.add_argument("--env-file", type=Path, help="KEY=VALUE lines to add to the environment")
     return parser
 
@@ -224,6 +235,24 @@ def run(
         uvicorn.run("asgi_resilience.cli:worker_app", factory=True, workers=workers, **options)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def worker(target: str, host: str, port: int, log_level: str, plain: bool) -> int:
+    """Serve the ``Lifespan`` ``target`` names as a worker; 0 after a graceful stop, 3 when
+    its startup failed (the lifespan has logged why)."""
+    from .worker import serve
+
+    lifespan = load_app(target)
+    if not isinstance(lifespan, Lifespan):
+        raise UsageError(f"{target} is not a Lifespan: got a {type(lifespan).__name__}")
+    _uvicorn()
+    _ensure_port_free(host, port)
+    configure_logging(log_level, plain=plain)
+    try:
+        serve(lifespan, host=host, port=port, log_level=log_level)
+    except StartupError:
+        return 3
     return 0
 
 

@@ -39,6 +39,8 @@ _logger = logging.getLogger("asgi_resilience.lifespan")
 
 LifespanState = Literal["idle", "starting", "ready", "draining", "stopping", "stopped", "failed"]
 STARTABLE = frozenset({"idle", "stopped", "failed"})  # states startup() starts from
+# Past shutdown_timeout, what is left to close shares one more second; then the process exits.
+_LAST_SECOND = 1.0
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -545,13 +547,16 @@ class Lifespan:
         """Close the resources in reverse order within what is left of ``shutdown_timeout``
         (state ``stopped``); the report is kept. Process faults are no longer watched."""
         left = max(0.0, self._shutdown_deadline - monotonic())
-        self.shutdown_report = await self._close_resources(left)
+        self.shutdown_report = await self._close_resources(left, grace=_LAST_SECOND)
         self.state = "stopped"
         self._faults.restore()
         abandoned = [r.name for r in self.task_report if r.outcome == "abandoned"]
         abandoned += [r.name for r in self.shutdown_report if r.abandoned]
         if abandoned and self._sigterm.received:
-            exit_soon(0.5, self.logger, abandoned)
+            # The server's own teardown takes milliseconds; then, within the last second
+            # the shutdown has, leave (an abandoned task would keep the process forever).
+            end = self._shutdown_deadline + _LAST_SECOND - monotonic()
+            exit_soon(min(0.5, max(0.1, end)), self.logger, abandoned)
 
     async def abort_startup(self) -> None:
         """The wrapped app's own startup failed after ours: close what was opened (state
@@ -574,8 +579,8 @@ class Lifespan:
             extra={"tasks": [r.__dict__ for r in reports]},
         )
 
-    async def _close_resources(self, seconds: float) -> list[ResourceReport]:
-        reports = await self._resources.close(seconds)
+    async def _close_resources(self, seconds: float, *, grace: float = 0.0) -> list[ResourceReport]:
+        reports = await self._resources.close(seconds, grace=grace)
         histogram = self.metrics.feature(LifespanCollectors).shutdown_resources
         for report in reports:
             self.metrics.child(histogram, report.name, report.outcome).observe(report.duration)
@@ -646,6 +651,21 @@ class Lifespan:
         finally:
             if owner:
                 await self.shutdown()
+
+    def serve(
+        self, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **options: Any
+    ) -> None:
+        """Serve this lifespan on its own, as a worker process without an HTTP app: health
+        endpoints and ``/metrics`` on ``host:port``, checks, resources and tasks, until SIGTERM
+        (see ``asgi_resilience.worker.serve``; ``options`` go to ``resilient()``).
+
+        Raises:
+            StartupError: startup failed; nothing was served.
+        """
+        # Imported here: the worker is built on the whole stack, which is built on Lifespan.
+        from ..worker import serve
+
+        serve(self, host=host, port=port, log_level=log_level, **options)
 
     def wrap(self, app: ASGIApp) -> ASGIApp:
         """A layer around ``app`` that runs this lifespan (and ``app``'s own) and counts

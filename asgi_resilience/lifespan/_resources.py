@@ -107,15 +107,21 @@ class Resources:
                 _Resource(resource.name, resource.timeout, _closer(resource.name, generator))
             )
 
-    async def close(self, total: float) -> list[ResourceReport]:
+    async def close(self, total: float, *, grace: float = 0.0) -> list[ResourceReport]:
         """Close the opened resources in reverse order, each within its own timeout and all
-        within ``total`` seconds, failures isolated; one report per resource."""
+        within ``total`` seconds, failures isolated; one report per resource.
+
+        Past ``total``, the resources not closed yet (a hung close took the time) still get
+        ``grace`` seconds between them: one stuck close must not leave the others open.
+        """
         deadline = monotonic() + total
+        last = deadline + grace
         reports = []
         while self._opened:
             resource = self._opened.pop()
-            budget = max(0.0, min(resource.timeout, deadline - monotonic()))
-            reports.append(await _close_one(resource, budget))
+            now = monotonic()
+            left = (deadline if now < deadline else last) - now
+            reports.append(await _close_one(resource, max(0.0, min(resource.timeout, left))))
         return reports
 
 
