@@ -418,8 +418,8 @@ class _StatusSection:
         self.breakers: dict[str, CircuitBreaker] = {}
 
     async def status(self) -> dict[str, dict[str, Any]]:
-        # Async on purpose: the lifespan runs sync providers in a worker thread, and a breaker
-        # belongs to its event loop's thread.
+        # Called on the event loop, as every status provider is (Lifespan.add_status): a breaker
+        # belongs to its event loop's thread, and a snapshot never blocks.
         return {name: breaker.snapshot() for name, breaker in self.breakers.items()}
 
 

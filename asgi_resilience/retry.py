@@ -58,7 +58,7 @@ class Retry:
         random: the jitter's source (a fresh ``Random()`` by default; seed one for tests).
         sleep: how to wait (``anyio.sleep``; injectable for tests).
         clock: monotonic seconds for the deadline; injectable for tests.
-        logger: where retries are logged (``asgi_resilience.circuit_breaker``).
+        logger: where retries are logged (``asgi_resilience.retry``).
     """
 
     def __init__(
