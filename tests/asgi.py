@@ -1,12 +1,30 @@
-"""Helpers to drive ASGI applications directly, message by message."""
+"""Helpers to drive ASGI applications: directly, message by message (``call``), or through an
+httpx client (``client_for``); the small Starlette and FastAPI apps several test modules drive;
+``wait_until`` for a condition other tasks make true.
+
+Servers in subprocesses are in ``tests/servers.py``; test doubles in ``tests/fakes.py``.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio.lowlevel
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import BaseRoute, Route
 
 from asgi_resilience.types import ASGIApp, Message, Scope
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter, FastAPI
+
+    from asgi_resilience import Lifespan
 
 
 def http_scope(
@@ -111,3 +129,86 @@ def layers(app: object) -> list[object]:
             found.append(layer)
         layer = getattr(layer, "stack", None) or getattr(layer, "app", None)
     return found
+
+
+def client_for(app: ASGIApp) -> httpx.AsyncClient:
+    """An httpx client calling ``app`` in this process, at ``http://testserver``."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Let other tasks run until ``condition()`` holds (no clock involved: checkpoints only)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await anyio.lowlevel.checkpoint()
+    raise AssertionError("condition never became true")
+
+
+# -- the apps several modules drive ------------------------------------------------------------
+
+item_logger = logging.getLogger("tests.items")
+
+
+class Declined(Exception):
+    """The error the apps below raise (metrics and spans name it by its type)."""
+
+
+async def read_item(request: Request) -> PlainTextResponse:
+    item_id = request.path_params["item_id"]
+    item_logger.info("looking up item %s", item_id)
+    return PlainTextResponse(f"item {item_id}")
+
+
+async def fail(request: Request) -> PlainTextResponse:
+    raise Declined("card declined")
+
+
+async def broken_stream(request: Request) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first part"
+        raise Declined("stream broke")
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+async def read_state(request: Request) -> JSONResponse:
+    return JSONResponse({"value": getattr(request.state, request.path_params["name"])})
+
+
+def item_routes() -> list[BaseRoute]:
+    """``/items/{item_id}`` (``item <id>`` as text, logged on ``tests.items``), ``/fail``
+    (raises ``Declined``), ``/stream`` (``first part``, then raises ``Declined``) and
+    ``/state/{name}`` (``{"value": request.state.<name>}``, what a lifespan put there)."""
+    return [
+        Route("/items/{item_id}", read_item),
+        Route("/fail", fail),
+        Route("/stream", broken_stream),
+        Route("/state/{name}", read_state),
+    ]
+
+
+def starlette_app(lifespan: Lifespan | None = None) -> Starlette:
+    """A Starlette app of ``item_routes()``, with ``lifespan`` if given."""
+    return Starlette(routes=item_routes(), lifespan=lifespan)
+
+
+def add_item_endpoints(router: FastAPI | APIRouter) -> None:
+    """``/items/{item_id}`` (``item_id`` an int) and ``/fail`` as FastAPI routes."""
+
+    @router.get("/items/{item_id}", response_class=PlainTextResponse)
+    async def get_item(item_id: int) -> str:
+        return f"item {item_id}"
+
+    @router.get("/fail")
+    async def get_fail() -> None:
+        raise Declined("card declined")
+
+
+def fastapi_app() -> FastAPI:
+    """A FastAPI app of ``add_item_endpoints``."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    add_item_endpoints(app)
+    return app

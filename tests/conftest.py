@@ -51,6 +51,16 @@ def require_service(url: str, default_port: int, what: str) -> None:
 
 
 @pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test: bound but never listening,
+    so no other process can start listening there meanwhile (a port found free and released
+    could be taken by the time the test connects)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
 def database_url() -> str:
     url = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
     require_service(url, 5432, "PostgreSQL")

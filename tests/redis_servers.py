@@ -2,7 +2,8 @@
 
 Each is a ``redis-server`` process on a free port of 127.0.0.1, started by the fixture and
 stopped by its PID; nothing is kept on disk but the files Redis Cluster and Sentinel write in
-the test's temporary folder.
+the test's temporary folder. ``redis-server`` must be given its port: one that was taken
+between being found free and Redis binding it makes ``start`` try again on another.
 """
 
 from __future__ import annotations
@@ -13,17 +14,16 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
+from tests.servers import ServerExited
+from tests.servers import free_port as free_port
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+_IN_USE = "Address already in use"  # what redis-server logs before it exits
 
 
 def free_cluster_port() -> int:
@@ -52,37 +52,63 @@ def redis_server_binary() -> str:
 
 
 class RedisServer:
-    """One ``redis-server`` process: ``stop`` kills it, ``pause``/``resume`` stall it."""
+    """One ``redis-server`` process: ``stop`` kills it, ``pause``/``resume`` stall it.
+
+    Without ``port`` it takes a free one (with ``--cluster-enabled``, one whose cluster bus
+    port is free too), and another one if that was taken by the time it starts."""
 
     def __init__(
         self, folder: Path, *args: str, config: Path | None = None, port: int | None = None
     ) -> None:
-        self.port = port or free_port()
+        self.root = folder
         self.config = config
-        self.folder = folder / str(self.port)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.args = args
         self.process: subprocess.Popen[bytes] | None = None
+        pick = free_cluster_port if "--cluster-enabled" in args else free_port
+        self.pick_port: Callable[[], int] | None = pick if port is None else None
+        self.use_port(pick() if port is None else port)
+
+    def use_port(self, port: int) -> None:
+        self.port = port
+        self.folder = self.root / str(port)
+        self.folder.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, *, wait: bool = True) -> RedisServer:
-        command = [redis_server_binary()]
-        if self.config is not None:  # a config file comes first
-            command.append(str(self.config))
-        command += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)]
-        command += ["--save", "", "--appendonly", "no", "--logfile", "redis.log", *self.args]
-        self.process = subprocess.Popen(command, cwd=self.folder)
-        if wait:
-            self.wait_until_up()
+        """Start it; with ``wait``, return once it answers PING."""
+        for attempt in range(1, 6):
+            command = [redis_server_binary()]
+            if self.config is not None:  # a config file comes first
+                command.append(str(self.config))
+            command += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)]
+            command += ["--save", "", "--appendonly", "no", "--logfile", "redis.log", *self.args]
+            (self.folder / "redis.log").unlink(missing_ok=True)  # this run's lines only
+            self.process = subprocess.Popen(command, cwd=self.folder)
+            if not wait:
+                break
+            try:
+                self.wait_until_up()
+                break
+            except ServerExited:
+                if self.pick_port is None or attempt == 5 or _IN_USE not in self.log():
+                    raise
+                self.use_port(self.pick_port())
         return self
 
     def wait_until_up(self, seconds: float = 10) -> None:
         deadline = time.monotonic() + seconds
+        # Logged once it listens: until then a server answering on the port is someone else's.
+        while "Running mode=" not in self.full_log():
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise ServerExited(f"redis-server exited:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"redis-server did not start in {seconds} s:\n{self.log()}")
+            time.sleep(0.02)  # another process: nothing to wait on but its log
         while True:
-            assert self.process is not None and self.process.poll() is None, self.log()
             try:
                 with redis.Redis(port=self.port, socket_timeout=1) as client:
                     client.ping()
@@ -95,9 +121,12 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=5)
 
-    def log(self) -> str:
+    def full_log(self) -> str:
         path = self.folder / "redis.log"
-        return path.read_text()[-3000:] if path.exists() else ""
+        return path.read_text() if path.exists() else ""
+
+    def log(self) -> str:
+        return self.full_log()[-3000:]
 
     def pause(self) -> None:
         assert self.process is not None
@@ -134,11 +163,7 @@ def wait_for(condition: object, seconds: float, what: str) -> None:
 def redis_cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
     """Three primaries sharing the 16,384 slots, no replicas."""
     nodes = [
-        RedisServer(
-            tmp_path,
-            *("--cluster-enabled", "yes", "--cluster-node-timeout", "5000"),
-            port=free_cluster_port(),
-        )
+        RedisServer(tmp_path, *("--cluster-enabled", "yes", "--cluster-node-timeout", "5000"))
         for _ in range(3)
     ]
     try:
@@ -175,18 +200,28 @@ class SentinelSet:
     def __init__(self, folder: Path) -> None:
         self.master = RedisServer(folder)
         self.replica = RedisServer(folder)
-        self.sentinel_port = free_port()
-        config = folder / "sentinel.conf"
-        config.write_text(
-            f"sentinel monitor mymaster 127.0.0.1 {self.master.port} 1\n"
-            "sentinel down-after-milliseconds mymaster 1000\n"
-            "sentinel failover-timeout mymaster 5000\n"
-        )
-        self.sentinel = RedisServer(folder, "--sentinel", config=config, port=self.sentinel_port)
+        self.config = folder / "sentinel.conf"
+        self.sentinel = RedisServer(folder, "--sentinel", config=self.config)
+
+    @property
+    def sentinel_port(self) -> int:
+        return self.sentinel.port
 
     @property
     def url(self) -> str:
         return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/mymaster/0"
+
+    def start(self) -> None:
+        """The master, then its replica and the sentinel (told the port the master got)."""
+        self.master.start()
+        self.replica.args = ("--replicaof", "127.0.0.1", str(self.master.port))
+        self.replica.start()
+        self.config.write_text(
+            f"sentinel monitor mymaster 127.0.0.1 {self.master.port} 1\n"
+            "sentinel down-after-milliseconds mymaster 1000\n"
+            "sentinel failover-timeout mymaster 5000\n"
+        )
+        self.sentinel.start()
 
     def master_port(self) -> int:
         with self.sentinel.client() as client:
@@ -198,10 +233,7 @@ class SentinelSet:
 def redis_sentinel(tmp_path: Path) -> Iterator[SentinelSet]:
     servers = SentinelSet(tmp_path)
     try:
-        servers.master.start()
-        servers.replica.args = ("--replicaof", "127.0.0.1", str(servers.master.port))
-        servers.replica.start()
-        servers.sentinel.start()
+        servers.start()
 
         def replica_known() -> bool:
             with servers.replica.client() as client:
