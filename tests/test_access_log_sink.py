@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from asgi_resilience import (
 )
 from asgi_resilience.types import ASGIApp, Receive, Scope, Send
 from tests.asgi import call, http_scope, layers
+from tests.servers import ROOT, start_on_a_free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -197,16 +197,17 @@ async def test_resilient_flushes_the_sink_when_its_lifespan_shuts_down() -> None
 def test_no_line_is_lost_when_uvicorn_gets_sigterm_under_load(tmp_path: Path) -> None:
     """``asgi-resilience run`` (JSON logs: the access log through a sink on stdout) under 20
     connections at once, SIGTERM in the middle: one line for every request answered."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     command = [sys.executable, "-m", "asgi_resilience.cli", "run", "tests.apps.hello:app"]
-    out = (tmp_path / "stdout.log").open("w")
-    server = subprocess.Popen(
-        [*command, "--port", port],
-        cwd=Path(__file__).resolve().parent.parent,
-        stdout=out,
-        stderr=subprocess.PIPE,
+    stdout_path, stderr_path = tmp_path / "stdout.log", tmp_path / "stderr.log"
+
+    def on(port: int) -> subprocess.Popen[bytes]:
+        with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+            return subprocess.Popen(
+                [*command, "--port", str(port)], cwd=ROOT, stdout=stdout, stderr=stderr
+            )
+
+    server, port = start_on_a_free_port(
+        on, lambda: stdout_path.read_text() + stderr_path.read_text()
     )
     answered = 0
 
@@ -215,12 +216,6 @@ def test_no_line_is_lost_when_uvicorn_gets_sigterm_under_load(tmp_path: Path) ->
         loaded = anyio.Event()
         base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
-            for _ in range(200):
-                try:
-                    if (await client.get("/health/ready")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await anyio.sleep(0.05)
 
             async def loop() -> None:
                 nonlocal answered
@@ -243,15 +238,12 @@ def test_no_line_is_lost_when_uvicorn_gets_sigterm_under_load(tmp_path: Path) ->
 
     try:
         anyio.run(drive)
-        assert server.wait(15) == 0, server.stderr.read() if server.stderr else ""
+        assert server.wait(15) == 0, stderr_path.read_text()
     finally:
         if server.poll() is None:
             server.kill()
             server.wait()
-        out.close()
-        if server.stderr:
-            server.stderr.close()
-    lines = [json.loads(line) for line in (tmp_path / "stdout.log").read_text().splitlines()]
+    lines = [json.loads(line) for line in stdout_path.read_text().splitlines()]
     access = [line for line in lines if line["logger"] == "asgi_resilience.access"]
     assert answered >= 300
     assert len(access) == answered

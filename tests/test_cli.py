@@ -32,7 +32,7 @@ from asgi_resilience import cli
 from asgi_resilience.access_log import JsonFormatter
 from asgi_resilience.stack import ResilientApp
 from tests.apps import cli_target
-from tests.test_server import ROOT, free_port
+from tests.servers import ROOT, free_port, start_on_a_free_port, wait_until_ready
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("asgi-resilience")
 MODULE = [sys.executable, "-m", "asgi_resilience.cli"]
@@ -135,21 +135,27 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         ready_path: str = "/health/ready",
         command: list[str] | None = None,
     ) -> Server:
-        port = free_port()
         number = len(servers)
         stdout_path = tmp_path / f"stdout-{number}.log"
         stderr_path = tmp_path / f"stderr-{number}.log"
-        with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
-            process = subprocess.Popen(
-                [*(command or MODULE), *args, "--port", str(port)],
-                cwd=ROOT,
-                env=env if env is not None else clean_env(),
-                stdout=stdout,
-                stderr=stderr,
-            )
+
+        def on(port: int) -> subprocess.Popen[bytes]:
+            with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+                return subprocess.Popen(
+                    [*(command or MODULE), *args, "--port", str(port)],
+                    cwd=ROOT,
+                    env=env if env is not None else clean_env(),
+                    stdout=stdout,
+                    stderr=stderr,
+                )
+
+        def output() -> str:
+            return f"{stdout_path.read_text()}\n{stderr_path.read_text()}"
+
+        process, port = start_on_a_free_port(on, output)
         server = Server(process, f"http://127.0.0.1:{port}", stdout_path, stderr_path)
         servers.append(server)
-        wait_until_ready(server, ready_path)
+        wait_until_ready(server.base_url, process, ready_path, output=output)
         return server
 
     yield start
@@ -158,20 +164,6 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait(5)
-
-
-def wait_until_ready(server: Server, path: str) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(server.base_url + path, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if server.process.poll() is not None:
-            raise RuntimeError(f"the command exited early:\n{server.stdout}\n{server.stderr}")
-        time.sleep(0.05)
-    raise RuntimeError(f"the server did not become ready:\n{server.stdout}\n{server.stderr}")
 
 
 def run_command(

@@ -3,10 +3,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,50 +13,36 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from asgi_resilience.demo import create_app, main
+from tests.asgi import client_for
+from tests.servers import ServerProcess, start_on_a_free_port
 
 pytestmark = pytest.mark.anyio
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
-def demo_server() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def demo_server(tmp_path: Path) -> Iterator[ServerProcess]:
     """``python -m asgi_resilience.demo`` on a free loopback port; stopped afterwards."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "asgi_resilience.demo", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "APP_ENV": "production"},
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 15
+    log = tmp_path / "demo.log"
+
+    def on(port: int) -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "asgi_resilience.demo", "--port", str(port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "APP_ENV": "production"},
+            )
+
+    server = ServerProcess(*start_on_a_free_port(on, log.read_text), log)
     try:
-        while True:
-            try:
-                httpx.get(f"{base_url}/items/1", timeout=1)
-                break
-            except httpx.TransportError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the demo server did not start") from None
-                time.sleep(0.05)
-        yield base_url, process
+        yield server
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
+        server.kill()
 
 
-def test_demo_serves_over_http_and_stops_on_sigterm(
-    demo_server: tuple[str, subprocess.Popen[str]],
-) -> None:
-    base_url, process = demo_server
-    with httpx.Client(base_url=base_url, timeout=10) as client:
+def test_demo_serves_over_http_and_stops_on_sigterm(demo_server: ServerProcess) -> None:
+    server = demo_server
+    with httpx.Client(base_url=server.base_url, timeout=10) as client:
         item = client.get("/items/2", headers={"X-Request-ID": "demo-req-1"})
         missing = client.get("/items/99")
         boom = client.get("/boom")
@@ -73,15 +57,15 @@ def test_demo_serves_over_http_and_stops_on_sigterm(
     assert stream.json()["data"][0] == {"id": 1, "name": "anvil"}
     assert stream.json()["meta"]["count"] == 3
     assert slow.json()["data"] == {"slept": 0.0}
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=10)
+    returncode = server.stop(timeout=10)
     # uvicorn shuts down gracefully, then re-raises the signal it caught.
-    assert process.returncode in (0, -signal.SIGTERM)
+    assert returncode in (0, -signal.SIGTERM)
+    output = server.output()
     assert "Finished server process" in output
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    access = [line for line in lines if line["logger"] == "asgi_resilience.access"][1:]
+    access = [line for line in lines if line["logger"] == "asgi_resilience.access"]
     assert [line["status"] for line in access] == [200, 404, 500, 200, 200]
-    assert access[0]["request_id"] == "demo-req-1"  # after the fixture's readiness probe
+    assert access[0]["request_id"] == "demo-req-1"
     assert access[0]["route"] == "/items/{item_id}"
     errors = [line for line in lines if line["logger"] == "asgi_resilience.errors"]
     assert len(errors) == 1 and "hunter2" in errors[0]["exc_info"]
@@ -92,9 +76,7 @@ async def test_demo_routes_in_process(tmp_path: Path) -> None:
     app = create_app(f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}")
     async with (
         LifespanManager(app) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app), base_url="http://testserver"
-        ) as client,
+        client_for(manager.app) as client,
     ):
         item = await client.get("/items/3")
         missing = await client.get("/items/7")

@@ -3,8 +3,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,15 +26,25 @@ from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, StreamingResponse
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import Mount, Route
 
 from asgi_resilience import Lifespan, Metrics, MetricsMiddleware, metrics_app, resilient
 from asgi_resilience.ratelimit import BackendError
 from asgi_resilience.ratelimit.rates import Rate
 from asgi_resilience.ratelimit.strategies import Decision, Strategy
 from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
-from tests.asgi import call, http_scope
-from tests.test_server import ROOT, free_port, wait_until_ready
+from tests.asgi import (
+    Declined,
+    add_item_endpoints,
+    call,
+    client_for,
+    fastapi_app,
+    http_scope,
+    item_routes,
+    read_item,
+    starlette_app,
+)
+from tests.servers import start_uvicorn, wait_until_ready
 
 pytestmark = pytest.mark.anyio
 
@@ -84,13 +92,6 @@ def value(samples: Iterable[Sample], name: str, **labels: str) -> float | None:
     return found[0] if found else None
 
 
-def client_for(app: ASGIApp) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-        base_url="http://testserver",
-    )
-
-
 async def scrape(client: httpx.AsyncClient) -> list[Sample]:
     response = await client.get("/metrics")
     assert response.status_code == 200
@@ -101,48 +102,12 @@ async def scrape(client: httpx.AsyncClient) -> list[Sample]:
 # -- applications under test -------------------------------------------------------------------
 
 
-class Declined(Exception):
-    """An application error; counted under its own type name."""
-
-
 class StreamBroke(Exception):
     """Raised by a streaming body after the response started."""
 
 
-async def item(request: Request) -> PlainTextResponse:
-    return PlainTextResponse(f"item {request.path_params['item_id']}")
-
-
-async def fail(request: Request) -> PlainTextResponse:
-    raise Declined("card declined")
-
-
-def item_routes() -> list[BaseRoute]:
-    return [Route("/items/{item_id}", item), Route("/fail", fail)]
-
-
-def starlette_app() -> Starlette:
-    return Starlette(routes=item_routes())
-
-
 def mounted_app() -> Starlette:
     return Starlette(routes=[Mount("/api", routes=[Mount("/v1", routes=item_routes())])])
-
-
-def add_item_endpoints(router: FastAPI | APIRouter) -> None:
-    @router.get("/items/{item_id}", response_class=PlainTextResponse)
-    async def read_item(item_id: int) -> str:
-        return f"item {item_id}"
-
-    @router.get("/fail")
-    async def read_fail() -> None:
-        raise Declined("card declined")
-
-
-def fastapi_app() -> FastAPI:
-    app = FastAPI()
-    add_item_endpoints(app)
-    return app
 
 
 def fastapi_router_app() -> FastAPI:
@@ -300,7 +265,11 @@ async def test_exceptions_are_counted_by_type_even_after_the_response_started() 
         return StreamingResponse(body(), media_type="text/plain")
 
     registry = CollectorRegistry()
-    routes = [Route("/declined", declined), Route("/stream", broken_stream), Route("/ok", item)]
+    routes = [
+        Route("/declined", declined),
+        Route("/stream", broken_stream),
+        Route("/ok", read_item),
+    ]
     app = resilient(Starlette(routes=routes), registry=registry)
     assert (await call(app, http_scope("/declined"))).status == 500
     with pytest.raises(StreamBroke):
@@ -596,8 +565,8 @@ async def test_apps_sharing_a_registry_share_its_collectors() -> None:
 async def test_apps_on_the_default_registry() -> None:
     # Other tests share the global REGISTRY: count this test's own route, before and after.
     route = "/default-registry/{item_id}"
-    apps = [resilient(Starlette(routes=[Route(route, item)])) for _ in range(2)]
-    apps.append(resilient(Starlette(routes=[Route(route, item)]), rate_limit="9/minute"))
+    apps = [resilient(Starlette(routes=[Route(route, read_item)])) for _ in range(2)]
+    apps.append(resilient(Starlette(routes=[Route(route, read_item)]), rate_limit="9/minute"))
     counts = f"{DURATION}_count"
     before = value(scrape_registry(REGISTRY), counts, route=route, status_code="200") or 0
     for app in apps:
@@ -657,20 +626,15 @@ async def test_promtool_check_metrics_passes() -> None:
 def test_multiprocess_workers_are_summed_and_dead_workers_marked(tmp_path: Path) -> None:
     directory = tmp_path / "prometheus"
     directory.mkdir()
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "uvicorn", "tests.apps.metered:app"]
-    command += ["--port", str(port), "--workers", "2", "--no-access-log"]
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    server = start_uvicorn(
+        "tests.apps.metered:app",
+        *("--workers", "2", "--no-access-log"),
+        log=tmp_path / "uvicorn.log",
+        env={"PROMETHEUS_MULTIPROC_DIR": str(directory)},
     )
+    process, base_url, output = server.process, server.base_url, server.output
     try:
-        wait_until_ready(base_url, process)
+        wait_until_ready(base_url, process, output=output)  # the workers start after the bind
         pids: Counter[int] = Counter()
         sent = 0
         # Fresh connections, several at a time: the kernel hands them to both workers.
@@ -693,17 +657,12 @@ def test_multiprocess_workers_are_summed_and_dead_workers_marked(tmp_path: Path)
         for pid in pids:
             assert (directory / f"gauge_livesum_{pid}.db").exists()
         assert any((directory / f"gauge_livemin_{pid}.db").exists() for pid in pids)
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=20)
+        returncode = server.stop(timeout=20)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
-        if process.stdout is not None:
-            process.stdout.close()
-    assert process.returncode in (0, -signal.SIGTERM), output
+        server.kill()
+    assert returncode in (0, -signal.SIGTERM), output()
     left = sorted(path.name for path in directory.glob("gauge_live*.db"))
-    assert left == [], output
+    assert left == [], output()
     for pid in pids:  # counters and histograms outlive their worker, as they should
         assert (directory / f"histogram_{pid}.db").exists()
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,38 +11,7 @@ import anyio
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def uvicorn(app: str, port: int, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--no-access-log"],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def wait_until_ready(base_url: str, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{process.communicate()[0]}")
-        time.sleep(0.05)
-    raise RuntimeError("server did not become ready")
+from tests.servers import ServerProcess, start_uvicorn, uvicorn, wait_until_ready
 
 
 @pytest.fixture
@@ -55,24 +20,26 @@ def events_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def stop_later() -> Iterator[list[subprocess.Popen[str]]]:
-    processes: list[subprocess.Popen[str]] = []
-    yield processes
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
-        if process.stdout is not None:
-            process.stdout.close()
+def stop_later() -> Iterator[list[ServerProcess]]:
+    servers: list[ServerProcess] = []
+    yield servers
+    for server in servers:
+        server.kill()
 
 
 def test_failing_critical_check_makes_uvicorn_exit_non_zero(
-    events_file: Path, stop_later: list[subprocess.Popen[str]]
+    events_file: Path, tmp_path: Path
 ) -> None:
-    process = uvicorn("tests.apps.served:failing", free_port(), {"EVENTS_FILE": str(events_file)})
-    stop_later.append(process)
-    output, _ = process.communicate(timeout=20)
-    assert process.returncode != 0
+    log = tmp_path / "uvicorn.log"
+    env = {"EVENTS_FILE": str(events_file)}
+    process = uvicorn("tests.apps.served:failing", "--no-access-log", log=log, env=env)
+    try:
+        assert process.wait(20) != 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    output = log.read_text()
     assert "check 'payments-api' failed" in output
     assert "ConnectionRefusedError: payments-api refused the connection" in output
 
@@ -80,14 +47,15 @@ def test_failing_critical_check_makes_uvicorn_exit_non_zero(
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the client side only; any loop will do
 async def test_sigterm_drains_in_flight_requests_before_resources_close(
-    events_file: Path, stop_later: list[subprocess.Popen[str]]
+    events_file: Path, tmp_path: Path, stop_later: list[ServerProcess]
 ) -> None:
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
     env = {"EVENTS_FILE": str(events_file), "SLOW_SECONDS": "2.0", "DRAIN_DELAY": "0.5"}
-    process = uvicorn("tests.apps.served:draining", port, env)
-    stop_later.append(process)
-    wait_until_ready(base_url, process)
+    server = start_uvicorn(
+        "tests.apps.served:draining", "--no-access-log", log=tmp_path / "uvicorn.log", env=env
+    )
+    stop_later.append(server)
+    process, base_url = server.process, server.base_url
+    wait_until_ready(base_url, process, output=server.output)
     statuses: list[int] = []
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=base_url, timeout=30, limits=limits) as client:
@@ -115,8 +83,8 @@ async def test_sigterm_drains_in_flight_requests_before_resources_close(
             assert live.status_code == 200  # still serving new requests while draining
     assert flipped_after < 0.1
     assert statuses == [200] * 50
-    output, _ = process.communicate(timeout=20)
-    assert process.returncode in (0, -signal.SIGTERM), output
+    returncode = process.wait(20)
+    assert returncode in (0, -signal.SIGTERM), server.output()
     text = await anyio.Path(events_file).read_text()
     events = [line.split(" ", 1) for line in text.splitlines()]
     names = [name for _, name in events]
