@@ -1,10 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
 from typing import Any
 
-import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from prometheus_client import CollectorRegistry
@@ -21,6 +19,7 @@ from asgi_resilience.config import (
     options_from_env,
     variable_for,
 )
+from tests.asgi import client_for
 
 pytestmark = pytest.mark.anyio
 
@@ -139,9 +138,7 @@ def test_every_option_has_one_documented_variable() -> None:
 async def test_resilient_reads_the_environment() -> None:
     environ = env(envelope="true", rate_limit="2/minute", request_id_header="X-Trace")
     wrapped = resilient(app(), environ=environ, registry=CollectorRegistry())
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=wrapped), base_url="http://testserver"
-    ) as client:
+    async with client_for(wrapped) as client:
         responses = [await client.get("/hello") for _ in range(3)]
     assert [r.status_code for r in responses] == [200, 200, 429]
     assert responses[0].json()["data"] == {"hello": "world"}
@@ -154,9 +151,7 @@ async def test_keyword_arguments_win_over_the_environment() -> None:
     wrapped = resilient(
         app(), environ=environ, envelope=False, rate_limit=None, registry=CollectorRegistry()
     )
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=wrapped), base_url="http://testserver"
-    ) as client:
+    async with client_for(wrapped) as client:
         responses = [await client.get("/hello") for _ in range(3)]
     assert [r.json() for r in responses] == [{"hello": "world"}] * 3
     assert "x-ratelimit-limit" not in responses[0].headers
@@ -178,15 +173,9 @@ def test_os_environ_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
         resilient(app())
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py's client is asyncio-only
-async def test_an_unreachable_redis_url_fails_startup_clearly() -> None:
-    url = f"redis://127.0.0.1:{closed_port()}/0"
+async def test_an_unreachable_redis_url_fails_startup_clearly(closed_port: int) -> None:
+    url = f"redis://127.0.0.1:{closed_port}/0"
     wrapped = resilient(
         app(),
         environ=env(rate_limit="5/second", rate_limit_backend=url),

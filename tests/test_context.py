@@ -24,7 +24,7 @@ from asgi_resilience.context import (
     utc_timestamp,
 )
 from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
-from tests.asgi import call, http_scope
+from tests.asgi import call, client_for, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -51,9 +51,7 @@ async def ok(request: Request) -> PlainTextResponse:
 
 async def routes_for(app: ASGIApp, *requests: tuple[str, str]) -> list[str]:
     probe = RouteProbe(app)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=probe), base_url="http://testserver"
-    ) as client:
+    async with client_for(probe) as client:
         for method, path in requests:
             await client.request(method, path)
     return probe.routes
@@ -145,9 +143,7 @@ async def test_fastapi_nested_includes_and_late_includes() -> None:
         return {"n": n}
 
     probe = RouteProbe(app)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=probe), base_url="http://testserver"
-    ) as client:
+    async with client_for(probe) as client:
         await client.get("/api/v1/items/1")
         app.include_router(late, prefix="/x")
         await client.get("/x/late/2")
@@ -157,9 +153,7 @@ async def test_fastapi_nested_includes_and_late_includes() -> None:
 async def test_route_added_after_the_table_was_built() -> None:
     app = Starlette(routes=[Route("/a", ok)])
     probe = RouteProbe(app)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=probe), base_url="http://testserver"
-    ) as client:
+    async with client_for(probe) as client:
         await client.get("/a")
         app.router.routes.append(Route("/b/{x}", ok))
         await client.get("/b/1")

@@ -28,7 +28,7 @@ from asgi_resilience import (
 )
 from asgi_resilience.context import CONTEXT_KEY
 from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
-from tests.asgi import Response, call, http_scope
+from tests.asgi import Response, call, client_for, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -356,8 +356,7 @@ def starlette_app() -> Starlette:
 
 
 async def get(app: ASGIApp, path: str, **kwargs: Any) -> httpx.Response:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with client_for(app) as client:
         return await client.get(path, **kwargs)
 
 

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi import HTTPException as FastAPIHTTPException
@@ -42,7 +41,7 @@ from asgi_resilience import (
 from asgi_resilience.context import CONTEXT_KEY
 from asgi_resilience.errors import default_debug
 from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
-from tests.asgi import Response, call, http_scope
+from tests.asgi import Response, call, client_for, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -447,10 +446,6 @@ starlette_app = Starlette(
 )
 
 
-def client(app: ASGIApp) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
-
-
 async def test_starlette_unhandled_exception_becomes_our_500(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -470,7 +465,7 @@ async def test_starlette_unhandled_exception_becomes_our_500(
 
 
 async def test_starlette_unhandled_exception_over_httpx() -> None:
-    async with client(RequestIdMiddleware(ErrorMiddleware(starlette_app))) as http:
+    async with client_for(RequestIdMiddleware(ErrorMiddleware(starlette_app))) as http:
         response = await http.get("/api/boom")  # raise_app_exceptions=True: would raise here
     assert response.status_code == 500
     assert response.headers["content-type"] == PROBLEM
@@ -478,7 +473,7 @@ async def test_starlette_unhandled_exception_over_httpx() -> None:
 
 
 async def test_starlette_unknown_path_becomes_problem() -> None:
-    async with client(ErrorMiddleware(starlette_app)) as http:
+    async with client_for(ErrorMiddleware(starlette_app)) as http:
         response = await http.get("/api/nowhere")
     assert response.status_code == 404
     assert response.headers["content-type"] == PROBLEM
@@ -491,7 +486,7 @@ async def test_starlette_unknown_path_becomes_problem() -> None:
 
 
 async def test_starlette_wrong_method_keeps_allow() -> None:
-    async with client(ErrorMiddleware(starlette_app)) as http:
+    async with client_for(ErrorMiddleware(starlette_app)) as http:
         response = await http.delete("/api/things")
     assert response.status_code == 405
     assert response.headers["content-type"] == PROBLEM
@@ -500,7 +495,7 @@ async def test_starlette_wrong_method_keeps_allow() -> None:
 
 
 async def test_starlette_http_exception_keeps_detail_and_headers() -> None:
-    async with client(ErrorMiddleware(starlette_app)) as http:
+    async with client_for(ErrorMiddleware(starlette_app)) as http:
         response = await http.get("/api/teapot")
     assert response.status_code == 418
     assert response.headers["content-type"] == PROBLEM
@@ -552,7 +547,7 @@ async def create_user() -> None:
 
 
 async def test_fastapi_http_exception_detail() -> None:
-    async with client(ErrorMiddleware(fastapi_app)) as http:
+    async with client_for(ErrorMiddleware(fastapi_app)) as http:
         found = await http.get("/items/1")
         missing = await http.get("/items/2")
     assert found.json() == {"item_id": 1}
@@ -567,7 +562,7 @@ async def test_fastapi_http_exception_detail() -> None:
 
 
 async def test_fastapi_validation_error_has_errors() -> None:
-    async with client(ErrorMiddleware(fastapi_app)) as http:
+    async with client_for(ErrorMiddleware(fastapi_app)) as http:
         response = await http.get("/items/abc")
     assert response.status_code == 422
     assert response.headers["content-type"] == PROBLEM
@@ -581,7 +576,7 @@ async def test_fastapi_validation_error_has_errors() -> None:
 async def test_fastapi_http_exception_with_structured_detail_keeps_it() -> None:
     # FastAPI allows any JSON detail; raised outside FastAPI it becomes ``details`` (see
     # test_raised_http_exception_with_structured_detail_keeps_it), so it must here too.
-    async with client(ErrorMiddleware(fastapi_app)) as http:
+    async with client_for(ErrorMiddleware(fastapi_app)) as http:
         response = await http.post("/users")
     assert response.status_code == 409
     assert response.headers["content-type"] == PROBLEM

@@ -20,7 +20,7 @@ from asgi_resilience import (
     get_request_id,
 )
 from asgi_resilience.types import Receive, Scope, Send
-from tests.asgi import call, http_scope
+from tests.asgi import call, client_for, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -209,9 +209,7 @@ async def test_request_state_in_starlette() -> None:
         return JSONResponse({"state": request.state.request_id, "var": get_request_id()})
 
     app = RequestIdMiddleware(Starlette(routes=[Route("/", endpoint)]))
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
-    ) as client:
+    async with client_for(app) as client:
         response = await client.get("/", headers={"X-Request-ID": "req-1"})
     assert response.json() == {"state": "req-1", "var": "req-1"}
 
@@ -221,9 +219,7 @@ async def test_sync_endpoint_in_threadpool_sees_the_id() -> None:
         return PlainTextResponse(str(get_request_id()))
 
     app = RequestIdMiddleware(Starlette(routes=[Route("/", endpoint)]))
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
-    ) as client:
+    async with client_for(app) as client:
         response = await client.get("/", headers={"X-Request-ID": "threaded"})
     assert response.text == "threaded"
 
@@ -243,9 +239,7 @@ async def test_200_concurrent_requests_each_see_only_their_own_id() -> None:
         response = await client.get("/", headers={"X-Request-ID": f"req-{index}"})
         results[f"req-{index}"] = response.text
 
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
-    ) as client:
+    async with client_for(app) as client:
         async with anyio.create_task_group() as group:
             for index in range(200):
                 group.start_soon(one, client, index)

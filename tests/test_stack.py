@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import FastAPI, HTTPException
 from prometheus_client import CollectorRegistry
@@ -32,7 +31,7 @@ from asgi_resilience.envelope import EnvelopeMiddleware
 from asgi_resilience.errors import ErrorMiddleware
 from asgi_resilience.request_id import RequestIdMiddleware
 from asgi_resilience.types import ASGIApp, Receive, Scope, Send
-from tests.asgi import call, http_scope, layers
+from tests.asgi import call, client_for, http_scope, layers
 
 pytestmark = pytest.mark.anyio
 
@@ -74,13 +73,6 @@ def fastapi_app() -> FastAPI:
         raise RuntimeError("db password is hunter2")
 
     return app
-
-
-def client_for(app: ASGIApp) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-        base_url="http://testserver",
-    )
 
 
 @pytest.mark.parametrize("make_app", [starlette_app, fastapi_app], ids=["starlette", "fastapi"])

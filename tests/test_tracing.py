@@ -1,12 +1,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
-from fastapi import FastAPI
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
@@ -23,14 +21,14 @@ from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider, SpanKin
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, StreamingResponse
+from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from asgi_resilience import TracingMiddleware, resilient
 from asgi_resilience.request_id import RequestIdLogFilter
 from asgi_resilience.tracing import REQUEST_ID_ATTRIBUTE
 from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
-from tests.asgi import call, http_scope, layers
+from tests.asgi import Declined, call, client_for, fastapi_app, http_scope, layers, starlette_app
 
 pytestmark = pytest.mark.anyio
 
@@ -38,21 +36,8 @@ TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_SPAN_ID = "b7ad6b7169203331"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"
 
-logger = logging.getLogger("tests.tracing")
-
-
-class Declined(Exception):
-    """An application error."""
-
 
 # -- fixtures and helpers ----------------------------------------------------------------------
-
-
-def client_for(app: ASGIApp) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-        base_url="http://testserver",
-    )
 
 
 def server_spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
@@ -65,42 +50,6 @@ def attributes(span: ReadableSpan) -> dict[str, Any]:
 
 def hex_ids(span: ReadableSpan) -> tuple[str, str]:
     return f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"
-
-
-async def item(request: Request) -> PlainTextResponse:
-    logger.info("looking up item %s", request.path_params["item_id"])
-    return PlainTextResponse(f"item {request.path_params['item_id']}")
-
-
-async def fail(request: Request) -> PlainTextResponse:
-    raise Declined("card declined")
-
-
-async def broken_stream(request: Request) -> StreamingResponse:
-    async def body() -> AsyncIterator[bytes]:
-        yield b"first part"
-        raise Declined("stream broke")
-
-    return StreamingResponse(body(), media_type="text/plain")
-
-
-def starlette_app() -> Starlette:
-    routes = [
-        Route("/items/{item_id}", item),
-        Route("/fail", fail),
-        Route("/stream", broken_stream),
-    ]
-    return Starlette(routes=routes)
-
-
-def fastapi_app() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/items/{item_id}", response_class=PlainTextResponse)
-    async def read_item(item_id: int) -> str:
-        return f"item {item_id}"
-
-    return app
 
 
 def traced(app: ASGIApp, provider: TracerProvider, **options: Any) -> ASGIApp:
@@ -318,7 +267,7 @@ async def test_probes_and_scrapes_are_not_traced(
 async def test_log_records_carry_the_span_ids(
     provider: TracerProvider, exporter: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="tests.tracing")
+    caplog.set_level(logging.INFO, logger="tests.items")
     caplog.set_level(logging.INFO, logger="asgi_resilience.access")
     log_filter = RequestIdLogFilter()
     caplog.handler.addFilter(log_filter)
@@ -329,7 +278,7 @@ async def test_log_records_carry_the_span_ids(
         caplog.handler.removeFilter(log_filter)
     [span] = exporter.get_finished_spans()
     trace_id, span_id = hex_ids(span)
-    [record] = [r for r in caplog.records if r.name == "tests.tracing"]
+    [record] = [r for r in caplog.records if r.name == "tests.items"]
     assert record.getMessage() == "looking up item 7"
     assert getattr(record, "trace_id", None) == trace_id
     assert getattr(record, "span_id", None) == span_id
