@@ -2,14 +2,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
-import time
-from collections.abc import Callable
 from typing import Any
 
 import anyio
 import anyio.lowlevel
-import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from prometheus_client import CollectorRegistry
@@ -20,36 +16,10 @@ from starlette.routing import Route
 
 from asgi_resilience import CircuitOpenError, Lifespan, resilient
 from asgi_resilience.circuit_breaker import CircuitBreaker, retry
-from asgi_resilience.types import ASGIApp
+from tests.asgi import client_for, wait_until
 from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio
-
-
-class FakeSleep:
-    """Records the waits and moves the clock instead of sleeping."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        self.clock.advance(seconds)
-
-
-class HighestRandom(random.Random):
-    """Jitter that always draws the top of its range."""
-
-    def uniform(self, a: float, b: float) -> float:
-        return b
-
-
-class LowestRandom(random.Random):
-    """Jitter that always draws zero."""
-
-    def uniform(self, a: float, b: float) -> float:
-        return a
 
 
 class Throttled(Exception):
@@ -105,14 +75,6 @@ def states(registry: CollectorRegistry, breaker: str = "payments") -> dict[str, 
 def state_of(breaker: CircuitBreaker) -> str:
     """``breaker.state``, read afresh (mypy would keep the narrowing of an earlier assert)."""
     return breaker.state
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    for _ in range(10_000):
-        if condition():
-            return
-        await anyio.lowlevel.checkpoint()
-    raise AssertionError("condition never became true")
 
 
 # -- closed -> open --------------------------------------------------------------------------
@@ -332,28 +294,25 @@ async def test_a_cancelled_trial_releases_its_permit() -> None:
 
 async def test_no_lock_is_held_across_the_call() -> None:
     breaker = CircuitBreaker("slow", registry=CollectorRegistry())
+    release = anyio.Event()
+    inside = 0
     results: list[str] = []
 
+    async def dependency() -> str:
+        nonlocal inside
+        inside += 1
+        await release.wait()
+        return "done"
+
     async def call_dependency() -> None:
-        results.append(await breaker.call(_sleep_then, 0.1))
+        results.append(await breaker.call(dependency))
 
-    # Wall time on a shared 2-core machine is noisy: the best of three runs must be well under
-    # 150 ms (held locks would serialize the calls: 100 x 100 ms = 10 s).
-    timings = []
-    for _ in range(3):
-        results.clear()
-        began = time.perf_counter()
-        async with anyio.create_task_group() as group:
-            for _ in range(100):
-                group.start_soon(call_dependency)
-        timings.append(time.perf_counter() - began)
-        assert results == ["done"] * 100
-    assert min(timings) < 0.15, timings
-
-
-async def _sleep_then(seconds: float) -> str:
-    await anyio.sleep(seconds)
-    return "done"
+    async with anyio.create_task_group() as group:
+        for _ in range(100):
+            group.start_soon(call_dependency)
+        await wait_until(lambda: inside == 100)  # a lock held across the call would admit one
+        release.set()
+    assert results == ["done"] * 100
 
 
 # -- forms, metrics, logs, status, options ------------------------------------------------
@@ -516,13 +475,6 @@ def payments_app(breaker: CircuitBreaker) -> Starlette:
         return JSONResponse({"result": await breaker.call(ok)})
 
     return Starlette(routes=[Route("/charge", charge)])
-
-
-def client_for(app: ASGIApp) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-        base_url="http://testserver",
-    )
 
 
 async def test_resilient_answers_an_open_breaker_with_503_and_retry_after() -> None:

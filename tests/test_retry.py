@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable
@@ -12,16 +13,8 @@ import pytest
 
 from asgi_resilience import CircuitOpenError
 from asgi_resilience.retry import Retry, retry
-from tests.fakes import FakeClock
-from tests.test_circuit_breaker import (
-    FakeSleep,
-    HighestRandom,
-    LowestRandom,
-    Throttled,
-    fail,
-    make_breaker,
-    state_of,
-)
+from tests.fakes import FakeClock, FakeSleep, HighestRandom, LowestRandom
+from tests.test_circuit_breaker import Throttled, fail, make_breaker, state_of
 
 pytestmark = pytest.mark.anyio
 
@@ -159,6 +152,16 @@ async def test_retry_waits_out_an_open_breaker_then_gets_through() -> None:
     assert await charge(42) == "charged 42"
     assert sleep.waits == [1.5]  # exactly the breaker's time left
     assert state_of(breaker) == "closed"
+
+
+async def test_each_retry_is_logged_on_the_retry_logger(caplog: pytest.LogCaptureFixture) -> None:
+    sleep = FakeSleep(FakeClock())
+    fn = flaky([ConnectionError("refused")])
+    caplog.set_level(logging.INFO, logger="asgi_resilience.retry")
+    assert await Retry(3, random=HighestRandom(), sleep=sleep).call(fn) == "ok"
+    [record] = [r for r in caplog.records if r.name == "asgi_resilience.retry"]
+    assert record.getMessage().startswith("Retrying ")
+    assert "(attempt 1 of 3)" in record.getMessage()
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ from uuid import uuid4
 
 import anyio
 import anyio.to_thread
-import httpx
 import pytest
 from anyio.abc import SocketStream, TaskGroup, TaskStatus
 from asgi_lifespan import LifespanManager
@@ -23,7 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from asgi_resilience import Lifespan, StartupError, resilient
 from asgi_resilience.sqlalchemy import _ENGINES, Database, DatabaseUnavailable
-from asgi_resilience.types import ASGIApp
+from tests.asgi import call, client_for, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -64,16 +63,6 @@ def sqlite_names(db: Database[Any]) -> list[str]:
 def sync_engine_of(db: Database[Any]) -> Any:
     engine = db.engine
     return engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-
-
-def client_for(app: ASGIApp) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- SQLite, always -------------------------------------------------------------------------
@@ -311,9 +300,9 @@ async def test_async_driver_on_trio_says_it_needs_asyncio(tmp_path: Path) -> Non
 
 
 @ASYNCIO_ONLY
-async def test_startup_fails_naming_the_check_without_the_password() -> None:
+async def test_startup_fails_naming_the_check_without_the_password(closed_port: int) -> None:
     db = Database(
-        f"postgresql+asyncpg://postgres:s3cret@127.0.0.1:{free_port()}/test",
+        f"postgresql+asyncpg://postgres:s3cret@127.0.0.1:{closed_port}/test",
         name="orders-db",
         connect_attempts=2,
     )
@@ -338,11 +327,17 @@ async def test_startup_fails_naming_the_check_without_the_password() -> None:
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to the PostgreSQL server and can be stopped and restarted on
     the same port: a database outage as the application sees it, without touching the server
-    (other tests share it)."""
+    (other tests share it). ``reserve=True``: the port is taken at once, and refuses
+    connections until ``start`` listens on it (a database that is not up yet)."""
 
-    def __init__(self, target: URL, port: int = 0) -> None:
+    def __init__(self, target: URL, *, reserve: bool = False) -> None:
         self.target = (target.host or "127.0.0.1", target.port or 5432)
-        self.port = port
+        self.port = 0
+        self._reserved: socket.socket | None = None
+        if reserve:
+            self._reserved = socket.socket()
+            self._reserved.bind(("127.0.0.1", 0))
+            self.port = self._reserved.getsockname()[1]
         self._scope: anyio.CancelScope | None = None
         self._stopped = anyio.Event()
 
@@ -357,7 +352,13 @@ class TcpProxy:
         await self._stopped.wait()
 
     async def _serve(self, *, task_status: TaskStatus[None]) -> None:
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
+        listener: anyio.abc.Listener[SocketStream]
+        if self._reserved is not None:
+            reserved, self._reserved = self._reserved, None
+            reserved.listen()
+            listener = await anyio.abc.SocketListener.from_socket(reserved)
+        else:
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
         self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
         try:
             with anyio.CancelScope() as self._scope:
@@ -457,13 +458,13 @@ async def test_postgres_outage_fails_readiness_until_the_database_returns(
 @ASYNCIO_ONLY
 @pytest.mark.postgres
 async def test_postgres_startup_retries_while_the_database_comes_up(asyncpg_url: URL) -> None:
-    proxy = TcpProxy(asyncpg_url, port=free_port())
+    proxy = TcpProxy(asyncpg_url, reserve=True)
     db = Database(asyncpg_url.set(host="127.0.0.1", port=proxy.port), connect_attempts=6)
     lifespan = Lifespan()
     db.install(lifespan)
 
     async def start_later(group: TaskGroup) -> None:
-        await anyio.sleep(0.25)
+        await anyio.sleep(0.25)  # the first attempts find it down; the retries wait real time
         await proxy.start(group)
 
     async with anyio.create_task_group() as group:
@@ -502,9 +503,13 @@ async def test_a_blocked_sync_check_does_not_start_a_thread_per_probe() -> None:
     finally:
         release.set()
     with anyio.fail_after(5):
-        while db._blocked_check:  # noqa: ASYNC110 - a thread, no event to wait on
-            await anyio.sleep(0.01)
-    assert await db.check() >= 0
+        while True:  # the abandoned thread returns now: checks run again
+            try:
+                assert await db.check() >= 0
+                break
+            except DatabaseUnavailable as exc:
+                assert "still blocked" in str(exc)
+                await anyio.sleep(0.01)  # a thread: no event to wait on
     engine.dispose()
 
 
@@ -528,8 +533,6 @@ async def test_a_request_deadline_becomes_each_transactions_statement_timeout(
             seen["error"] = str(exc)
         await send({"type": "http.response.start", "status": 503, "headers": []})
         await send({"type": "http.response.body", "body": b""})
-
-    from tests.asgi import call, http_scope
 
     try:
         response = await call(TimeoutMiddleware(app, timeout=2.0), http_scope())
