@@ -62,6 +62,7 @@ from .request_id import (
 )
 from .stack import BuiltinEndpoints, ResilientApp, resilient
 from .tracing import TracingMiddleware
+from .websockets import WebSocketMiddleware
 
 __version__ = "0.1.0"
 
@@ -111,6 +112,7 @@ __all__ = [
     "TrustedProxies",
     "Unauthorized",
     "UnprocessableEntity",
+    "WebSocketMiddleware",
     "__version__",
     "add_envelope_meta",
     "generate_request_id",

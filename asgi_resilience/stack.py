@@ -31,6 +31,7 @@ from .ratelimit import (
 from .request_id import RequestIdMiddleware
 from .tracing import TracingMiddleware
 from .types import ASGIApp, Receive, Scope, Send
+from .websockets import WebSocketMiddleware
 
 __all__ = ["DEFAULT", "BuiltinEndpoints", "ResilientApp", "resilient"]
 
@@ -325,15 +326,15 @@ def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp
     # The layers that observe requests run in one pass (asgi_resilience.observe), in the order
     # nesting them would have: request ids, tracing, metrics, access log.
     observers: list[Observer] = []
+    request_ids = None
     if o.request_ids:
-        observers.append(
-            RequestIdMiddleware(
-                stack,
-                header_name=o.request_id_header,
-                trust_incoming=o.trust_incoming_request_id,
-                error_format="envelope" if o.envelope else "problem",
-            )
+        request_ids = RequestIdMiddleware(
+            stack,
+            header_name=o.request_id_header,
+            trust_incoming=o.trust_incoming_request_id,
+            error_format="envelope" if o.envelope else "problem",
         )
+        observers.append(request_ids)
     if o.tracing:
         observers.append(
             TracingMiddleware(stack, tracer_provider=o.tracer_provider, exclude_paths=probes)
@@ -361,7 +362,10 @@ def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp
         stack = observers[0]
     elif observers:
         stack = Observers(stack, observers)
-    stack = LifespanMiddleware(stack, lifespan=lifespan)
+    sessions = WebSocketMiddleware(
+        stack, lifespan=lifespan, request_ids=request_ids, registry=o.registry
+    )
+    stack = LifespanMiddleware(stack, lifespan=lifespan, websocket_app=sessions)
     return ResilientApp(app, stack, lifespan, health)
 
 

@@ -176,6 +176,9 @@ class Lifespan:
         # While a shutdown waits for the requests in flight: set by the ASGI layer when the
         # last one ends. None otherwise (reset at each start: an event belongs to one loop).
         self.drained: anyio.Event | None = None
+        # Set when the drain delay ends (or the shutdown begins without one): long-lived
+        # connections (WebSocket sessions) close then. Made at each start, in its event loop.
+        self.going_away: anyio.Event | None = None
 
     @property
     def resource_names(self) -> list[str]:
@@ -414,6 +417,7 @@ class Lifespan:
         if self.state not in STARTABLE:
             raise RuntimeError(f"cannot start a lifespan that is {self.state}")
         self.drained = None
+        self.going_away = anyio.Event()
         self.values.clear()
         self.startup_results = {}
         self.shutdown_report = []
@@ -509,6 +513,12 @@ class Lifespan:
             self.state = "draining"
             self.logger.info("Draining: readiness now fails")
 
+    def go_away(self) -> None:
+        """Tell long-lived connections to close (``going_away``): the drain delay is over.
+        Called in the event loop's thread."""
+        if self.going_away is not None and not self.going_away.is_set():
+            self.going_away.set()
+
     @property
     def watching_sigterm(self) -> bool:
         """Our SIGTERM handler is installed (started in the main thread, not stopping)."""
@@ -530,6 +540,7 @@ class Lifespan:
             return False
         self.state = "stopping"
         self._sigterm.restore()
+        self.go_away()
         if self.in_flight:
             self.drained = anyio.Event()  # set by LifespanMiddleware when the last one ends
             with anyio.move_on_after(self.drain_timeout) as waiting:

@@ -30,6 +30,8 @@ class _Draining(Protocol):
 
     def begin_drain(self) -> None: ...
 
+    def go_away(self) -> None: ...
+
 
 class SigtermWatch:
     """Our SIGTERM handler, installed in the main thread while a lifespan runs."""
@@ -75,6 +77,8 @@ class SigtermWatch:
         self.received = True
         if not owner.ready or owner.drain_delay <= 0:
             owner.begin_drain()  # a second SIGTERM, or no delay wanted: hand over now
+            # In a signal handler: the loop is told from a thread, as the timer does.
+            threading.Thread(target=self._go_away_later, daemon=True).start()
             self._hand_over(signum, frame)
             return
         owner.begin_drain()
@@ -85,11 +89,22 @@ class SigtermWatch:
 
     def _hand_over_later(self, signum: int) -> None:
         # The timer's thread asks the event loop (in the main thread, where the handler was
-        # installed) to run the server's handler, waking it if it is idle.
+        # installed) to close long-lived connections and run the server's handler, waking it
+        # if it is idle.
+        def on_the_loop() -> None:
+            self.owner.go_away()
+            self._hand_over(signum, None)
+
         try:
-            anyio.from_thread.run_sync(self._hand_over, signum, None, token=self._loop_token)
+            anyio.from_thread.run_sync(on_the_loop, token=self._loop_token)
         except RuntimeError:
             self.owner.logger.debug("Event loop gone before the drain delay ended")
+
+    def _go_away_later(self) -> None:
+        try:
+            anyio.from_thread.run_sync(self.owner.go_away, token=self._loop_token)
+        except RuntimeError:
+            pass  # the event loop is gone: nothing is open any more
 
     def _hand_over(self, signum: int, frame: FrameType | None) -> None:
         if self._timer is not None:

@@ -23,33 +23,42 @@ class LifespanMiddleware:
     startup (its state lands in the same state dict, so both are visible to requests); at
     shutdown, in-flight requests first, then the app's own shutdown, then our resources. An app
     that does not speak the lifespan protocol (it raises or returns at once) is simply started
-    without it. Counts in-flight ``http`` requests; ``websocket`` passes through. Outermost
+    without it. Counts ``http`` requests and ``websocket`` sessions in flight. Outermost
     layer of the stack; ``resilient()`` puts it there.
 
     Args:
         app: the ASGI application.
         lifespan: the lifespan to run.
+        websocket_app: what handles ``websocket`` scopes instead of ``app`` (``resilient()``
+            gives a ``WebSocketMiddleware`` around ``app``, so HTTP requests pay no layer for
+            it); ``None``: ``app``.
     """
 
-    def __init__(self, app: ASGIApp, *, lifespan: Lifespan) -> None:
+    def __init__(
+        self, app: ASGIApp, *, lifespan: Lifespan, websocket_app: ASGIApp | None = None
+    ) -> None:
         if not isinstance(lifespan, Lifespan):
             raise ValueError(f"lifespan must be a Lifespan, got {lifespan!r}")
+        if websocket_app is not None and not callable(websocket_app):
+            raise ValueError(f"websocket_app must be an ASGI app, got {websocket_app!r}")
         self.app = app
         self.lifespan = lifespan
+        self.websocket_app = websocket_app if websocket_app is not None else app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        kind = scope["type"]
+        if kind == "http" or kind == "websocket":
             lifespan = self.lifespan
             if lifespan.values and "state" not in scope:
                 scope["state"] = dict(lifespan.values)  # a server without lifespan state
             lifespan.in_flight += 1
             try:
-                await self.app(scope, receive, send)
+                await (self.app if kind == "http" else self.websocket_app)(scope, receive, send)
             finally:
                 lifespan.in_flight -= 1
                 if lifespan.in_flight == 0 and lifespan.drained is not None:
                     lifespan.drained.set()
-        elif scope["type"] == "lifespan":
+        elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         else:
             await self.app(scope, receive, send)
