@@ -25,7 +25,9 @@ def route_template(scope: Scope) -> str:
     """The full route template for ``scope`` after routing; see ``RequestContext.route``."""
     route = scope.get("route")
     if route is None:
-        return UNMATCHED_ROUTE
+        # Litestar writes its template here ("/items/{item_id}", the type left out).
+        template = scope.get("path_template")
+        return template if isinstance(template, str) and template else UNMATCHED_ROUTE
     if isinstance(route, str):
         return route or UNMATCHED_ROUTE
     router = scope.get("router")

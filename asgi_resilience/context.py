@@ -101,6 +101,7 @@ class RequestContext:
         "rate_limited",
         "recording",
         "replaced_headers",
+        "reported_exception",
         "request_id",
         "response_ended",
         "response_headers",
@@ -123,6 +124,7 @@ class RequestContext:
         self.bytes_sent = 0
         self.exception: BaseException | None = None
         self.exception_logged: BaseException | None = None
+        self.reported_exception: BaseException | None = None
         self.disconnected = False
         self.rate_limited: bool | Literal["error"] | None = None
         self.error_format: ErrorFormat | None = None
@@ -165,6 +167,12 @@ class RequestContext:
         """``exc`` is the request's exception, whatever an inner layer kept: the error layer's
         word on what reached it."""
         self.exception = exc
+
+    def report_handled_exception(self, exc: BaseException) -> None:
+        """The application's framework caught ``exc`` and rendered its own 500: the request's
+        exception all the same (counted, traced), logged once by the error layer."""
+        self.keep_exception(exc)
+        self.reported_exception = exc
 
     def mark_logged(self, exc: BaseException) -> None:
         """``exc``'s traceback was logged: no other layer logs it again."""

@@ -244,9 +244,13 @@ class _ErrorResponder:
         await self._send(status, headers=headers, **fields)
 
     async def finish(self) -> None:
-        """The application returned: send a held 5xx response (completed or not)."""
+        """The application returned: send a held 5xx response (completed or not); log an
+        exception its framework caught and rendered itself (``report_exception``)."""
         if self.held_start is not None:
             await self._send_rewritten()
+        reported = self.context.reported_exception
+        if isinstance(reported, Exception) and self.context.exception_logged is not reported:
+            self._log(reported, "rendered by the application's framework")
 
     async def fail(self, exc: Exception) -> bool:
         """Answer for ``exc``; ``False`` when it must propagate (the response is half sent)."""
