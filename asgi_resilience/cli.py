@@ -4,6 +4,7 @@
                                    [--env-file .env] [--log-level info] [--plain-logs]
     asgi-resilience check module:app [--env-file .env]
     asgi-resilience worker module:lifespan [--host 127.0.0.1] [--port 8000] [--env-file .env]
+    asgi-resilience drain [--url http://127.0.0.1:8000] [--timeout 60]
     asgi-resilience demo [--host 127.0.0.1] [--port 8000]
 
 ``run`` wraps the app with ``resilient()`` (not twice: an app that already is one is served as
@@ -14,7 +15,9 @@ removed at the end. ``check`` runs the startup (resources and checks) once, prin
 exits 0 when startup succeeds, 1 when it fails. ``worker`` serves a ``Lifespan`` without an
 HTTP app (a queue consumer, a scheduler): its health endpoints and ``/metrics`` on the port, its
 checks, resources and background tasks; 0 after a graceful stop, 3 when startup failed (as
-uvicorn exits for ``run``). Bad arguments exit 2 with one line on stderr.
+uvicorn exits for ``run``). ``drain`` (a Kubernetes ``preStop`` hook) asks the service at
+``--url`` to drain (``POST <health path>/drain``, loopback only) and returns once its drain delay
+has passed: 0, or 1 with the reason on stderr. Bad arguments exit 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -67,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "check":
             return check(args.target)
+        if args.command == "drain":
+            return drain(args.url, args.timeout)
         if args.command == "worker":
             return worker(args.target, args.host, args.port, args.log_level, args.plain_logs)
         return demo(args.host, args.port, args.log_level)
@@ -86,6 +92,21 @@ def _parser() -> argparse.ArgumentParser:
     worker_parser = commands.add_parser(
         "worker", help="run module:lifespan's checks, resources and tasks without an HTTP app"
     )
+    drain_parser = commands.add_parser(
+        "drain", help="drain a running service now (a preStop hook): readiness 503, then wait"
+    )
+    drain_parser.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="the service, on a loopback address (default: %(default)s); the health path is "
+        "ASGI_RESILIENCE_HEALTH_PATH's, /health unless set",
+    )
+    drain_parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for the drain delay to pass (default: %(default)s)",
+    )
     for sub in (run_parser, check_parser):
         sub.add_argument("target", help="the app to load, as module:attribute")
     worker_parser.add_argument("target", help="the Lifespan to run, as module:attribute")
@@ -104,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--plain-logs", action="store_true", help="human-readable log lines instead of JSON"
         )
-    for sub in (run_parser, check_parser, demo_parser, worker_parser):
+    for sub in (run_parser, check_parser, demo_parser, worker_parser, drain_parser):
         sub.add_argument("--env-file", type=Path, help="KEY=VALUE lines to add to the environment")
     return parser
 
@@ -256,6 +277,31 @@ def worker(target: str, host: str, port: int, log_level: str, plain: bool) -> in
     return 0
 
 
+def drain(url: str, timeout: float) -> int:
+    """``POST <url><health path>/drain``; 0 once the service's drain delay passed, else 1.
+
+    urllib, not httpx: httpx is not a runtime dependency, and one POST needs nothing more."""
+    import urllib.error
+    import urllib.request
+
+    health_path = os.environ.get("ASGI_RESILIENCE_HEALTH_PATH", "/health").rstrip("/")
+    target = url.rstrip("/") + (health_path or "/health") + "/drain"
+    if not target.startswith(("http://", "https://")):
+        raise UsageError(f"--url must be an http:// or https:// URL, got {url!r}")
+    request = urllib.request.Request(target, method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        print(f"asgi-resilience: drain: {target} answered {exc.code}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"asgi-resilience: drain: {target}: {exc}", file=sys.stderr)
+        return 1
+    print(f"drained: {body.get('status', '?')} after {body.get('drain_delay', '?')}s")
+    return 0
+
+
 def check(target: str) -> int:
     """Run ``target``'s startup once and print a table; 0 if it succeeded, 1 if not."""
     lifespan = _lifespan_of(load_app(target))
@@ -286,8 +332,7 @@ def check(target: str) -> int:
 
 
 async def _startup_and_shutdown(lifespan: Lifespan) -> None:
-    await lifespan.startup()
-    await lifespan.shutdown()
+    await lifespan.trial_startup()  # a check starts no background task
 
 
 def _lifespan_of(app: Any) -> Lifespan:

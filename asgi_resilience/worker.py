@@ -84,6 +84,8 @@ def serve(
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raised the SIGINT it stopped for: a graceful stop, as for SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
     if lifespan.state == "failed" or not server.started:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import logging
 import os
@@ -10,7 +11,7 @@ import platform
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from time import perf_counter
 from typing import Any
 
@@ -307,3 +308,172 @@ async def test_the_status_shows_the_process() -> None:
     assert abs(process["max_rss_bytes"] - vm_hwm) < vm_hwm * 0.2
     assert abs(process["uptime_seconds"] - seconds_since_this_process_started()) <= 2
     assert body["tasks"] == {}
+
+
+# -- the review's cases ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_cancelled_shutdown_still_stops_the_tasks_and_closes_the_resources() -> None:
+    closed: list[str] = []
+    lifespan = Lifespan()
+    lifespan.add_resource("db", lambda: closed.append("db"))
+
+    @lifespan.task("consumer")
+    async def consumer() -> None:
+        await anyio.sleep_forever()
+
+    await lifespan.startup()
+    with anyio.CancelScope() as scope:
+        scope.cancel()  # the server gave up on the lifespan task
+        await lifespan.shutdown()
+    assert lifespan.state == "stopped"
+    assert closed == ["db"]
+    assert [(r.name, r.outcome) for r in lifespan.task_report] == [("consumer", "stopped")]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_group_raised_while_cancelled_is_neither_a_crash_nor_fatal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    lifespan = Lifespan()
+
+    @lifespan.task("fanout")
+    async def fanout() -> None:
+        async def failing_on_cancel() -> None:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                raise ConnectionError("broker gone while closing")
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(failing_on_cancel)
+
+    lifespan.add_resource("db", lambda: None)
+    await lifespan.startup()
+    await anyio.sleep(0.01)
+    await lifespan.shutdown()  # on trio a system task raising would end the whole run
+    assert [r.name for r in lifespan.shutdown_report] == ["db"]
+    assert not [r for r in caplog.records if "crashed" in r.msg]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_generator_resource_lives_in_one_task_from_setup_to_teardown() -> None:
+    variable: contextvars.ContextVar[str] = contextvars.ContextVar("variable", default="unset")
+    seen: list[str] = []
+    lifespan = Lifespan()
+
+    @lifespan.resource("poller")
+    async def poller() -> AsyncIterator[str]:
+        token = variable.set("inside")
+        async with anyio.create_task_group() as group:  # held open across the yield
+            group.start_soon(anyio.sleep_forever)
+            yield "poller"
+            seen.append(variable.get())
+            group.cancel_scope.cancel()
+        variable.reset(token)  # the same context: the token is valid
+
+    await lifespan.startup()
+    report = await lifespan.shutdown()
+    assert [(r.name, r.outcome, r.error) for r in report] == [("poller", "ok", None)]
+    assert seen == ["inside"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_close_that_needs_a_moment_after_its_cancellation_is_not_abandoned() -> None:
+    lifespan = Lifespan(shutdown_timeout=2)
+
+    async def slow_then_polite() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(0.02)  # a last QUIT to the server
+
+    lifespan.add_resource("cache", slow_then_polite, timeout=0.1)
+    await lifespan.startup()
+    [report] = await lifespan.shutdown()
+    assert (report.outcome, report.abandoned) == ("timeout", False)
+    assert report.error == "cancelled after 0.1s"
+
+
+def test_the_forced_exit_does_not_fire_when_the_abandoned_work_ended() -> None:
+    from asgi_resilience.lifespan._exit import exit_soon
+
+    logger = logging.getLogger("tests.exit")
+    timer = exit_soon(0.01, logger, list)  # nothing still running
+    timer.join(2)
+    assert not timer.is_alive()  # it returned: this process is still here
+
+
+def test_on_unhandled_shutdown_off_the_main_thread_drains_instead_of_killing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    lifespan = Lifespan(on_unhandled="shutdown", registry=CollectorRegistry())
+    app = resilient(Starlette(), lifespan=lifespan, registry=CollectorRegistry())
+    with TestClient(app) as client:  # the app's loop runs in another thread
+        thread = threading.Thread(target=lambda: 1 / 0, name="poller")
+        thread.start()
+        thread.join()
+        assert lifespan.state == "draining"
+        assert client.get("/health/ready").status_code == 503
+    assert any("no SIGTERM handler of ours here" in r.getMessage() for r in caplog.records)
+
+
+async def test_hooks_restored_out_of_order_pass_on_what_they_see(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first, second = Lifespan(registry=CollectorRegistry()), Lifespan(registry=CollectorRegistry())
+    original = threading.excepthook
+    seen: list[str] = []
+    threading.excepthook = lambda args: seen.append(str(args.exc_value))
+    try:
+        await first.startup()
+        await second.startup()
+        await first.shutdown()  # not the last installed: its hook stays under the second's
+        await second.shutdown()  # gives back the first's hook, which passes faults on
+        thread = threading.Thread(target=lambda: 1 / 0)
+        thread.start()
+        thread.join()
+    finally:
+        threading.excepthook = original
+    assert seen == ["division by zero"]
+    assert unhandled(caplog) == []
+
+
+def test_tasks_are_added_before_the_lifespan_starts() -> None:
+    async def main() -> None:
+        lifespan = Lifespan()
+        await lifespan.startup()
+        try:
+            with pytest.raises(RuntimeError, match="add task 'late' before the lifespan starts"):
+                lifespan.add_task("late", _sleeping)
+        finally:
+            await lifespan.shutdown()
+
+    anyio.run(main)
+
+
+async def _sleeping() -> None:
+    await anyio.sleep_forever()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_trial_startup_opens_checks_and_closes_but_starts_no_task() -> None:
+    events: list[str] = []
+    lifespan = Lifespan()
+    lifespan.add_resource("db", lambda: events.append("closed"))
+    lifespan.add_check("db", lambda: events.append("checked") is None)
+
+    @lifespan.task("consumer")
+    async def consumer() -> None:
+        events.append("task ran")
+
+    await lifespan.trial_startup()
+    await anyio.sleep(0.05)
+    assert events == ["checked", "closed"]
+    assert lifespan.state == "stopped"
+    assert not lifespan.watching_sigterm

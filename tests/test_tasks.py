@@ -173,11 +173,13 @@ async def test_tasks_do_not_start_when_startup_fails() -> None:
     async def consumer() -> None:
         started.append("consumer")
 
+    registry = CollectorRegistry()
+    lifespan.registry = registry
     with pytest.raises(StartupError):
         await lifespan.startup()
     await anyio.sleep(0.05)
     assert started == []
-    assert (await lifespan.status())["tasks"]["sweeper"]["running"] is False
+    assert sample(registry, "asgi_resilience_task_up", task="sweeper") is None  # never up
 
 
 @pytest.mark.anyio
@@ -244,6 +246,32 @@ async def test_a_crashing_task_is_logged_counted_and_restarted_with_capped_backo
     assert status["restarts"] == restarts
     assert status["last_error"] == f"ConnectionError: broker gone #{len(starts)}"
     assert status["last_run"].endswith("Z")
+
+
+@virtual
+@pytest.mark.anyio
+async def test_a_task_crashing_for_days_is_still_restarted_every_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.CRITICAL, LIFESPAN_LOGGER)  # 1,100 tracebacks: not kept
+    lifespan = Lifespan()
+    runs = 0
+
+    @lifespan.task("flaky")
+    async def flaky() -> None:
+        nonlocal runs
+        runs += 1
+        raise ConnectionError("broker down for the weekend")
+
+    await lifespan.startup()
+    await anyio.sleep(1100 * 60)  # past 1,024 crashes: 2 ** 1024 would not fit a float
+    before = runs
+    await anyio.sleep(3600)
+    status = (await lifespan.status())["tasks"]["flaky"]
+    await lifespan.shutdown()
+    assert before > 1050
+    assert runs - before in (59, 60, 61)  # still once a minute
+    assert status["restarts"] == runs - 1
 
 
 @virtual

@@ -234,6 +234,9 @@ def test_a_close_that_hangs_shielded_cannot_hold_the_process_past_the_shutdown_t
         # uvicorn re-raises SIGTERM when its shutdown is done: the process ends by the signal
         # before the event loop would wait for the abandoned close.
         assert code == -signal.SIGTERM
+        [report] = [line for line in output.splitlines() if line.startswith("Shutdown:")]
+        assert report.startswith("Shutdown: store ok")
+        assert report.endswith("; abandoned (still running): stuck")
     else:
         # The event loop waits for every task at its end: the abandoned close would hold it
         # forever, so the lifespan leaves with status 1 and says why.

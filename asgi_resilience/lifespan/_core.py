@@ -119,7 +119,8 @@ class Lifespan:
 
     Args:
         startup_timeout: seconds for the whole startup (resources and checks).
-        shutdown_timeout: seconds for closing all resources.
+        shutdown_timeout: seconds for stopping the background tasks and closing all resources
+            (past it, what is left to close shares one more second).
         drain_delay: seconds between SIGTERM and handing over to the server's shutdown; make it
             as long as your load balancer takes to stop routing to a pod that is not ready.
         drain_timeout: seconds shutdown waits for in-flight requests.
@@ -329,6 +330,11 @@ class Lifespan:
             timeout: seconds it gets to finish once cancelled at shutdown.
         """
         check_name("a task's name", name)
+        if self.state not in STARTABLE:
+            raise RuntimeError(
+                f"add task {name!r} before the lifespan starts (it is {self.state}): tasks "
+                "start with the lifespan"
+            )
         if name in self._tasks.registered:
             raise ValueError(f"a task named {name!r} is already registered")
         if not inspect.iscoroutinefunction(function):
@@ -403,6 +409,17 @@ class Lifespan:
         if self.state in STARTABLE:
             await self.begin_startup()
             self.finish_startup()
+
+    async def trial_startup(self) -> None:
+        """Open the resources and run the startup checks, then close the resources: no task
+        started, no signal or fault watched (what ``asgi-resilience check`` does).
+
+        Raises:
+            StartupError: as ``startup()``.
+        """
+        await self.begin_startup()
+        await self.abort_startup()
+        self.state = "stopped"
 
     # -- the phases, as the ASGI layer (LifespanMiddleware) and startup()/shutdown() run them --
 
@@ -561,13 +578,15 @@ class Lifespan:
         self.shutdown_report = await self._close_resources(left, grace=_LAST_SECOND)
         self.state = "stopped"
         self._faults.restore()
-        abandoned = [r.name for r in self.task_report if r.outcome == "abandoned"]
-        abandoned += [r.name for r in self.shutdown_report if r.abandoned]
-        if abandoned and self._sigterm.received:
+        if self._still_running() and self._sigterm.received:
             # The server's own teardown takes milliseconds; then, within the last second
             # the shutdown has, leave (an abandoned task would keep the process forever).
             end = self._shutdown_deadline + _LAST_SECOND - monotonic()
-            exit_soon(min(0.5, max(0.1, end)), self.logger, abandoned)
+            exit_soon(min(0.5, max(0.0, end)), self.logger, self._still_running)
+
+    def _still_running(self) -> list[str]:
+        """What a shutdown abandoned and still runs: tasks, then closes."""
+        return self._tasks.still_running + self._resources.still_running
 
     async def abort_startup(self) -> None:
         """The wrapped app's own startup failed after ours: close what was opened (state

@@ -13,15 +13,16 @@ its own, which ``cancel()`` cancels on either backend.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import anyio
-import anyio.lowlevel
 
 __all__ = ["Detached"]
 
 _running: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
+UNWIND = 0.2  # seconds a cancelled piece of work gets to finish before it is abandoned
 
 
 class Detached:
@@ -30,23 +31,26 @@ class Detached:
     def __init__(self, function: Callable[[], Awaitable[Any]]) -> None:
         self.function = function
         self.done = anyio.Event()
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
         self.result: Any = None
         self._scope: anyio.CancelScope | None = None
         self._cancelled = False
 
     @classmethod
     def start(cls, function: Callable[[], Awaitable[Any]], *, name: str = "") -> Detached:
-        """Start ``function()`` now, from inside the event loop (asyncio or trio)."""
+        """Start ``function()`` now, from inside the event loop (asyncio or trio), in a copy
+        of the caller's context (its context variables)."""
         run = cls(function)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             import trio  # not asyncio: anyio's other backend
 
-            trio.lowlevel.spawn_system_task(run._run, name=name or None)
+            # A system task runs in trio.run's context unless given one.
+            context = contextvars.copy_context()
+            trio.lowlevel.spawn_system_task(run._run, name=name or None, context=context)
         else:
-            task = loop.create_task(run._run(), name=name or None)
+            task = loop.create_task(run._run(), name=name or None)  # copies the context
             _running.add(task)
             task.add_done_callback(_running.discard)
         return run
@@ -57,10 +61,12 @@ class Detached:
                 self._scope = scope
                 if self._cancelled:
                     scope.cancel()
-                try:
-                    self.result = await self.function()
-                except Exception as exc:  # handed to whoever waits, never lost in the task
-                    self.error = exc
+                self.result = await self.function()
+        except anyio.get_cancelled_exc_class():
+            raise  # the event loop's own end (a trio system task may end so; asyncio too)
+        except BaseException as exc:  # kept for whoever waits, never lost
+            # Groups included: on trio an exception leaving a system task would end the run.
+            self.error = exc
         finally:
             self.done.set()
 
@@ -82,14 +88,13 @@ class Detached:
             await self.done.wait()
         return self.done.is_set()
 
-    async def stop(self, seconds: float) -> Literal["ended", "cancelled", "abandoned"]:
-        """Wait up to ``seconds`` for it to end; then cancel it and let it unwind for
-        a moment (two checkpoints: no time). ``abandoned``: it ignored the cancellation and
-        runs on, unwaited for."""
+    async def stop(
+        self, seconds: float, *, unwind: float = UNWIND
+    ) -> Literal["ended", "cancelled", "abandoned"]:
+        """Wait up to ``seconds`` for it to end; then cancel it and give it ``unwind``
+        seconds to finish (its cleanup: a task group ending, a last message to a server).
+        ``abandoned``: it ignored the cancellation and runs on, unwaited for."""
         if await self.wait(seconds):
             return "ended"
         self.cancel()
-        with anyio.CancelScope(shield=True):
-            for _ in range(2):
-                await anyio.lowlevel.checkpoint()
-        return "cancelled" if self.done.is_set() else "abandoned"
+        return "cancelled" if await self.wait(unwind) else "abandoned"

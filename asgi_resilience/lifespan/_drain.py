@@ -53,12 +53,12 @@ class SigtermWatch:
         """Put our handler in front of the current one (main thread only; once)."""
         if self._installed:
             return  # never chain to ourselves
+        self.received = False
         if threading.current_thread() is not threading.main_thread():
             self.owner.logger.debug("Not in the main thread: SIGTERM draining not installed")
             return
         self._previous = signal.getsignal(signal.SIGTERM)
         self._loop_token = anyio.lowlevel.current_token()
-        self.received = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self._installed = True
 

@@ -13,16 +13,23 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 
 __all__ = ["exit_soon"]
 
 EXIT_STATUS = 1
 
 
-def exit_soon(grace: float, logger: logging.Logger, abandoned: list[str]) -> threading.Timer:
-    """Exit the process in ``grace`` seconds unless it has ended by then."""
+def exit_soon(
+    grace: float, logger: logging.Logger, still_running: Callable[[], list[str]]
+) -> threading.Timer:
+    """Exit the process in ``grace`` seconds unless it has ended by then, or what was abandoned
+    (``still_running()``: the names of what still runs) has ended meanwhile."""
 
     def leave() -> None:
+        abandoned = still_running()
+        if not abandoned:
+            return  # it ended after all: the process ends as it will
         logger.error(
             "Exiting now: %s still running after the shutdown (abandoned); status %d",
             ", ".join(abandoned),

@@ -38,6 +38,14 @@ class _Owner(Protocol):
     logger: logging.Logger
     on_unhandled: OnUnhandled
 
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def watching_sigterm(self) -> bool: ...
+
+    def begin_drain(self) -> None: ...
+
 
 class FaultWatch:
     """The hooks one running lifespan installs; ``install()`` in the loop, ``restore()`` after."""
@@ -91,6 +99,9 @@ class FaultWatch:
     # -- the hooks -------------------------------------------------------------------------
 
     def _thread_hook(self, args: threading.ExceptHookArgs) -> None:
+        if not self._installed:  # restored, but another hook put back over ours: pass it on
+            self._previous_thread_hook(args)
+            return
         if args.exc_type is SystemExit or args.exc_value is None:
             return  # how a thread asks to end, as the default hook sees it
         name = args.thread.name if args.thread is not None else "?"
@@ -101,7 +112,11 @@ class FaultWatch:
     def _loop_hook(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exception = context.get("exception")
         task = context.get("future") or context.get("task")
-        if not isinstance(exception, BaseException) or not isinstance(task, asyncio.Task):
+        if (
+            not self._installed
+            or not isinstance(exception, BaseException)
+            or not isinstance(task, asyncio.Task)
+        ):
             previous = self._previous_loop_handler
             if previous is not None:
                 previous(loop, context)
@@ -146,6 +161,16 @@ class FaultWatch:
         )
         if shutdown and not self._shutting_down:
             self._shutting_down = True
-            # What the orchestrator would send: our SIGTERM handler drains, then the server
-            # shuts down as it always does. From any thread: the signal goes to the main one.
-            os.kill(os.getpid(), signal.SIGTERM)
+            if owner.watching_sigterm and owner.ready:
+                # What the orchestrator would send: our SIGTERM handler drains, then the
+                # server shuts down as it always does. From any thread: the signal goes to
+                # the main one.
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                # No handler of ours in front of the server's (the loop runs outside the main
+                # thread, or the shutdown began): a SIGTERM would end the process at once.
+                owner.begin_drain()
+                owner.logger.warning(
+                    "on_unhandled='shutdown': no SIGTERM handler of ours here; readiness "
+                    "fails from now on, the orchestrator will replace this process"
+                )

@@ -1,11 +1,18 @@
 """The resource stack: opened in registration order at startup, closed in reverse at shutdown.
 
-Each close runs in a task of its own (``_detached``) and is waited for up to its timeout (and
-what is left of ``shutdown_timeout``); one still running then is cancelled, and if it ignores
-the cancellation (a close that shields itself around a hung call), abandoned: the next resource
-is closed all the same, and the report says ``abandoned``. An async generator resource is
-therefore finished in another task than the one that opened it: it must not hold a cancel scope
-or a task group open across its ``yield`` (start background work with ``@lifespan.task``).
+A resource's close is waited for up to its timeout (and what is left of ``shutdown_timeout``);
+one still running then is cancelled, and if it ignores the cancellation (a close that shields
+itself around a hung call), abandoned: the next resource is closed all the same, and the report
+says ``abandoned``. To be abandonable, work must run in a task of its own (``_detached``):
+
+- an async generator resource lives in one *keeper* task from its setup to its teardown: the
+  setup runs there up to ``yield``, the keeper then waits, and at shutdown resumes the
+  generator there. One task, one context: a cancel scope or task group held open across the
+  ``yield``, a context variable set before it and reset after it, all work as in a plain
+  ``async with``. The value (and the context variables the setup set) are the keeper's; the
+  lifespan hands the value on as state;
+- a close callable (``add_resource``) runs in a task of its own, in a copy of the lifespan's
+  context.
 """
 
 from __future__ import annotations
@@ -45,6 +52,40 @@ class _Resource:
     timeout: float
     close: Callable[[], Any]
     factory: ResourceFactory | None = None
+    keeper: _Keeper | None = None
+
+
+class _Keeper:
+    """The task an async generator resource lives in, from its setup to its teardown."""
+
+    def __init__(self, name: str, factory: ResourceFactory) -> None:
+        self.name = name
+        self.factory = factory
+        self.opened = anyio.Event()
+        self.close_now = anyio.Event()
+        self.value: Any = None
+        self.open_error: BaseException | None = None
+        self.run: Detached | None = None
+
+    def start(self) -> None:
+        self.run = Detached.start(self._live, name=f"asgi-resilience resource {self.name}")
+
+    async def _live(self) -> None:
+        generator = self.factory()
+        try:
+            self.value = await generator.__anext__()
+        except BaseException as exc:
+            self.open_error = exc
+            raise
+        finally:
+            self.opened.set()
+        await self.close_now.wait()
+        try:
+            await generator.__anext__()
+        except StopAsyncIteration:
+            return
+        await generator.aclose()  # type: ignore[attr-defined]
+        raise RuntimeError(f"resource {self.name!r} yielded more than once")
 
 
 class Resources:
@@ -53,11 +94,17 @@ class Resources:
     def __init__(self) -> None:
         self._registered: list[_Resource] = []
         self._opened: list[_Resource] = []
+        self._abandoned: list[tuple[str, Detached]] = []
 
     @property
     def names(self) -> list[str]:
         """The registered resources, in registration order."""
         return [resource.name for resource in self._registered]
+
+    @property
+    def still_running(self) -> list[str]:
+        """Closes abandoned at a shutdown that have not ended since."""
+        return [name for name, run in self._abandoned if run.running]
 
     @property
     def opened_names(self) -> list[str]:
@@ -86,33 +133,38 @@ class Resources:
             if resource.factory is None:
                 self._opened.append(resource)
                 continue
-            generator = resource.factory()
-            value: Any = None
-            try:
-                # move_on_after: a TimeoutError the setup raises itself is its own error.
-                with anyio.move_on_after(resource.timeout) as deadline:
-                    value = await generator.__anext__()
-            except Exception as exc:
-                raise StartupError(
-                    f"startup failed: resource {resource.name!r} could not be opened: "
-                    f"{describe_error(exc)}"
-                ) from exc
-            if deadline.cancelled_caught:
+            keeper = _Keeper(resource.name, resource.factory)
+            keeper.start()
+            assert keeper.run is not None
+            with anyio.move_on_after(resource.timeout):
+                await keeper.opened.wait()
+            if not keeper.opened.is_set():
+                await keeper.run.stop(0)  # cancelled; abandoned if it will not stop
                 raise StartupError(
                     f"startup failed: resource {resource.name!r} did not open within "
                     f"{resource.timeout:g}s"
                 )
-            values[resource.name] = value
+            failure = keeper.open_error
+            if failure is not None:
+                await keeper.run.wait(0)  # its task ends with the exception
+                if not isinstance(failure, Exception):
+                    raise failure  # a cancellation, KeyboardInterrupt...: not a failure of ours
+                raise StartupError(
+                    f"startup failed: resource {resource.name!r} could not be opened: "
+                    f"{describe_error(failure)}"
+                ) from failure
+            values[resource.name] = keeper.value
             self._opened.append(
-                _Resource(resource.name, resource.timeout, _closer(resource.name, generator))
+                _Resource(resource.name, resource.timeout, _not_opened, keeper=keeper)
             )
 
     async def close(self, total: float, *, grace: float = 0.0) -> list[ResourceReport]:
         """Close the opened resources in reverse order, each within its own timeout and all
         within ``total`` seconds, failures isolated; one report per resource.
 
-        Past ``total``, the resources not closed yet (a hung close took the time) still get
-        ``grace`` seconds between them: one stuck close must not leave the others open.
+        Past ``total``, the resources not closed yet (a hung close took the time) share
+        ``grace`` more seconds, in equal parts: one stuck close must not leave the others
+        open.
         """
         deadline = monotonic() + total
         last = deadline + grace
@@ -120,23 +172,37 @@ class Resources:
         while self._opened:
             resource = self._opened.pop()
             now = monotonic()
-            left = (deadline if now < deadline else last) - now
-            reports.append(await _close_one(resource, max(0.0, min(resource.timeout, left))))
+            if now < deadline:
+                left = deadline - now
+            else:
+                left = (last - now) / (len(self._opened) + 1)
+            budget = max(0.0, min(resource.timeout, left))
+            reports.append(await _close_one(resource, budget, self._abandoned))
         return reports
 
 
-async def _close_one(resource: _Resource, budget: float) -> ResourceReport:
+async def _close_one(
+    resource: _Resource, budget: float, abandoned: list[tuple[str, Detached]]
+) -> ResourceReport:
     began = perf_counter()
     if budget <= 0:
         return ResourceReport(resource.name, "timeout", 0.0, "not closed: shutdown_timeout spent")
 
-    async def close() -> None:
-        await _call(resource.close)
+    if resource.keeper is not None:
+        run = resource.keeper.run
+        assert run is not None
+        resource.keeper.close_now.set()  # its teardown, in the task it lives in
+    else:
+        close = resource.close
 
-    run = Detached.start(close, name=f"asgi-resilience close {resource.name}")
+        async def call_close() -> None:
+            await _call(close)
+
+        run = Detached.start(call_close, name=f"asgi-resilience close {resource.name}")
     ended = await run.stop(budget)
     duration = perf_counter() - began
     if ended == "abandoned":
+        abandoned.append((resource.name, run))
         error = f"abandoned after {budget:g}s, still running (it ignored its cancellation)"
         return ResourceReport(resource.name, "timeout", duration, error, abandoned=True)
     if ended == "cancelled":
@@ -147,16 +213,4 @@ async def _close_one(resource: _Resource, budget: float) -> ResourceReport:
 
 
 async def _not_opened() -> None:
-    """Placeholder close of a resource factory; replaced by ``_closer`` once opened."""
-
-
-def _closer(name: str, generator: AsyncIterator[Any]) -> Callable[[], Any]:
-    async def close() -> None:
-        try:
-            await generator.__anext__()
-        except StopAsyncIteration:
-            return
-        await generator.aclose()  # type: ignore[attr-defined]
-        raise RuntimeError(f"resource {name!r} yielded more than once")
-
-    return close
+    """The close of a resource factory: its keeper closes it."""

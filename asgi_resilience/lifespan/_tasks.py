@@ -96,6 +96,13 @@ class Tasks:
         self.registered: dict[str, Task] = {}
         self.states: dict[str, TaskState] = {}
         self._running: dict[str, Detached] = {}
+        self._stopping = False  # cancelled by stop(): what a task raises now is no crash
+        self._abandoned: dict[str, Detached] = {}
+
+    @property
+    def still_running(self) -> list[str]:
+        """Tasks abandoned at a stop that have not ended since."""
+        return [name for name, run in self._abandoned.items() if run.running]
 
     def add(self, task: Task) -> None:
         self.registered[task.name] = task
@@ -103,6 +110,7 @@ class Tasks:
 
     def start(self) -> None:
         """Start every task's supervision loop (from inside the event loop)."""
+        self._stopping = False
         for task in self.registered.values():
             state = self.states[task.name] = TaskState(running=True)
             self._set_up(task.name, True)
@@ -123,6 +131,7 @@ class Tasks:
         finish. One report per task, in registration order."""
         running, self._running = self._running, {}
         began = perf_counter()
+        self._stopping = True
         for run in running.values():
             run.cancel()
         ended: dict[str, float] = {}
@@ -132,20 +141,33 @@ class Tasks:
             if await run.wait(budget):
                 ended[name] = perf_counter() - began
 
-        async with anyio.create_task_group() as group:
-            for name, run in running.items():
-                group.start_soon(wait, name, run)
+        # Shielded: a server cancelling the lifespan task must not cut the shutdown short.
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as group:
+                for name, run in running.items():
+                    group.start_soon(wait, name, run)
         reports = []
-        for name in running:
+        for name, run in running.items():
             self.states[name].running = False
             self._set_up(name, False)
             if name in ended:
                 reports.append(TaskReport(name, "stopped", ended[name]))
             else:
+                self._abandoned[name] = run
                 reports.append(TaskReport(name, "abandoned", perf_counter() - began))
         return reports
 
     async def _supervise(self, task: Task, state: TaskState) -> None:
+        try:
+            await self._loop(task, state)
+        except Exception:  # our own bug, not the task's: say so, and show the task down
+            state.running = False
+            self._set_up(task.name, False)
+            self.owner.logger.exception(
+                "Task %r: its supervisor failed; the task is stopped", task.name
+            )
+
+    async def _loop(self, task: Task, state: TaskState) -> None:
         failures = 0
         next_start = anyio.current_time()
         while True:
@@ -157,6 +179,8 @@ class Tasks:
             try:
                 await task.function()
             except Exception as exc:
+                if self._stopping:
+                    return  # raised while being cancelled at shutdown: not a crash
                 state.running = False
                 self._set_up(task.name, False)
                 state.last_error = describe_error(exc)
@@ -164,7 +188,8 @@ class Tasks:
                     failures = 0  # it had been running well: start the backoff again
                 failures += 1
                 again = task.restart
-                delay = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (failures - 1))
+                # The exponent capped: 2 ** 1024 no longer fits a float (days of crashes).
+                delay = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** min(failures - 1, 16))
                 self.owner.logger.error(
                     "Task %r crashed: %s; %s",
                     task.name,
@@ -185,7 +210,8 @@ class Tasks:
             if task.every is None:
                 state.running = False
                 self._set_up(task.name, False)
-                self.owner.logger.info("Task %r finished", task.name)
+                if not self._stopping:  # one that swallowed its cancellation is just stopped
+                    self.owner.logger.info("Task %r finished", task.name)
                 return
             failures = 0
             next_start = max(next_start + task.every, anyio.current_time())

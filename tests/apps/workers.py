@@ -39,6 +39,8 @@ class _DrainRecorder(logging.Handler):
 _lifespan_logger = logging.getLogger("asgi_resilience.lifespan")
 _lifespan_logger.addHandler(_DrainRecorder())
 _lifespan_logger.setLevel(logging.INFO)  # the "Draining" line is INFO
+if not logging.getLogger().handlers:  # plain uvicorn: the lifespan's report on stderr too
+    _lifespan_logger.addHandler(logging.StreamHandler())
 
 lifespan = Lifespan(
     drain_delay=float(os.environ.get("DRAIN_DELAY", "0")),
