@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.log_level,
                 args.plain_logs,
                 uds=args.uds,
+                server=args.server,
             )
         if args.command == "check":
             return check(args.target)
@@ -115,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--port", type=int, default=8000)
         sub.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     run_parser.add_argument("--workers", type=int, default=1)
+    run_parser.add_argument(
+        "--server",
+        choices=("uvicorn", "hypercorn"),
+        default="uvicorn",
+        help="the ASGI server (default: %(default)s); each drains on SIGTERM",
+    )
     run_parser.add_argument(
         "--uds",
         metavar="PATH",
@@ -216,17 +223,21 @@ def run(
     log_level: str,
     plain: bool,
     uds: str | None = None,
+    server: str = "uvicorn",
 ) -> int:
-    """Serve ``target`` with uvicorn until SIGTERM or SIGINT; 0 after a graceful stop.
+    """Serve ``target`` with uvicorn (or Hypercorn) until SIGTERM or SIGINT; 0 after a
+    graceful stop.
 
     uvicorn's own forwarding-header handling (``proxy_headers``) is off: it would rewrite the
     client address from ``X-Forwarded-For`` sent by any local peer, and ``trusted_proxies`` is
     the one authority on it. With ``uds`` the service listens on a unix socket, whose peers
     (the proxy in front) are trusted unless ``ASGI_RESILIENCE_TRUSTED_PROXIES`` says otherwise.
     """
-    uvicorn = _uvicorn()
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
+    if server == "hypercorn":
+        return _run_hypercorn(target, host, port, workers, log_level, plain, uds)
+    uvicorn = _uvicorn()
     options: dict[str, Any] = {
         "log_config": None,
         "access_log": False,  # ours is better: one structured record per request
@@ -257,6 +268,38 @@ def run(
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _run_hypercorn(
+    target: str,
+    host: str,
+    port: int,
+    workers: int,
+    log_level: str,
+    plain: bool,
+    uds: str | None,
+) -> int:
+    """``run --server hypercorn``: see ``asgi_resilience._hypercorn``."""
+    from ._hypercorn import serve_hypercorn, serve_hypercorn_workers
+
+    if uds is None:
+        _ensure_port_free(host, port)
+    else:
+        os.environ.setdefault("ASGI_RESILIENCE_TRUSTED_PROXIES", "unix")
+    configure_logging(log_level, plain=plain)
+    if workers == 1:
+        bind = f"unix:{uds}" if uds is not None else f"[{host}]:{port}" if ":" in host else None
+        return serve_hypercorn(_wrapped(target, plain=plain), [bind or f"{host}:{port}"], log_level)
+    _wrapped(target)  # fail here, once, rather than in every worker
+    metrics_dir = tempfile.mkdtemp(prefix="asgi-resilience-metrics-")
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
+    os.environ[_TARGET_VARIABLE] = target
+    os.environ[_PLAIN_VARIABLE] = "1" if plain else "0"
+    os.environ[_LEVEL_VARIABLE] = log_level
+    try:
+        return serve_hypercorn_workers(host, port, uds, workers)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def worker(target: str, host: str, port: int, log_level: str, plain: bool) -> int:

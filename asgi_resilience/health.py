@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable
 from time import monotonic
@@ -34,6 +35,18 @@ class HealthCollectors:
 
 
 _ALLOW = [(b"allow", b"GET, HEAD")]
+_ALLOW_POST = [(b"allow", b"POST")]
+
+
+def _from_loopback(scope: Scope) -> bool:
+    """The connection's own peer is this machine (never a forwarded address)."""
+    client = scope.get("client")
+    if not client:
+        return False  # a unix socket: its peer is the proxy in front, serving anyone
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False
 
 
 class HealthApp:
@@ -53,9 +66,15 @@ class HealthApp:
     - ``/health/status``: state, uptime, version, check results and the lifespan's status
       sections (pools, breakers); only with ``status_details=True`` (it describes internals),
       404 otherwise.
+    - ``POST /health/drain``: begin draining now (readiness 503), answer once ``drain_delay``
+      has passed and long-lived connections were told to close: what a Kubernetes ``preStop``
+      hook calls (``asgi-resilience drain``) for a server whose own SIGTERM handling cannot
+      wait. Only a loopback peer may call it (the connection's own address: forwarding headers
+      are not read, and a unix socket's peer is a proxy, so it is refused); anyone else gets
+      404, as if it did not exist.
 
-    Only GET and HEAD (405 otherwise). Responses are JSON with ``Cache-Control: no-store``;
-    errors use the stack's error shape. Other paths answer 404.
+    Only GET and HEAD (405 otherwise; ``/drain``: only POST). Responses are JSON with
+    ``Cache-Control: no-store``; errors use the stack's error shape. Other paths answer 404.
 
     Args:
         lifespan: whose state and checks decide readiness; ``None``: always ready, no checks.
@@ -94,7 +113,10 @@ class HealthApp:
             f"{path}/ready": self._ready,
             path: self._summary,
             f"{path}/status": self._status,
+            f"{path}/drain": self._drain,
         }
+        self.drain_path = f"{path}/drain"
+        self._drain_ends: float | None = None
         if probe_aliases:
             self.routes["/livez"] = self._live
             self.routes["/readyz"] = self._ready
@@ -109,14 +131,34 @@ class HealthApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # nothing to serve on WebSocket or lifespan scopes
-        handler = self.routes.get(scope["path"])
-        if handler is None or (handler == self._status and not self.status_details):
+        path = scope["path"]
+        handler = self.routes.get(path)
+        if path == self.drain_path:
+            if self.lifespan is None or not _from_loopback(scope):
+                await send_error(RequestContext.current(), scope, send, 404)
+            elif scope["method"] != "POST":
+                await send_error(RequestContext.current(), scope, send, 405, headers=_ALLOW_POST)
+            else:
+                status, body = await self._drain()
+                await _send_json(scope, send, status, body)
+        elif handler is None or (handler == self._status and not self.status_details):
             await send_error(RequestContext.current(), scope, send, 404)
         elif scope["method"] not in ("GET", "HEAD"):
             await send_error(RequestContext.current(), scope, send, 405, headers=_ALLOW)
         else:
             status, body = await handler()
             await _send_json(scope, send, status, body)
+
+    async def _drain(self) -> tuple[int, dict[str, Any]]:
+        lifespan = self.lifespan
+        assert lifespan is not None
+        if self._drain_ends is None or lifespan.state == "ready":
+            self._drain_ends = anyio.current_time() + lifespan.drain_delay
+        lifespan.begin_drain()
+        # Every caller returns when the one drain delay ends (a retried hook waits no longer).
+        await anyio.sleep(max(0.0, self._drain_ends - anyio.current_time()))
+        lifespan.go_away()
+        return 200, {"status": lifespan.state, "drain_delay": lifespan.drain_delay}
 
     async def _live(self) -> tuple[int, dict[str, Any]]:
         return 200, {"status": "alive"}

@@ -27,7 +27,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 UVICORN = [sys.executable, "-m", "uvicorn"]
 
-_RUNNING_ON = re.compile(r"Uvicorn running on https?://[^\s:]+:(\d+)")
+_RUNNING_ON = re.compile(
+    r"(?:Uvicorn running|Running|Listening) (?:on|at):? https?://[^\s:]+:(\d+)"
+)
 _ADDRESS_IN_USE = "address already in use"  # errno's text, in uvicorn's error and ours
 
 

@@ -117,11 +117,13 @@ def test_sigterm_drains_then_stops_tasks_then_closes_resources_in_reverse(
     drain_at = next(at for at, event in recorded if event == "drain")
     assert drain_at - sent < 0.1
     assert names(Path(env["EVENTS_FILE"])) == [
+        "app startup",
         "task started",
         "request start",
         "drain",
         "request end",
         "task cancelled, store open=True",
+        "app shutdown",
         "close store",
         "close early",
     ]
@@ -222,9 +224,11 @@ def test_a_close_that_hangs_shielded_cannot_hold_the_process_past_the_shutdown_t
     took = time.monotonic() - sent
     assert took < 4, f"exited {took:.2f}s after SIGTERM"
     assert names(Path(env["EVENTS_FILE"])) == [
+        "app startup",
         "task started",
         "drain",
         "task cancelled, store open=True",
+        "app shutdown",
         "close store",
         "close stuck: hanging",
         "close early",  # registered before the stuck one: still closed
@@ -261,9 +265,10 @@ def test_on_unhandled_shutdown_stops_the_service_gracefully_after_a_thread_dies(
     )
     assert httpx.get(server.base_url + "/thread-crash", timeout=5).text == "started"
     assert server.process.wait(10) == 0  # a graceful stop, as after SIGTERM
-    assert names(Path(env["EVENTS_FILE"]))[1:] == [
+    assert names(Path(env["EVENTS_FILE"]))[2:] == [
         "drain",
         "task cancelled, store open=True",
+        "app shutdown",
         "close store",
         "close early",
     ]

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 from starlette.applications import Starlette
@@ -113,7 +114,18 @@ async def thread_crash(request: Request) -> PlainTextResponse:
     return PlainTextResponse("started")
 
 
+@asynccontextmanager
+async def own_lifespan(app: Starlette) -> AsyncIterator[None]:
+    """The application's own lifespan, kept by the stack around it."""
+    record("app startup")
+    yield
+    record("app shutdown")
+
+
 api = resilient(
-    Starlette(routes=[Route("/slow", slow), Route("/thread-crash", thread_crash)]),
+    Starlette(
+        routes=[Route("/slow", slow), Route("/thread-crash", thread_crash)],
+        lifespan=own_lifespan,
+    ),
     lifespan=lifespan,
 )

@@ -1,0 +1,131 @@
+"""``asgi-resilience run --server hypercorn``: Hypercorn, with SIGTERM draining that works.
+
+Hypercorn's own runner cannot drain: with ``-w 1`` the signal reaches its parent process and the
+worker stops at once; with ``-w 0`` it installs ``loop.add_signal_handler`` for SIGTERM, which
+no handler chained in front of it can delay. Here Hypercorn is driven through its documented
+``serve(app, config, shutdown_trigger=...)``, which installs no signal handler: ours (a plain
+``signal.signal``) sets the trigger, and the ``Lifespan`` chains its drain in front of it as it
+does under uvicorn. SIGTERM: readiness 503 at once, ``drain_delay`` more of serving, then
+Hypercorn stops accepting, lets requests in flight finish (``graceful_timeout`` is the
+lifespan's ``drain_timeout``), runs the lifespan shutdown (the app's own included) and returns:
+exit code 0.
+
+With ``--workers N`` (N > 1) this process binds the socket, starts N worker processes (a fresh
+interpreter each, the socket handed over by file descriptor, Prometheus multiprocess mode in a
+directory of its own), forwards SIGTERM and SIGINT to them, and exits 0 once all stopped
+cleanly (1 otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from types import FrameType
+from typing import Any
+
+from .exceptions import UsageError
+
+__all__ = ["serve_hypercorn", "serve_hypercorn_workers"]
+
+_FD_VARIABLE = "_ASGI_RESILIENCE_HYPERCORN_FD"
+_logger = logging.getLogger("asgi_resilience.cli")
+
+
+def _config(binds: list[str], log_level: str, graceful_timeout: float) -> Any:
+    try:
+        from hypercorn.config import Config
+    except ImportError:
+        raise UsageError("--server hypercorn needs Hypercorn: pip install hypercorn") from None
+    config = Config()
+    config.bind = binds
+    config.accesslog = None  # ours: one structured record per request
+    config.errorlog = logging.getLogger("hypercorn.error")  # through the root's JSON lines
+    config.loglevel = log_level.upper()
+    config.graceful_timeout = graceful_timeout
+    return config
+
+
+def serve_hypercorn(app: Any, binds: list[str], log_level: str) -> int:
+    """Serve ``app`` in this process until SIGTERM or SIGINT; 0 after a graceful stop, 3 when
+    the application's startup failed."""
+    from hypercorn.asyncio import serve
+    from hypercorn.utils import LifespanFailureError
+
+    lifespan = getattr(app, "lifespan", None)
+    graceful = float(getattr(lifespan, "drain_timeout", 20.0))
+    config = _config(binds, log_level, graceful)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            loop.call_soon_threadsafe(stop.set)
+
+        # Installed before the lifespan starts: the lifespan's SIGTERM drain chains in front.
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        await serve(app, config, shutdown_trigger=stop.wait, mode="asgi")
+
+    try:
+        asyncio.run(main())
+    except LifespanFailureError:
+        return 3  # the lifespan logged why
+    return 0
+
+
+def worker_main() -> int:
+    """One worker of ``serve_hypercorn_workers`` (``python -m asgi_resilience._hypercorn``)."""
+    from .cli import worker_app
+
+    fd = int(os.environ[_FD_VARIABLE])
+    log_level = os.environ.get("_ASGI_RESILIENCE_CLI_LOG_LEVEL", "info")
+    return serve_hypercorn(worker_app(), [f"fd://{fd}"], log_level)
+
+
+def serve_hypercorn_workers(host: str, port: int, uds: str | None, workers: int) -> int:
+    """Bind, start ``workers`` worker processes on the socket, forward SIGTERM/SIGINT to them,
+    wait; 0 when every worker stopped cleanly. The caller has set the worker's variables."""
+    if uds is not None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(uds):
+            os.unlink(uds)
+        listener.bind(uds)
+        where = f"unix:{uds}"
+    else:
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        where = f"http://{host}:{listener.getsockname()[1]}"
+    listener.listen(2048)
+    listener.set_inheritable(True)
+    env = {**os.environ, _FD_VARIABLE: str(listener.fileno())}
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "asgi_resilience._hypercorn"],
+            env=env,
+            pass_fds=(listener.fileno(),),
+        )
+        for _ in range(workers)
+    ]
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    _logger.info("Running on %s with %d Hypercorn workers", where, workers)
+    codes = [child.wait() for child in children]
+    listener.close()
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
