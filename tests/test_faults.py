@@ -466,7 +466,10 @@ async def test_a_trial_startup_opens_checks_and_closes_but_starts_no_task() -> N
     events: list[str] = []
     lifespan = Lifespan()
     lifespan.add_resource("db", lambda: events.append("closed"))
-    lifespan.add_check("db", lambda: events.append("checked") is None)
+
+    @lifespan.check("db")
+    async def db() -> None:
+        events.append("checked")
 
     @lifespan.task("consumer")
     async def consumer() -> None:
