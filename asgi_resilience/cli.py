@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--workers", type=int, default=1)
     run_parser.add_argument(
         "--server",
-        choices=("uvicorn", "hypercorn"),
+        choices=("uvicorn", "hypercorn", "granian"),
         default="uvicorn",
         help="the ASGI server (default: %(default)s); each drains on SIGTERM",
     )
@@ -210,9 +210,13 @@ def configure_logging(level: str = "info", *, plain: bool = False) -> None:
 
 def worker_app() -> ResilientApp:
     """The app of one uvicorn worker process (``--workers`` above 1): uvicorn's factory."""
+    from ._granian import install_drain_signal
+
     plain = os.environ.get(_PLAIN_VARIABLE) == "1"
     configure_logging(os.environ.get(_LEVEL_VARIABLE, "info"), plain=plain)
-    return _wrapped(os.environ[_TARGET_VARIABLE], plain=plain)
+    app = _wrapped(os.environ[_TARGET_VARIABLE], plain=plain)
+    install_drain_signal(app.lifespan)  # --server granian: the parent asks its workers to drain
+    return app
 
 
 def run(
@@ -237,6 +241,8 @@ def run(
         raise UsageError(f"--workers must be at least 1, got {workers}")
     if server == "hypercorn":
         return _run_hypercorn(target, host, port, workers, log_level, plain, uds)
+    if server == "granian":
+        return _run_granian(target, host, port, workers, log_level, plain, uds)
     uvicorn = _uvicorn()
     options: dict[str, Any] = {
         "log_config": None,
@@ -298,6 +304,36 @@ def _run_hypercorn(
     os.environ[_LEVEL_VARIABLE] = log_level
     try:
         return serve_hypercorn_workers(host, port, uds, workers)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_granian(
+    target: str,
+    host: str,
+    port: int,
+    workers: int,
+    log_level: str,
+    plain: bool,
+    uds: str | None,
+) -> int:
+    """``run --server granian``: see ``asgi_resilience._granian``."""
+    from ._granian import serve_granian
+
+    if uds is None:
+        _ensure_port_free(host, port)
+    else:
+        os.environ.setdefault("ASGI_RESILIENCE_TRUSTED_PROXIES", "unix")
+    configure_logging(log_level, plain=plain)
+    drain_delay = _wrapped(target).lifespan.drain_delay  # and fail here, not in every worker
+    metrics_dir = tempfile.mkdtemp(prefix="asgi-resilience-metrics-")
+    if workers > 1:
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
+    os.environ[_TARGET_VARIABLE] = target
+    os.environ[_PLAIN_VARIABLE] = "1" if plain else "0"
+    os.environ[_LEVEL_VARIABLE] = log_level
+    try:
+        return serve_granian(host, port, uds, workers, log_level, drain_delay)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 

@@ -1,6 +1,6 @@
-"""SIGTERM draining beyond uvicorn: ``asgi-resilience run --server hypercorn`` (one worker and
-two), and ``asgi-resilience drain`` (a preStop hook) against Hypercorn and Granian started by
-hand; the loopback-only ``/health/drain`` it calls.
+"""SIGTERM draining beyond uvicorn: ``asgi-resilience run --server hypercorn`` and ``--server
+granian`` (one worker and two), and ``asgi-resilience drain`` (a preStop hook) against
+Hypercorn and Granian started by hand; the loopback-only ``/health/drain`` it calls.
 
 The app is tests/apps/workers.py's ``api`` (a drain delay of one second here): it appends
 ``<monotonic> <event>`` lines to ``EVENTS_FILE``, comparable with this process's own clock.
@@ -85,7 +85,9 @@ def first_503_after(base_url: str, since: float) -> float:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_run_with_hypercorn_drains_on_sigterm(
+@pytest.mark.parametrize("server_name", ["hypercorn", "granian"])
+def test_run_with_another_server_drains_on_sigterm(
+    server_name: str,
     workers: int,
     start: Callable[[Callable[[int], list[str]]], ServerProcess],
     env: dict[str, str],
@@ -96,7 +98,7 @@ def test_run_with_hypercorn_drains_on_sigterm(
             "run",
             APP,
             "--server",
-            "hypercorn",
+            server_name,
             "--port",
             str(port),
             "--workers",
@@ -113,7 +115,7 @@ def test_run_with_hypercorn_drains_on_sigterm(
         during = c.get("/slow", params={"seconds": "0.05"})  # new requests still served
         assert during.status_code == 200
         assert in_flight.result().status_code == 200  # in flight at SIGTERM: finished
-    assert server.process.wait(15) == 0  # Hypercorn's exit code after a graceful stop
+    assert server.process.wait(15) == 0  # the server's exit code after a graceful stop
     recorded = events(Path(env["EVENTS_FILE"]))
     last_request = max(at for at, event in recorded if event == "request end")
     closes = [at for at, event in recorded if event.startswith("close ")]

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from time import monotonic, perf_counter
 from typing import Any, Literal, TypeVar
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .._checks import check_logger, check_name, check_seconds
@@ -174,6 +177,7 @@ class Lifespan:
             self, lambda: self.metrics.feature(LifespanCollectors).unhandled_exceptions
         )
         self._shutdown_deadline = 0.0
+        self._loop_token: Any = None  # the event loop it runs in, for other threads
         # While a shutdown waits for the requests in flight: set by the ASGI layer when the
         # last one ends. None otherwise (reset at each start: an event belongs to one loop).
         self.drained: anyio.Event | None = None
@@ -435,6 +439,7 @@ class Lifespan:
             raise RuntimeError(f"cannot start a lifespan that is {self.state}")
         self.drained = None
         self.going_away = anyio.Event()
+        self._loop_token = anyio.lowlevel.current_token()
         self.values.clear()
         self.startup_results = {}
         self.shutdown_report = []
@@ -529,6 +534,25 @@ class Lifespan:
         if self.state in ("idle", "starting", "ready"):
             self.state = "draining"
             self.logger.info("Draining: readiness now fails")
+
+    def drain_now(self) -> None:
+        """Begin draining now (readiness 503), and once ``drain_delay`` has passed tell
+        long-lived connections to close (``going_away``); the server's own shutdown is left to
+        its own signal. Safe from a signal handler or any thread: what a server's parent
+        process asks of its workers before it stops them (``run --server granian``)."""
+        self.begin_drain()
+        token = self._loop_token
+
+        def later() -> None:
+            try:
+                anyio.from_thread.run_sync(self.go_away, token=token)
+            except RuntimeError:
+                pass  # the event loop is gone: nothing is open any more
+
+        if token is not None:
+            timer = threading.Timer(self.drain_delay, later)
+            timer.daemon = True
+            timer.start()
 
     def go_away(self) -> None:
         """Tell long-lived connections to close (``going_away``): the drain delay is over.
