@@ -132,6 +132,7 @@ def test_each_feature_declares_its_own_collectors() -> None:
         "asgi_resilience.lifespan._core",
         "asgi_resilience.overload",
         "asgi_resilience.ratelimit._collectors",
+        "asgi_resilience.websockets",
     }
     # metrics.py itself holds only the HTTP request collectors.
     source = Path(PACKAGE / "metrics.py").read_text()

@@ -283,6 +283,7 @@ async def test_probe_aliases() -> None:
     assert missing == [404, 404]
     assert health.paths == {
         "/health",
+        "/health/drain",
         "/health/live",
         "/health/ready",
         "/health/status",
