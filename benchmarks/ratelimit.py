@@ -1,7 +1,8 @@
 """Rate limit decision cost per strategy and backend.
 
 Memory: microseconds per decision, fastest of 7 rounds (``MemoryBackend.decide_now``, 10,000
-clients in rotation; for GCRA with one rate also ``decide_gcra``, the middleware's path).
+clients in rotation; also ``decide_with(strategy.decide_rate, ...)``, the middleware's path for a
+policy of one rate).
 Redis (``REDIS_URL``, default ``redis://127.0.0.1:6379/0``): milliseconds per decision over
 loopback and the Redis commands each decision costs (from ``INFO commandstats``: one
 ``EVALSHA`` is one round trip). The middleware's own overhead on the ASGI benchmark is in
@@ -26,8 +27,8 @@ RATES = parse_rates("1000000/second")  # never denies: every decision stores sta
 
 
 def memory_us(strategy_name: str, decisions: int, rounds: int = 7, fast: bool = False) -> float:
-    """µs per ``decide_now``; with ``fast``, per ``decide_gcra`` (the middleware's path for
-    GCRA with one rate)."""
+    """µs per ``decide_now``; with ``fast``, per ``decide_with(strategy.decide_rate, ...)`` (the
+    middleware's path for a policy of one rate)."""
     strategy = strategy_for(strategy_name)
     backend = MemoryBackend(max_keys=100_000)
     keys = [f"*|ip:10.0.{i // 256}.{i % 256}" for i in range(10_000)]
@@ -37,7 +38,7 @@ def memory_us(strategy_name: str, decisions: int, rounds: int = 7, fast: bool = 
         start = perf_counter()
         if fast:
             for i in range(decisions):
-                backend.decide_gcra(keys[i % 10_000], rate, 1)
+                backend.decide_with(strategy.decide_rate, keys[i % 10_000], rate, 1)
         else:
             for i in range(decisions):
                 backend.decide_now(strategy, keys[i % 10_000], RATES, 1)
@@ -146,8 +147,9 @@ def main() -> None:
         except BackendError as exc:
             redis_part = f"  (Redis unreachable: {exc})"
         print(f"{name:<16} {memory:>10.2f}{redis_part}")
-    fast = memory_us("gcra", args.decisions, fast=True)
-    print(f"{'gcra, one rate':<16} {fast:>10.2f}    (decide_gcra: the middleware's path)")
+    for name in STRATEGIES:
+        fast = memory_us(name, args.decisions, fast=True)
+        print(f"{name + ', one rate':<16} {fast:>10.2f}    (decide_rate: the middleware's path)")
     try:
         bursts = {count: asyncio.run(burst_admitted(url, count)) for count in (200, 1000, 5000)}
         print(

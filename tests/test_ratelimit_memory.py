@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from asgi_resilience.ratelimit import Decision, MemoryBackend, StrategyName, parse_rates
+from asgi_resilience.ratelimit import Decision, MemoryBackend, Rate, StrategyName, parse_rates
 from asgi_resilience.ratelimit.strategies import strategy_for
 from tests.fakes import FakeClock
 
@@ -154,27 +155,45 @@ def test_max_keys_must_be_positive() -> None:
         MemoryBackend(max_keys=0)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("limit", ["5/second", "3/minute", "1/hour", "7/2.5second"])
-def test_the_gcra_fast_path_decides_and_keeps_state_as_the_generic_one(limit: str) -> None:
-    # The rate limiter's default (GCRA, one rate) skips the Decision objects: same answers,
-    # same stored state, same evictions and expiries, over a long random run. (Both share
-    # GCRA.decide_one; test_python_and_lua_decide_alike holds that to the Lua script.)
+def test_the_one_rate_path_decides_and_keeps_state_as_the_general_one(
+    strategy: StrategyName, limit: str
+) -> None:
+    # The rate limiter's path for a policy of one rate (decide_rate, in plain numbers, for every
+    # strategy) against Strategy.decide (a Decision), for that rate alone and behind a rate that
+    # never binds: same answers, same stored numbers, evictions and expiries, over a long random
+    # run. (test_python_and_lua_decide_alike holds both to the Lua scripts.)
     import random
 
     [rate] = parse_rates(limit)
+    # Never binds, and resets no later than ``rate`` (same period, a far smaller interval): in
+    # front of it, the stored numbers and their time to live are rate's, one rate further on.
+    never_binds = Rate(1_000_000_000, rate.period, "never")
+    implementation = strategy_for(strategy)
     clock = FakeClock(T0)
-    generic, fast = MemoryBackend(max_keys=3, clock=clock), MemoryBackend(max_keys=3, clock=clock)
-    gcra = strategy_for("gcra")
-    chance = random.Random(limit)
+    one, general, paired = (MemoryBackend(max_keys=3, clock=clock) for _ in range(3))
+    chance = random.Random(f"{strategy}-{limit}")
     keys = ["a", "b", "c", "d", "k" * 100]  # five keys over three slots; one hashed
     outcomes = set()
     for _ in range(3000):
         clock.advance(chance.choice([0, 0, 0.001, rate.interval / 3, rate.interval, rate.period]))
-        key, cost = chance.choice(keys), chance.choice([1, 1, 1, 2, rate.amount + 1])
-        decision = generic.decide_now(gcra, key, [rate], cost)
+        key = chance.choice(keys)
+        cost = chance.choice([0, 1, 1, 1, 2, rate.amount, rate.amount + 1])
+        decision = general.decide_now(implementation, key, [rate], cost)
         [status] = decision.statuses
         expected = (decision.allowed, status.remaining, status.reset_after, decision.retry_after)
-        assert fast.decide_gcra(key, rate, cost) == expected
-        assert list(fast._entries.items()) == list(generic._entries.items())
-        outcomes.add(decision.allowed)
-    assert outcomes == {True, False}
+        assert one.decide_with(implementation.decide_rate, key, rate, cost) == expected
+        assert list(one._entries.items()) == list(general._entries.items())
+        behind = paired.decide_now(implementation, key, [never_binds, rate], cost)
+        assert (behind.allowed, behind.statuses[1], behind.retry_after) == (
+            decision.allowed,
+            status,
+            decision.retry_after,
+        )
+        slots = implementation.slots
+        assert [(k, (numbers[slots:], ttl)) for k, (numbers, ttl) in paired._entries.items()] == [
+            (k, (numbers, ttl)) for k, (numbers, ttl) in one._entries.items()
+        ]
+        outcomes.add((decision.allowed, math.isinf(decision.retry_after)))
+    assert outcomes == {(True, False), (False, False), (False, True)}

@@ -300,6 +300,68 @@ async def test_a_request_costing_more_than_the_limit_gets_no_retry_after(
     assert "more than the rate limit allows" in response.json()["detail"]
 
 
+# --- the path a request takes, chosen once -------------------------------------------------------
+
+
+class AwaitedMemory:
+    """A ``MemoryBackend`` behind nothing but the ``Backend`` protocol: the middleware awaits its
+    ``Decision``s, as it does Redis' (the memory backend itself is decided in place)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.memory = MemoryBackend(clock=clock)
+
+    async def decide(
+        self, strategy: Strategy, key: str, rates: Sequence[Rate], cost: int
+    ) -> Decision:
+        return self.memory.decide_now(strategy, key, rates, cost)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("strategy", ["gcra", "fixed-window", "sliding-window"])
+@pytest.mark.parametrize("limit", ["3/second", "2/second;5/minute"])
+@pytest.mark.parametrize("per_path", [False, True])
+async def test_every_path_the_limiter_chooses_answers_alike(
+    clock: FakeClock, strategy: StrategyName, limit: str, per_path: bool
+) -> None:
+    """In place (a MemoryBackend: a policy of one rate in plain numbers) or awaited (another
+    backend: Decisions); the default configuration or per-path policies, exemptions and costs:
+    the same responses, headers included, over a random run."""
+    import random
+
+    rnd = random.Random(f"{strategy}-{limit}-{per_path}")
+    options: dict[str, Any] = {}
+    paths = ["/"]
+    if per_path:
+        costs = {"/": 1, "/2": 2, "/3": 3}  # 3 exceeds 2/second: never admitted
+        options = {
+            "routes": {"/items/{item_id}": "1/second"},
+            "exempt_paths": ["/health"],
+            "cost": lambda scope: costs.get(scope["path"], 1),
+        }
+        paths = [*costs, "/health", "/items/7"]
+    in_place, awaited = (
+        RateLimitMiddleware(
+            ok_app,
+            limit=limit,
+            strategy=strategy,
+            backend=backend,
+            registry=CollectorRegistry(),
+            **options,
+        )
+        for backend in (MemoryBackend(clock=clock), AwaitedMemory(clock))
+    )
+    statuses = set()
+    for _ in range(200):
+        clock.advance(rnd.choice([0, 0, 0.125, 0.5, 1.5]))
+        path = rnd.choice(paths)
+        expected, actual = [await request(app, path) for app in (in_place, awaited)]
+        assert (actual.status, actual.headers) == (expected.status, expected.headers), path
+        statuses.add(expected.status)
+    assert statuses == {200, 429}
+
+
 # --- which limit applies -------------------------------------------------------------------------
 
 

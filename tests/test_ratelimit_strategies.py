@@ -289,7 +289,7 @@ async def test_python_and_lua_decide_alike(
     """
     rnd = random.Random(f"parity-{strategy}")
     memory = MemoryBackend(clock=clock)
-    fast = MemoryBackend(clock=clock)  # GCRA with one rate: the middleware's decide_gcra
+    one_rate = MemoryBackend(clock=clock)  # one rate: the rate limiter's path, decide_rate
     client = redis_asyncio.from_url(redis_url)
     lua = RedisBackend(client, prefix=redis_prefix, clock=clock)
     implementation = strategy_for(strategy)
@@ -301,15 +301,17 @@ async def test_python_and_lua_decide_alike(
             for step in range(400):
                 steps = [0, 0, rnd.randint(1, 16) / 64, rnd.randint(1, 256) / 64]
                 clock.now += rnd.choice([*steps, rnd.randint(1, 64) * rates[-1].period / 64])
-                cost = rnd.choice([1, 1, 1, 2, 3, rates[0].amount, rates[0].amount + 1])
+                # A cost of 0 consumes nothing: it asks where every rate stands.
+                cost = rnd.choice([0, 1, 1, 1, 2, 3, rates[0].amount, rates[0].amount + 1])
                 expected = memory.decide_now(implementation, limit, rates, cost)
                 actual = await lua.decide(implementation, limit, rates, cost)
                 assert actual == expected, (limit, step, clock.now, cost)
-                if strategy == "gcra" and len(rates) == 1:  # the fast path, held to Lua too
+                if len(rates) == 1:  # the one-rate path, held to Lua too
                     [status] = actual.statuses
                     flat = (actual.allowed, status.remaining, status.reset_after)
-                    assert fast.decide_gcra(limit, rates[0], cost) == (*flat, actual.retry_after)
-                    assert fast._entries.get(limit) == memory._entries.get(limit)
+                    answer = one_rate.decide_with(implementation.decide_rate, limit, rates[0], cost)
+                    assert answer == (*flat, actual.retry_after)
+                    assert one_rate._entries.get(limit) == memory._entries.get(limit)
                 outcomes.add((expected.allowed, math.isinf(expected.retry_after)))
     finally:
         await lua.aclose()

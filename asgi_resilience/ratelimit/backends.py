@@ -6,15 +6,17 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from ..exceptions import BackendError as BackendError
 from .rates import Rate
-from .strategies import GCRA, Decision, State, Strategy
+from .strategies import Answer, Decision, State, Strategy
 
 __all__ = ["Backend", "BackendError", "MemoryBackend", "backend_from_url"]
 
 _MAX_RAW_KEY = 64
+L = TypeVar("L")  # what a strategy decides for: a Rate, or a sequence of them
+A = TypeVar("A")  # what it answers: the requests remaining, or a Decision
 # The URL schemes backend_from_url opens: memory, and those RedisBackend.from_url takes.
 REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel")
 BACKEND_SCHEMES = ("memory", *REDIS_SCHEMES)
@@ -65,64 +67,46 @@ class MemoryBackend:
     async def decide(
         self, strategy: Strategy, key: str, rates: Sequence[Rate], cost: int
     ) -> Decision:
-        return self.decide_now(strategy, key, rates, cost)
+        return self.decide_with(strategy.decide, key, rates, cost)[1]
 
     def decide_now(
         self, strategy: Strategy, key: str, rates: Sequence[Rate], cost: int
     ) -> Decision:
         """``decide`` without awaiting: nothing here waits."""
-        if len(key) > _MAX_RAW_KEY:
-            key = _hashed(key)
-        now = self.clock()
-        entry = self._entries.get(key)
-        state = entry[0] if entry is not None and entry[1] > now else None
-        decision, new_state, ttl = strategy.decide(state, now, rates, cost)
-        self._settle(key, entry, state is not None, new_state, now + ttl)
-        return decision
+        return self.decide_with(strategy.decide, key, rates, cost)[1]
 
-    def decide_gcra(self, key: str, rate: Rate, cost: int) -> tuple[bool, int, float, float]:
-        """``decide_now`` for GCRA and one rate, in plain numbers: ``(allowed, remaining,
-        reset_after, retry_after)``. The rate limiter's default, on its hot path: the same
-        state, kept the same way, without building a ``Decision``."""
-        if len(key) > _MAX_RAW_KEY:
-            key = _hashed(key)
-        now = self.clock()
-        entry = self._entries.get(key)
-        state = entry[0] if entry is not None and entry[1] > now else None
-        new_tat, remaining, reset_after, wait = GCRA.decide_one(
-            state[0] if state else None, now, rate, cost
-        )
-        if new_tat is None:
-            self._settle(key, entry, state is not None, None, now)
-            return False, remaining, reset_after, wait
-        entries = self._entries  # _settle's first case, inline: this is every admitted request
-        entries[key] = ([new_tat], now + reset_after)
-        entries.move_to_end(key)
-        if len(entries) > self.max_keys:
-            entries.popitem(last=False)
-        return True, remaining, reset_after, 0.0
-
-    def _settle(
+    def decide_with(
         self,
+        decide: Callable[[State | None, float, L, int], Answer[A]],
         key: str,
-        entry: tuple[State, float] | None,
-        alive: bool,
-        new_state: State | None,
-        expires: float,
-    ) -> None:
-        """Store an admitted request's state; keep a refused client's (it is in use too: the
-        most recently used end); drop an expired entry, now that it was looked at."""
+        limit: L,
+        cost: int,
+    ) -> tuple[bool, A, float, float]:
+        """Apply ``decide`` to the state stored under ``key``, keep the numbers it returns, and
+        return ``(allowed, answer, seconds, retry_after)``. ``decide`` is one of the strategy's
+        two: ``decide_rate`` for one rate (answers the requests remaining, and the seconds until
+        the rate is reset; no objects built: the rate limiter's path), or ``decide`` for several
+        (answers a ``Decision``). A refused client's entry is in use too: it moves to the most
+        recently used end as an admitted one's does; an expired one is dropped, now looked at."""
+        if len(key) > _MAX_RAW_KEY:
+            key = _hashed(key)
+        now = self.clock()
         entries = self._entries
-        if new_state is not None:
-            entries[key] = (new_state, expires)  # a key already there keeps its place: move it
-            entries.move_to_end(key)
-            if len(entries) > self.max_keys:
-                entries.popitem(last=False)
-        elif entry is not None:
-            if alive:
+        entry = entries.get(key)
+        state = None
+        if entry is not None:
+            if entry[1] > now:
+                state = entry[0]
                 entries.move_to_end(key)
             else:
                 del entries[key]
+        new_state, answer, keep, wait = decide(state, now, limit, cost)
+        if new_state is None:
+            return False, answer, keep, wait
+        entries[key] = (new_state, now + keep)
+        if len(entries) > self.max_keys:
+            entries.popitem(last=False)
+        return True, answer, keep, wait
 
     async def aclose(self) -> None:
         self._entries.clear()

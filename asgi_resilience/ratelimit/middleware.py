@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from time import monotonic
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from ..types import ASGIApp, Receive, Scope, Send
 from ._collectors import RateLimitCollectors
 from .backends import Backend, MemoryBackend, backend_from_url
 from .rates import Rate, parse_rates
-from .strategies import GCRA, Decision, StrategyName, strategy_for
+from .strategies import Answer, Decision, State, Strategy, StrategyName, strategy_for
 
 __all__ = ["KeyFunction", "RateLimitMiddleware"]
 
@@ -32,11 +33,14 @@ _ERROR_LOG_INTERVAL = 10.0  # seconds between two logs of a failing backend
 # Header values for small counts and resets, formatted once: most responses need only these.
 _CACHED_DIGITS = 4096
 _DIGITS = tuple(b"%d" % number for number in range(_CACHED_DIGITS))
+Headers = list[tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True)
 class _Policy:
-    """The rates that apply to a set of paths, and the header parts that announce them."""
+    """The rates that apply to a set of paths, the header parts that announce them, and how a
+    ``MemoryBackend`` decides them: as a ``Decision`` (several rates; any other backend answers
+    ``Decision``s too). A policy of one rate decided in memory is a ``_OneRatePolicy``."""
 
     name: str
     bucket: str
@@ -45,6 +49,9 @@ class _Policy:
     policy_header: bytes
     state_prefixes: tuple[bytes, ...]
     ip_prefix: str  # the key of a client address, without the address
+    # What MemoryBackend.decide_with applies (the strategy's decide or decide_rate) and to what.
+    step: Callable[[State | None, float, Any, int], Answer[Any]]
+    limit: Any
     # Headers that never change, built once: RateLimit-Policy, and the legacy limit of a
     # policy of one rate (with several, the tightest rate's is announced per request).
     policy_pair: tuple[bytes, bytes] = field(init=False)
@@ -55,17 +62,28 @@ class _Policy:
         limit = b"%d" % self.rates[0].amount
         object.__setattr__(self, "limit_pair", (b"x-ratelimit-limit", limit))
 
-    @classmethod
-    def build(cls, bucket: str, limit: str, match: Callable[[str], bool]) -> _Policy:
+    @staticmethod
+    def build(
+        bucket: str, limit: str, match: Callable[[str], bool], strategy: Strategy, in_memory: bool
+    ) -> _Policy:
+        """The policy ``limit`` for ``bucket``, decided by ``strategy`` (``in_memory``: by a
+        ``MemoryBackend``, a policy of one rate in plain numbers)."""
         rates = parse_rates(limit)
         # The draft's window is whole seconds: a fractional period is announced rounded up.
         header = ", ".join(f'"{r.name}";q={r.amount};w={math.ceil(r.period)}' for r in rates)
         prefixes = tuple(f'"{r.name}";r='.encode() for r in rates)
         name = "default" if bucket == "*" else bucket
         prefix = f"{bucket}|"
-        return cls(name, prefix, rates, match, header.encode(), prefixes, prefix + "ip:")
+        parts = (name, prefix, rates, match, header.encode(), prefixes, prefix + "ip:")
+        if in_memory and len(rates) == 1:
+            return _OneRatePolicy(*parts, strategy.decide_rate, rates[0])
+        return _Policy(*parts, strategy.decide, rates)
 
-    def headers(self, decision: Decision) -> list[tuple[bytes, bytes]]:
+    def announce(self, answer: Any, reset_after: float, /) -> Headers:
+        """The headers for what the backend answered: here a ``Decision``."""
+        return self.headers(answer)
+
+    def headers(self, decision: Decision) -> Headers:
         """``RateLimit-Policy``, ``RateLimit`` and the legacy headers for ``decision``."""
         statuses = decision.statuses
         if len(statuses) == 1:  # one rate, the common case: no joins, no search
@@ -83,7 +101,7 @@ class _Policy:
             (b"x-ratelimit-reset", b"%d" % _whole(tightest.reset_after, up=True)),
         ]
 
-    def one_rate_headers(self, remaining: int, reset_after: float) -> list[tuple[bytes, bytes]]:
+    def one_rate_headers(self, remaining: int, reset_after: float, /) -> Headers:
         """``headers`` for a policy of one rate, from its numbers."""
         remaining = int(remaining) if remaining > 0 else 0  # see _whole
         reset = math.ceil(reset_after) if reset_after > 0 else 0
@@ -96,6 +114,14 @@ class _Policy:
             (b"x-ratelimit-remaining", remaining_text),
             (b"x-ratelimit-reset", reset_text),
         ]
+
+
+@dataclass(frozen=True)
+class _OneRatePolicy(_Policy):
+    """A policy of one rate decided by a ``MemoryBackend``: in plain numbers (``decide_rate``:
+    requests remaining, seconds to reset), no objects built. The rate limiter's default."""
+
+    announce = _Policy.one_rate_headers
 
 
 def _whole(number: float, *, up: bool = False) -> int:
@@ -192,15 +218,15 @@ class RateLimitMiddleware(ContextMiddleware):
         self.app = app
         self.strategy = strategy_for(strategy)
         self.backend = backend_from_url(backend) if isinstance(backend, str) else backend
-        self.memory = self.backend if isinstance(self.backend, MemoryBackend) else None
-        self.gcra_memory = self.memory if isinstance(self.strategy, GCRA) else None
+        self.memory = memory = self.backend if isinstance(self.backend, MemoryBackend) else None
         self.key = _key_function(key)
         self.proxies = TrustedProxies.of(trusted_proxies)
+        policy = partial(_Policy.build, strategy=self.strategy, in_memory=memory is not None)
         self.policies = tuple(
-            _Policy.build(route, route_limit, path_matcher(route, option="routes"))
+            policy(route, route_limit, path_matcher(route, option="routes"))
             for route, route_limit in (routes or {}).items()
         )
-        self.default_policy = _Policy.build("*", limit, lambda path: True)
+        self.default_policy = policy("*", limit, lambda path: True)
         self.exempt = PathSet(exempt_paths, option="exempt_paths")
         self.exempting = bool(self.exempt.exact)
         self.cost = cost
@@ -216,7 +242,8 @@ class RateLimitMiddleware(ContextMiddleware):
             )
             for policy in (*self.policies, self.default_policy)
         }
-        self.decide_within = getattr(self.backend, "decide_within", None)
+        # Another backend's decisions are awaited, within backend_timeout.
+        self.decide_later = getattr(self.backend, "decide_within", None) or self._decide_within
         self.backend_errors = 0
         self._unreported_errors = 0
         self._last_error: Exception | None = None
@@ -244,22 +271,22 @@ class RateLimitMiddleware(ContextMiddleware):
             key = policy.ip_prefix + client  # IPv4, the common case
         else:
             key = policy.bucket + self._ip(client)
-        rates = policy.rates
-        decision = None
+        shown: Any  # what policy.announce reads: the numbers of one rate, or a Decision
         try:
-            if self.gcra_memory is not None and len(rates) == 1:  # the default: no objects
-                allowed, remaining, reset_after, retry_after = self.gcra_memory.decide_gcra(
-                    key, rates[0], cost
-                )
-            elif self.memory is not None:  # nothing to wait for: no coroutine, no timeout
-                decision = self.memory.decide_now(self.strategy, key, rates, cost)
-            elif self.decide_within is not None:  # bounds its own wait for the backend
-                decision = await self.decide_within(
-                    self.backend_timeout, self.strategy, key, rates, cost
+            if self.memory is not None:  # decided in place: no coroutine, no timeout
+                allowed, shown, reset_after, retry_after = self.memory.decide_with(
+                    policy.step, key, policy.limit, cost
                 )
             else:
-                with anyio.fail_after(self.backend_timeout):
-                    decision = await self.backend.decide(self.strategy, key, rates, cost)
+                decision = await self.decide_later(
+                    self.backend_timeout, self.strategy, key, policy.rates, cost
+                )
+                allowed, shown, reset_after, retry_after = (
+                    decision.allowed,
+                    decision,
+                    0.0,
+                    decision.retry_after,
+                )
         except Exception as exc:
             self._outcomes[policy.bucket][2].inc()
             self._report_backend_error(exc)
@@ -270,11 +297,7 @@ class RateLimitMiddleware(ContextMiddleware):
             else:
                 await self.app(scope, receive, send)
             return
-        if decision is None:
-            headers = policy.one_rate_headers(remaining, reset_after)
-        else:
-            allowed, retry_after = decision.allowed, decision.retry_after
-            headers = policy.headers(decision)
+        headers = policy.announce(shown, reset_after)
         context.rate_limited = not allowed
         if self._unreported_errors:  # failures held back by the warning's interval
             self._report_backend_error(None)
@@ -286,6 +309,13 @@ class RateLimitMiddleware(ContextMiddleware):
             await self.app(scope, receive, send)
         else:
             await self._send_429(context, scope, send, retry_after)
+
+    async def _decide_within(
+        self, seconds: float, strategy: Strategy, key: str, rates: Sequence[Rate], cost: int
+    ) -> Decision:
+        """``decide`` of a backend that does not bound its own wait (``decide_within``)."""
+        with anyio.fail_after(seconds):
+            return await self.backend.decide(strategy, key, rates, cost)
 
     async def _send_429(
         self, context: RequestContext, scope: Scope, send: Send, retry_after: float

@@ -1,10 +1,12 @@
 """Rate limiting algorithms, each twice: in Python (the memory backend) and in Lua (Redis).
 
-A strategy is a pure function of the stored state, the time, the rates and the cost: it returns
-the decision and, when the request is admitted, the new state and how long to keep it. Several
-rates are all-or-nothing: a request denied by one consumes nothing from the others. The Lua
-versions follow the Python ones line by line (same operations, same order, IEEE doubles on
-both sides), so both backends give the same answers; the tests hold them to that.
+A strategy is a pure function of one rate's stored numbers, the time, the rate and the cost
+(``decide_rate``): it returns the new numbers when the request is admitted, what remains, when
+the rate is reset and how long to wait. ``Strategy.decide`` applies it to several rates, all or
+nothing: a request denied by one consumes nothing from the others. Each algorithm's arithmetic
+is written once in Python: the memory backend's one-rate path (the rate limiter's default) calls
+``decide_rate`` itself. The Lua versions follow the Python ones (same operations, same order,
+IEEE doubles on both sides), so both backends give the same answers; the tests hold them to that.
 
 - ``gcra``: Generic Cell Rate Algorithm; one timestamp per rate, smooth, bursts up to the rate.
 - ``fixed-window``: a counter per calendar window; cheap, allows 2x at a window edge.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar, Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple, TypeVar
 
 from .rates import Rate
 
@@ -36,6 +38,10 @@ StrategyName = Literal["gcra", "fixed-window", "sliding-window"]
 EPSILON = 1e-6  # seconds: float noise never decides a request
 _new = tuple.__new__
 State = list[float]
+T = TypeVar("T")
+# What a strategy answers: the numbers to store (None: denied), the requests remaining (one
+# rate) or the Decision (several), how long to keep the numbers, the seconds to wait.
+Answer = tuple[State | None, T, float, float]
 
 
 class RateStatus(NamedTuple):
@@ -105,17 +111,58 @@ return reply
 
 
 class Strategy(ABC):
-    """An algorithm: ``decide`` in Python, ``lua`` for Redis (same inputs, same answers)."""
+    """An algorithm for one rate, twice: ``decide_rate`` in Python, ``lua`` for Redis (same
+    inputs, same answers). ``decide`` applies it to several rates, all or nothing."""
 
     name: ClassVar[StrategyName]
     slots: ClassVar[int]  # stored numbers per rate
     lua: ClassVar[str]
 
     @abstractmethod
+    def decide_rate(
+        self, state: Sequence[float] | None, now: float, rate: Rate, cost: int
+    ) -> Answer[int]:
+        """One rate, from its ``slots`` stored numbers (``None``: none stored): the numbers to
+        store (``None``: denied, keep the old ones), the requests remaining, the seconds until
+        the rate is fully reset (when admitted, also how long to keep the numbers) and, when
+        denied, the seconds to wait (``math.inf``: never, the cost exceeds the rate's amount).
+        A cost of 0 consumes nothing: its answer is where the rate stands."""
+
     def decide(
         self, state: Sequence[float] | None, now: float, rates: Sequence[Rate], cost: int
-    ) -> tuple[Decision, State | None, float]:
-        """Return the decision, the state to store (``None``: keep the old one) and its TTL."""
+    ) -> Answer[Decision]:
+        """``decide_rate`` for every one of ``rates``, each with its own numbers in ``state`` (one
+        rate's after the other's): the numbers to store, the ``Decision``, how long to keep them
+        and the seconds to wait. Every rate must admit the request; one denied consumes nothing
+        from the others, and each rate then shows where it stands."""
+        if len(rates) == 1:  # the rate's own answer, as a Decision
+            rate = rates[0]
+            stored, remaining, reset_after, wait = self.decide_rate(state, now, rate, cost)
+            status = _new(RateStatus, (rate, remaining, reset_after))
+            return stored, _new(Decision, (stored is not None, (status,), wait)), reset_after, wait
+        slots = self.slots
+        answers = []
+        denied = False
+        for index, rate in enumerate(rates):
+            own = state[index * slots : index * slots + slots] if state else None
+            answer = self.decide_rate(own, now, rate, cost)
+            denied = denied or answer[0] is None
+            answers.append((own, answer))
+        new_state: State = []
+        statuses = []
+        ttl = retry_after = 0.0
+        for rate, (own, (stored, remaining, reset_after, wait)) in zip(rates, answers, strict=True):
+            if stored is None:
+                retry_after = wait if wait > retry_after else retry_after
+            elif denied:  # it would admit: where it stands is its answer at cost 0
+                _, remaining, reset_after, _ = self.decide_rate(own, now, rate, 0)
+            else:
+                new_state += stored
+                ttl = reset_after if reset_after > ttl else ttl
+            statuses.append(_new(RateStatus, (rate, remaining, reset_after)))
+        if denied:
+            return None, _new(Decision, (False, tuple(statuses), retry_after)), 0.0, retry_after
+        return new_state, _new(Decision, (True, tuple(statuses), 0.0)), ttl, 0.0
 
 
 class GCRA(Strategy):
@@ -124,62 +171,21 @@ class GCRA(Strategy):
     name = "gcra"
     slots = 1
 
-    def decide(
-        self, state: Sequence[float] | None, now: float, rates: Sequence[Rate], cost: int
-    ) -> tuple[Decision, State | None, float]:
-        if len(rates) == 1:  # the common case, without the loops
-            rate = rates[0]
-            new_tat, remaining, reset_after, wait = self.decide_one(
-                state[0] if state else None, now, rate, cost
-            )
-            # tuple.__new__: what the NamedTuples' own __new__ (a Python function) ends in.
-            status = _new(RateStatus, (rate, remaining, reset_after))
-            if new_tat is None:
-                return _new(Decision, (False, (status,), wait)), None, 0.0
-            return _new(Decision, (True, (status,), 0.0)), [new_tat], reset_after
-        allowed, retry_after = True, 0.0
-        tats = []
-        new_state: State = []
-        state = _padded(state, len(rates))
-        for index, rate in enumerate(rates):
-            stored = state[index] if state else now
-            tat = stored if stored > now else now  # NaN (nothing stored) is no TAT
-            new_tat = tat + cost * rate.interval
-            allow_at = new_tat - rate.period
-            if allow_at > now + EPSILON:
-                allowed = False
-                wait = math.inf if cost > rate.amount else allow_at - now
-                retry_after = max(retry_after, wait)
-            tats.append(tat)
-            new_state.append(new_tat)
-        # Report every rate as it stands: untouched when denied, consumed when admitted.
-        shown = new_state if allowed else tats
-        statuses = tuple(
-            RateStatus(rate, _count(rate.period - (tat - now), rate.interval), tat - now)
-            for rate, tat in zip(rates, shown, strict=True)
-        )
-        if not allowed:
-            return Decision(False, statuses, retry_after), None, 0.0
-        return Decision(True, statuses), new_state, max(new_state) - now
-
-    @staticmethod
-    def decide_one(
-        tat: float | None, now: float, rate: Rate, cost: int
-    ) -> tuple[float | None, int, float, float]:
-        """One rate in plain numbers, from its stored TAT (``None``: none stored): the new TAT
-        (``None``: denied, nothing to store), the requests remaining, the seconds until the
-        rate is fully reset and, when denied, the seconds to wait. ``decide`` for one rate,
-        and the memory backend's way around the ``Decision`` objects (``decide_gcra``)."""
-        if tat is None or not tat > now:
+    def decide_rate(
+        self, state: Sequence[float] | None, now: float, rate: Rate, cost: int
+    ) -> Answer[int]:
+        tat = state[0] if state else now
+        if not tat > now:  # a TAT in the past is no debt
             tat = now
         new_tat = tat + cost * rate.interval
         allow_at = new_tat - rate.period
-        if allow_at > now + EPSILON:
-            wait = math.inf if cost > rate.amount else allow_at - now
-            return None, _count(rate.period - (tat - now), rate.interval), tat - now, wait
-        reset_after = new_tat - now
+        if allow_at > now + EPSILON:  # denied: nothing consumed, the rate shows its TAT
+            stored, wait = None, math.inf if cost > rate.amount else allow_at - now
+        else:  # admitted: the rate shows its new TAT
+            stored, wait, tat = [new_tat], 0.0, new_tat
+        reset_after = tat - now
         remaining = math.floor((rate.period - reset_after) / rate.interval + EPSILON)
-        return new_tat, remaining if remaining > 0 else 0, reset_after, 0.0
+        return stored, remaining if remaining > 0 else 0, reset_after, wait
 
     lua = (
         _LUA_PRELUDE
@@ -216,29 +222,19 @@ class FixedWindow(Strategy):
     name = "fixed-window"
     slots = 2
 
-    def decide(
-        self, state: Sequence[float] | None, now: float, rates: Sequence[Rate], cost: int
-    ) -> tuple[Decision, State | None, float]:
-        allowed, retry_after, ttl = True, 0.0, 0.0
-        new_state: State = []
-        before, after = [], []
-        state = _padded(state, 2 * len(rates))
-        for index, rate in enumerate(rates):
-            window = math.floor(now / rate.period)
-            count = 0.0
-            if state and state[2 * index] == window:
-                count = state[2 * index + 1]
-            reset_after = (window + 1) * rate.period - now
-            if count + cost > rate.amount:
-                allowed = False
-                retry_after = max(retry_after, math.inf if cost > rate.amount else reset_after)
-            before.append(RateStatus(rate, int(rate.amount - count), reset_after))
-            after.append(RateStatus(rate, max(0, int(rate.amount - count - cost)), reset_after))
-            new_state += [window, count + cost]
-            ttl = max(ttl, reset_after)
-        if not allowed:
-            return Decision(False, tuple(before), retry_after), None, 0.0
-        return Decision(True, tuple(after)), new_state, ttl
+    def decide_rate(
+        self, state: Sequence[float] | None, now: float, rate: Rate, cost: int
+    ) -> Answer[int]:
+        amount, period = rate.amount, rate.period
+        window = math.floor(now / period)
+        count = state[1] if state and state[0] == window else 0.0
+        reset_after = (window + 1) * period - now
+        if count + cost > amount:  # denied: nothing consumed
+            stored, wait, used = None, math.inf if cost > amount else reset_after, 0
+        else:
+            stored, wait, used = [window, count + cost], 0.0, cost
+        # Below 0 when counted under a higher limit than this one.
+        return stored, int(amount - count - used), reset_after, wait
 
     lua = (
         _LUA_PRELUDE
@@ -275,40 +271,27 @@ class SlidingWindow(Strategy):
     name = "sliding-window"
     slots = 3
 
-    def decide(
-        self, state: Sequence[float] | None, now: float, rates: Sequence[Rate], cost: int
-    ) -> tuple[Decision, State | None, float]:
-        allowed, retry_after, ttl = True, 0.0, 0.0
-        new_state: State = []
-        before, after = [], []
-        state = _padded(state, 3 * len(rates))
-        for index, rate in enumerate(rates):
-            amount, period = rate.amount, rate.period
-            window = math.floor(now / period)
-            elapsed = now - window * period
-            previous = current = 0.0
-            if state and state[3 * index] == window:
-                previous, current = state[3 * index + 1], state[3 * index + 2]
-            elif state and state[3 * index] == window - 1:
-                previous = state[3 * index + 2]
-            estimate = previous * (1 - elapsed / period) + current
-            if estimate + cost > amount + EPSILON:
-                allowed = False
-                retry_after = max(
-                    retry_after, _sliding_wait(rate, elapsed, previous, current, cost)
-                )
-            reset_after = (
-                2 * period - elapsed if current else (period - elapsed if previous else 0.0)
-            )
-            before.append(RateStatus(rate, _count(amount - estimate, 1), reset_after))
-            after.append(
-                RateStatus(rate, _count(amount - estimate - cost, 1), 2 * period - elapsed)
-            )
-            new_state += [window, previous, current + cost]
-            ttl = max(ttl, 2 * period - elapsed)
-        if not allowed:
-            return Decision(False, tuple(before), retry_after), None, 0.0
-        return Decision(True, tuple(after)), new_state, ttl
+    def decide_rate(
+        self, state: Sequence[float] | None, now: float, rate: Rate, cost: int
+    ) -> Answer[int]:
+        amount, period = rate.amount, rate.period
+        window = math.floor(now / period)
+        elapsed = now - window * period
+        previous = current = 0.0
+        if state:
+            if state[0] == window:
+                previous, current = state[1], state[2]
+            elif state[0] == window - 1:
+                previous = state[2]
+        estimate = previous * (1 - elapsed / period) + current
+        if estimate + cost > amount + EPSILON:  # denied: nothing consumed
+            stored, wait, used = None, _sliding_wait(rate, elapsed, previous, current, cost), 0
+        else:
+            stored, wait, used = [window, previous, current + cost], 0.0, cost
+        # Fully reset once what is counted has slid out: this window's count, the previous one's.
+        counted = current + used
+        reset_after = 2 * period - elapsed if counted else (period - elapsed if previous else 0.0)
+        return stored, _count(amount - estimate - used, 1), reset_after, wait
 
     lua = (
         _LUA_PRELUDE
@@ -324,6 +307,11 @@ local function wait_for(amount, period, elapsed, previous, current)
   if current > 0 then e = period * (1 - (amount - cost) / current) end
   if e < 0 then e = 0 end
   return (period - elapsed) + e
+end
+local function reset_for(period, elapsed, previous, current)
+  if current > 0 then return 2 * period - elapsed end
+  if previous > 0 then return period - elapsed end
+  return 0
 end
 local allowed, retry_after, ttl = 1, 0, 0
 local new_state, before, after = {}, {}, {}
@@ -344,15 +332,14 @@ for i = 1, n do
     local wait = wait_for(amount, period, elapsed, previous, current)
     if wait < 0 or (retry_after >= 0 and wait > retry_after) then retry_after = wait end
   end
-  local reset_after = 0
-  if current > 0 then reset_after = 2 * period - elapsed
-  elseif previous > 0 then reset_after = period - elapsed end
-  before[i] = {math.max(0, math.floor(amount - estimate + eps)), reset_after}
-  after[i] = {math.max(0, math.floor(amount - estimate - cost + eps)), 2 * period - elapsed}
+  before[i] = {math.max(0, math.floor(amount - estimate + eps)),
+    reset_for(period, elapsed, previous, current)}
+  after[i] = {math.max(0, math.floor(amount - estimate - cost + eps)),
+    reset_for(period, elapsed, previous, current + cost)}
   new_state[3 * i - 2] = string.format('%.17g', window)
   new_state[3 * i - 1] = string.format('%.17g', previous)
   new_state[3 * i] = string.format('%.17g', current + cost)
-  if 2 * period - elapsed > ttl then ttl = 2 * period - elapsed end
+  if after[i][2] > ttl then ttl = after[i][2] end
 end
 """
         + _LUA_REPLY
@@ -372,14 +359,6 @@ def _sliding_wait(rate: Rate, elapsed: float, previous: float, current: float, c
     # In the next window the current count becomes the previous one and decays in turn.
     later = max(0.0, period * (1 - (amount - cost) / current)) if current > 0 else 0.0
     return (period - elapsed) + later
-
-
-def _padded(state: Sequence[float] | None, length: int) -> Sequence[float] | None:
-    """``state`` with NaN for the numbers it lacks (stored when the policy had fewer rates):
-    NaN equals no window and exceeds no time, as the Lua scripts treat a missing number."""
-    if state is None or len(state) >= length:
-        return state
-    return [*state, *[math.nan] * (length - len(state))]
 
 
 def _count(capacity: float, unit: float) -> int:
