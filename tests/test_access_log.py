@@ -5,7 +5,6 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
-from time import perf_counter
 from typing import Any
 
 import anyio
@@ -23,9 +22,12 @@ from asgi_resilience import (
     JsonFormatter,
     RequestIdMiddleware,
 )
+from asgi_resilience import access_log as access_log_module
+from asgi_resilience import context as context_module
 from asgi_resilience.context import CONTEXT_KEY
 from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
 from tests.asgi import call, client_for, http_scope
+from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -95,8 +97,19 @@ async def read_user(request: Request) -> JSONResponse:
     return JSONResponse({"user_id": request.path_params["user_id"]})
 
 
+# Durations are read from perf_counter by the request's context and the access log: these tests
+# give both a clock that moves only when an app says time has passed (MEASURED.advance).
+MEASURED = FakeClock()
+
+
+@pytest.fixture(autouse=True)
+def _measured_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(context_module, "perf_counter", MEASURED)
+    monkeypatch.setattr(access_log_module, "perf_counter", MEASURED)
+
+
 async def slow(request: Request) -> PlainTextResponse:
-    await anyio.sleep(0.08)  # durations are measured (perf_counter) by the request's context
+    MEASURED.advance(0.08)  # the handler took 80 ms
     return PlainTextResponse("slow")
 
 
@@ -112,8 +125,8 @@ background_done: list[float] = []
 
 
 async def slow_background() -> None:
-    await anyio.sleep(0.3)  # long enough to tell apart from the request's measured duration
-    background_done.append(perf_counter())
+    MEASURED.advance(0.3)  # long enough to tell apart from the request's measured duration
+    background_done.append(MEASURED())
 
 
 async def with_background(request: Request) -> PlainTextResponse:
@@ -317,7 +330,7 @@ async def test_slow_client_error_stays_a_warning_and_slow_server_error_an_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def slow_app(scope: Scope, receive: Receive, send: Send) -> None:
-        await anyio.sleep(0.06)  # measured time: past slow_threshold
+        MEASURED.advance(0.06)  # past slow_threshold
         await raw_app(status=int(scope["path"][1:]))(scope, receive, send)
 
     app = AccessLogMiddleware(slow_app, slow_threshold=0.05)
@@ -385,7 +398,7 @@ async def test_no_exclude_paths_logs_everything(caplog: pytest.LogCaptureFixture
 
 async def test_duration_excludes_background_tasks(caplog: pytest.LogCaptureFixture) -> None:
     background_done.clear()
-    started = perf_counter()
+    started = MEASURED()
 
     response = await request(AccessLogMiddleware(starlette_app()), "/background")
 
@@ -400,7 +413,7 @@ async def test_duration_excludes_background_tasks(caplog: pytest.LogCaptureFixtu
 async def test_duration_runs_until_the_last_body_byte(caplog: pytest.LogCaptureFixture) -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
-        await anyio.sleep(0.06)  # measured time between the first byte and the last
+        MEASURED.advance(0.06)  # between the first byte and the last
         await send({"type": "http.response.body", "body": b"x"})
 
     await call(AccessLogMiddleware(app, slow_threshold=10))

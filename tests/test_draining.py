@@ -11,12 +11,13 @@ import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import pytest
 
 from asgi_resilience import Lifespan
+from asgi_resilience.lifespan import _drain
 
 pytestmark = pytest.mark.anyio
 
@@ -31,6 +32,36 @@ class Recorder:
         self.calls.append(signum)
 
 
+class FakeTimer:
+    """Stands for the ``threading.Timer`` that waits out the drain delay: the test fires it."""
+
+    made: ClassVar[list[FakeTimer]] = []
+
+    def __init__(self, delay: float, function: Any, args: tuple[Any, ...] = ()) -> None:
+        self.delay, self.function, self.args = delay, function, args
+        self.started = self.cancelled = False
+        self.daemon = False
+        FakeTimer.made.append(self)
+
+    def start(self) -> None:
+        self.started = True
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def fire(self) -> None:
+        """The delay is over: run the function in a thread of its own, as the timer would."""
+        if self.started and not self.cancelled:
+            await anyio.to_thread.run_sync(self.function, *self.args)
+
+
+@pytest.fixture
+def timers(monkeypatch: pytest.MonkeyPatch) -> list[FakeTimer]:
+    FakeTimer.made = []
+    monkeypatch.setattr(_drain, "_Timer", FakeTimer)
+    return FakeTimer.made
+
+
 @pytest.fixture
 def server_handler() -> Iterator[Recorder]:
     """Installs a recording SIGTERM handler, as uvicorn does before the lifespan starts."""
@@ -42,17 +73,21 @@ def server_handler() -> Iterator[Recorder]:
         signal.signal(signal.SIGTERM, original)
 
 
-async def test_sigterm_drains_then_hands_over_after_the_delay(server_handler: Recorder) -> None:
+async def test_sigterm_drains_then_hands_over_after_the_delay(
+    server_handler: Recorder, timers: list[FakeTimer]
+) -> None:
     lifespan = Lifespan(drain_delay=0.3)
     await lifespan.startup()
     assert lifespan.watching_sigterm
     signal.raise_signal(signal.SIGTERM)
     assert lifespan.state == "draining"  # at once
     assert server_handler.calls == []  # the server keeps serving meanwhile
-    await anyio.sleep(0.1)
-    assert server_handler.calls == []
-    await anyio.sleep(0.5)  # past the drain delay
+    [timer] = timers
+    assert (timer.delay, timer.started) == (0.3, True)
+    assert lifespan.going_away is not None and not lifespan.going_away.is_set()
+    await timer.fire()  # the drain delay is over
     assert server_handler.calls == [signal.SIGTERM]
+    assert lifespan.going_away.is_set()  # long-lived connections told to close first
     await lifespan.shutdown()
     assert signal.getsignal(signal.SIGTERM) is server_handler  # restored
     assert not lifespan.watching_sigterm
@@ -69,7 +104,7 @@ async def test_without_a_delay_the_server_handler_runs_at_once(server_handler: R
 
 
 async def test_a_second_sigterm_hands_over_at_once_and_only_once(
-    server_handler: Recorder,
+    server_handler: Recorder, timers: list[FakeTimer]
 ) -> None:
     lifespan = Lifespan(drain_delay=0.3)
     await lifespan.startup()
@@ -77,19 +112,23 @@ async def test_a_second_sigterm_hands_over_at_once_and_only_once(
     assert server_handler.calls == []
     signal.raise_signal(signal.SIGTERM)  # an impatient operator
     assert server_handler.calls == [signal.SIGTERM]
-    await anyio.sleep(0.5)  # the cancelled timer does not hand over a second time
+    [timer] = timers
+    assert timer.cancelled  # the pending hand-over will not happen a second time
+    await timer.fire()
     assert server_handler.calls == [signal.SIGTERM]
     await lifespan.shutdown()
 
 
 async def test_shutdown_before_the_delay_ends_cancels_the_hand_over(
-    server_handler: Recorder,
+    server_handler: Recorder, timers: list[FakeTimer]
 ) -> None:
     lifespan = Lifespan(drain_delay=0.2)
     await lifespan.startup()
     signal.raise_signal(signal.SIGTERM)
     await lifespan.shutdown()
-    await anyio.sleep(0.4)
+    [timer] = timers
+    assert timer.cancelled
+    await timer.fire()
     assert server_handler.calls == []
     assert signal.getsignal(signal.SIGTERM) is server_handler
 
@@ -121,6 +160,7 @@ def test_default_action_terminates_after_draining() -> None:
     code = """
 import signal, anyio
 from asgi_resilience import Lifespan
+from asgi_resilience.lifespan import _drain
 
 async def main():
     lifespan = Lifespan(drain_delay=0.1)

@@ -23,7 +23,7 @@ from starlette.testclient import TestClient
 
 from asgi_resilience import Lifespan, LifespanMiddleware, StartupError, resilient
 from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
-from tests.asgi import call, http_scope
+from tests.asgi import call, http_scope, wait_until
 
 Kind = Literal["wrap", "starlette"]
 KINDS: list[Kind] = ["wrap", "starlette"]
@@ -846,7 +846,8 @@ async def test_shutdown_waits_for_in_flight_requests() -> None:
     await lifespan.startup()
 
     async def release_later() -> None:
-        await anyio.sleep(0.1)
+        # Once the shutdown waits for the request (its drained event exists), not on a timer.
+        await wait_until(lambda: lifespan.drained is not None)
         events.append("releasing")
         release.set()
 
@@ -879,7 +880,8 @@ async def test_shutdown_waits_for_in_flight_requests_with_lifespan_manager() -> 
     app = lifespan.wrap(slow_app(events, started, release))
 
     async def release_later() -> None:
-        await anyio.sleep(0.1)
+        # Once the shutdown waits for the request (its drained event exists), not on a timer.
+        await wait_until(lambda: lifespan.drained is not None)
         events.append("releasing")
         release.set()
 
@@ -1169,7 +1171,7 @@ async def test_a_sync_check_blocked_once_is_retried_at_startup() -> None:
 @pytest.mark.anyio
 async def test_overlapping_runs_of_a_slow_healthy_check_both_pass() -> None:
     lifespan = Lifespan()
-    lifespan.add_check("slow", lambda: sleep(0.1), timeout=2)
+    lifespan.add_check("slow", lambda: sleep(0.05), timeout=2)
     results: list[bool] = []
 
     async def run() -> None:

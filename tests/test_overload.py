@@ -14,11 +14,13 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+import trio
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
+from trio.testing import MockClock
 
 from asgi_resilience import resilient
 from asgi_resilience.adaptive import AdaptiveLimit
@@ -37,6 +39,23 @@ from tests.fakes import FakeClock
 from tests.servers import start_uvicorn
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Both backends; ``@virtual`` tests: trio on a clock that jumps to the next deadline
+    whenever every task waits, and that a test moves itself to stand for a blocked loop."""
+    if request.param == "fake":
+        return ("trio", {"clock": MockClock(autojump_threshold=0)})
+    return request.param
+
+
+virtual = pytest.mark.parametrize("anyio_backend", ["fake"], indirect=True, ids=["fake-clock"])
+
+
+def block_the_loop(seconds: float) -> None:
+    """The loop stuck in one step for ``seconds``, on the fake clock (no beat fires meanwhile)."""
+    trio.lowlevel.current_clock().jump(seconds)  # type: ignore[attr-defined]
 
 
 def held_receive(body: bytes = b"") -> tuple[Callable[[], Awaitable[Message]], anyio.Event]:
@@ -578,6 +597,7 @@ def test_the_adaptive_limit_holds_on_noisy_latency_and_recovers_from_a_raised_fl
     assert 20 <= served(floor, capacity=20, base=0.03, samples=4000)[-1] <= 26  # 3x slower
 
 
+@virtual
 async def test_background_work_after_a_complete_response_is_not_cut_off(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -586,7 +606,7 @@ async def test_background_work_after_a_complete_response_is_not_cut_off(
     finished: list[bool] = []
 
     async def later() -> None:
-        await anyio.sleep(0.15)  # past the request's deadline (anyio's clock: real time)
+        await anyio.sleep(0.15)  # past the request's deadline (on the fake clock)
         finished.append(True)
 
     async def answer(request: Request) -> PlainTextResponse:
@@ -752,13 +772,14 @@ class Recorded:
         self.values.append(value)
 
 
+@virtual
 async def test_loop_lag_sees_a_blocked_loop_from_inside_the_blocking_step() -> None:
     gauge = Recorded()
     lag = LoopLag(interval=0.005, gauge=gauge)
     lag.ensure_running()
     await anyio.sleep(0.05)  # beats on time
     assert lag() < 0.03
-    time.sleep(0.12)  # noqa: ASYNC251 - the loop stuck in one step: no beat can fire
+    block_the_loop(0.12)  # stuck in one step: no beat can fire
     assert lag() >= 0.1
     await anyio.sleep(0.03)  # the late beat measured it, and the next ones are on time again
     assert lag() < 0.03
@@ -768,6 +789,7 @@ async def test_loop_lag_sees_a_blocked_loop_from_inside_the_blocking_step() -> N
     assert lag() < 0.03
 
 
+@virtual
 async def test_requests_that_reach_a_stuck_loop_are_shed_at_once() -> None:
     """One handler blocks the loop 0.2 s (a sync call in an async handler); requests that
     arrived meanwhile are shed with ``loop_lag``, cheaply; once the loop keeps up, all run."""
@@ -782,7 +804,7 @@ async def test_requests_that_reach_a_stuck_loop_are_shed_at_once() -> None:
         if scope["path"] == "/block":
             for _ in range(20):
                 tasks.start_soon(one, "/work")  # they arrive now, their turn comes after
-            time.sleep(0.2)  # noqa: ASYNC251 - a blocking call in a handler, on purpose
+            block_the_loop(0.2)  # a blocking call in a handler
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"done"})
 
@@ -857,7 +879,7 @@ def test_a_new_loop_drops_the_last_loops_reading_and_a_revisited_loop_beats_once
 
     async def block() -> None:
         lag.ensure_running()
-        time.sleep(0.2)  # noqa: ASYNC251 - the loop ends stuck
+        time.sleep(0.05)  # noqa: ASYNC251 - the loop ends stuck
 
     async def reading() -> float:
         lag.ensure_running()
@@ -866,17 +888,17 @@ def test_a_new_loop_drops_the_last_loops_reading_and_a_revisited_loop_beats_once
     async def beats() -> int:
         lag.ensure_running()
         before = len(gauge.values)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.05)
         return len(gauge.values) - before
 
     first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
     try:
         first.run_until_complete(block())
-        assert second.run_until_complete(reading()) < 0.05
+        assert second.run_until_complete(reading()) < 0.03  # not the 0.05 s the first ended with
         for _ in range(4):
             first.run_until_complete(reading())
             second.run_until_complete(reading())
-        assert first.run_until_complete(beats()) <= 70  # one chain: about 60 beats in 0.3 s
+        assert first.run_until_complete(beats()) <= 14  # one chain: about 10 beats in 0.05 s
     finally:
         first.close()
         second.close()

@@ -464,7 +464,7 @@ async def test_postgres_startup_retries_while_the_database_comes_up(asyncpg_url:
     db.install(lifespan)
 
     async def start_later(group: TaskGroup) -> None:
-        await anyio.sleep(0.25)  # the first attempts find it down; the retries wait real time
+        await anyio.sleep(0.05)  # the first attempt finds it down; a retry finds it up
         await proxy.start(group)
 
     async with anyio.create_task_group() as group:

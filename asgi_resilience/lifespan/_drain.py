@@ -18,6 +18,8 @@ import anyio.lowlevel
 
 __all__ = ["SigtermWatch"]
 
+_Timer = threading.Timer  # what waits out the drain delay (tests put a timer they fire in)
+
 
 class _Draining(Protocol):
     """What the watch needs of its lifespan."""
@@ -83,7 +85,7 @@ class SigtermWatch:
             return
         owner.begin_drain()
         owner.logger.info("SIGTERM: serving %gs more before shutdown", owner.drain_delay)
-        self._timer = threading.Timer(owner.drain_delay, self._hand_over_later, (signum,))
+        self._timer = _Timer(owner.drain_delay, self._hand_over_later, (signum,))
         self._timer.daemon = True
         self._timer.start()
 
