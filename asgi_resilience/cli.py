@@ -33,7 +33,8 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -250,13 +251,11 @@ def run(
         "log_level": log_level,
         "proxy_headers": False,
     }
+    _prepare_to_listen(host, port, uds, log_level, plain)
     if uds is None:
-        _ensure_port_free(host, port)
         options.update(host=host, port=port)
     else:
         options["uds"] = uds
-        os.environ.setdefault("ASGI_RESILIENCE_TRUSTED_PROXIES", "unix")
-    configure_logging(log_level, plain=plain)
     # uvicorn re-raises the SIGTERM it handled once it has stopped gracefully; a handler of
     # our own receives it, so the process can report a clean stop with exit code 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -264,16 +263,37 @@ def run(
         uvicorn.run(_wrapped(target, plain=plain), **options)
         return 0
     _wrapped(target)  # fail here, once, rather than in every worker
-    metrics_dir = tempfile.mkdtemp(prefix="asgi-resilience-metrics-")
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
+    with _worker_environment(target, plain, log_level, multiprocess=True):
+        uvicorn.run("asgi_resilience.cli:worker_app", factory=True, workers=workers, **options)
+    return 0
+
+
+def _prepare_to_listen(host: str, port: int, uds: str | None, log_level: str, plain: bool) -> None:
+    """Refuse a port in use (one line, exit 2) or trust a unix socket's peers, then log."""
+    if uds is None:
+        _ensure_port_free(host, port)
+    else:
+        os.environ.setdefault("ASGI_RESILIENCE_TRUSTED_PROXIES", "unix")
+    configure_logging(log_level, plain=plain)
+
+
+@contextmanager
+def _worker_environment(
+    target: str, plain: bool, log_level: str, *, multiprocess: bool
+) -> Iterator[None]:
+    """What worker processes learn from the environment (``worker_app``); with
+    ``multiprocess``, Prometheus multiprocess mode in a directory of its own, removed after."""
+    metrics_dir = tempfile.mkdtemp(prefix="asgi-resilience-metrics-") if multiprocess else None
+    if metrics_dir is not None:
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
     os.environ[_TARGET_VARIABLE] = target
     os.environ[_PLAIN_VARIABLE] = "1" if plain else "0"
     os.environ[_LEVEL_VARIABLE] = log_level
     try:
-        uvicorn.run("asgi_resilience.cli:worker_app", factory=True, workers=workers, **options)
+        yield
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _run_hypercorn(
@@ -288,24 +308,13 @@ def _run_hypercorn(
     """``run --server hypercorn``: see ``asgi_resilience._hypercorn``."""
     from ._hypercorn import serve_hypercorn, serve_hypercorn_workers
 
-    if uds is None:
-        _ensure_port_free(host, port)
-    else:
-        os.environ.setdefault("ASGI_RESILIENCE_TRUSTED_PROXIES", "unix")
-    configure_logging(log_level, plain=plain)
+    _prepare_to_listen(host, port, uds, log_level, plain)
     if workers == 1:
         bind = f"unix:{uds}" if uds is not None else f"[{host}]:{port}" if ":" in host else None
         return serve_hypercorn(_wrapped(target, plain=plain), [bind or f"{host}:{port}"], log_level)
     _wrapped(target)  # fail here, once, rather than in every worker
-    metrics_dir = tempfile.mkdtemp(prefix="asgi-resilience-metrics-")
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
-    os.environ[_TARGET_VARIABLE] = target
-    os.environ[_PLAIN_VARIABLE] = "1" if plain else "0"
-    os.environ[_LEVEL_VARIABLE] = log_level
-    try:
+    with _worker_environment(target, plain, log_level, multiprocess=True):
         return serve_hypercorn_workers(host, port, uds, workers)
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _run_granian(
@@ -320,22 +329,11 @@ def _run_granian(
     """``run --server granian``: see ``asgi_resilience._granian``."""
     from ._granian import serve_granian
 
-    if uds is None:
-        _ensure_port_free(host, port)
-    else:
-        os.environ.setdefault("ASGI_RESILIENCE_TRUSTED_PROXIES", "unix")
-    configure_logging(log_level, plain=plain)
+    _prepare_to_listen(host, port, uds, log_level, plain)
     drain_delay = _wrapped(target).lifespan.drain_delay  # and fail here, not in every worker
-    metrics_dir = tempfile.mkdtemp(prefix="asgi-resilience-metrics-")
-    if workers > 1:
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
-    os.environ[_TARGET_VARIABLE] = target
-    os.environ[_PLAIN_VARIABLE] = "1" if plain else "0"
-    os.environ[_LEVEL_VARIABLE] = log_level
-    try:
+    # Granian always serves from worker processes: one alone needs no multiprocess metrics.
+    with _worker_environment(target, plain, log_level, multiprocess=workers > 1):
         return serve_granian(host, port, uds, workers, log_level, drain_delay)
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def worker(target: str, host: str, port: int, log_level: str, plain: bool) -> int:

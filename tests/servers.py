@@ -168,3 +168,28 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.kill()
         process.wait(5)
+
+
+def start_command(
+    command: Callable[[int], list[str]],
+    *,
+    env: Mapping[str, str],
+    log: Path,
+    started: list[subprocess.Popen[bytes]],
+) -> ServerProcess:
+    """``command(port)`` (a server taking its port as an argument) on a free port, from the
+    repository root, stdout and stderr into ``log``, once its ``/health/ready`` answers 200;
+    each process it starts is appended to ``started`` (for the caller to kill at the end)."""
+
+    def on(port: int) -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                command(port), cwd=ROOT, env=dict(env), stdout=out, stderr=subprocess.STDOUT
+            )
+        started.append(process)
+        return process
+
+    process, port = start_on_a_free_port(on, log.read_text)
+    server = ServerProcess(process, port, log)
+    wait_until_ready(server.base_url, process, output=log.read_text)
+    return server

@@ -24,7 +24,7 @@ import pytest
 from asgi_resilience import HealthApp, Lifespan
 from asgi_resilience.types import Scope
 from tests.asgi import call, http_scope
-from tests.servers import ROOT, ServerProcess, start_on_a_free_port, wait_until_ready
+from tests.servers import ServerProcess, start_command
 
 APP = "tests.apps.workers:api"
 CLI = [sys.executable, "-m", "asgi_resilience.cli"]
@@ -52,19 +52,7 @@ def start(
 
     def start_server(command: Callable[[int], list[str]]) -> ServerProcess:
         log = tmp_path / f"server-{len(started)}.log"
-
-        def on(port: int) -> subprocess.Popen[bytes]:
-            with log.open("wb") as out:
-                process = subprocess.Popen(
-                    command(port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-                )
-            started.append(process)
-            return process
-
-        process, port = start_on_a_free_port(on, log.read_text)
-        server = ServerProcess(process, port, log)
-        wait_until_ready(server.base_url, process, output=log.read_text)
-        return server
+        return start_command(command, env=env, log=log, started=started)
 
     yield start_server
     for process in started:

@@ -17,23 +17,13 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient
-from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from asgi_resilience import Lifespan, WebSocketMiddleware, get_request_id, resilient
+from asgi_resilience import Lifespan, WebSocketMiddleware, resilient
 from asgi_resilience.types import Message
+from tests.apps.sessions import echo
 from tests.servers import start_uvicorn, wait_until_ready
-
-
-async def echo(websocket: WebSocket) -> None:
-    await websocket.accept()
-    await websocket.send_text(f"id {get_request_id()}")
-    try:
-        while True:
-            await websocket.send_text(await websocket.receive_text())
-    except WebSocketDisconnect:
-        pass
 
 
 def echo_app() -> Starlette:

@@ -15,20 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.servers import (
-    ROOT,
-    ServerProcess,
-    free_port,
-    start_on_a_free_port,
-    start_uvicorn,
-    wait_until_ready,
-)
+from tests.servers import ROOT, free_port, start_command, start_uvicorn, wait_until_ready
 
 APP = "tests.apps.workers"
 CLI = [sys.executable, "-m", "asgi_resilience.cli"]
@@ -61,28 +54,6 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
         if process.poll() is None:
             process.kill()
             process.wait(5)
-
-
-def start_command(
-    command: Callable[[int], list[str]],
-    env: dict[str, str],
-    log: Path,
-    processes: list[subprocess.Popen[bytes]],
-) -> ServerProcess:
-    """``command(port)`` on a free port, once it listens; its output in ``log``."""
-
-    def on(port: int) -> subprocess.Popen[bytes]:
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                command(port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-            )
-        processes.append(process)
-        return process
-
-    process, port = start_on_a_free_port(on, log.read_text)
-    server = ServerProcess(process, port, log)
-    wait_until_ready(server.base_url, process, output=log.read_text)
-    return server
 
 
 def json_lines(output: str) -> list[dict[str, object]]:
@@ -134,7 +105,10 @@ def test_asgi_resilience_worker_serves_probes_and_metrics_and_stops_cleanly(
 ) -> None:
     log = tmp_path / "worker.log"
     server = start_command(
-        lambda port: [*CLI, "worker", f"{APP}:lifespan", "--port", str(port)], env, log, processes
+        lambda port: [*CLI, "worker", f"{APP}:lifespan", "--port", str(port)],
+        env=env,
+        log=log,
+        started=processes,
     )
     with httpx.Client(base_url=server.base_url, timeout=5) as client:
         assert client.get("/health/live").status_code == 200
@@ -192,9 +166,9 @@ def test_lifespan_serve_does_the_same_from_python(
             "-c",
             f"from {APP} import lifespan; lifespan.serve(port={port}); print('served')",
         ],
-        env,
-        log,
-        processes,
+        env=env,
+        log=log,
+        started=processes,
     )
     with httpx.Client(base_url=server.base_url, timeout=5) as client:
         assert client.get("/health/live").status_code == 200
@@ -216,7 +190,10 @@ def test_a_close_that_hangs_shielded_cannot_hold_the_process_past_the_shutdown_t
         wait_until_ready(server.base_url, server.process, output=server.output)
     else:
         server = start_command(
-            lambda port: [*CLI, "run", f"{APP}:api", "--port", str(port)], env, log, processes
+            lambda port: [*CLI, "run", f"{APP}:api", "--port", str(port)],
+            env=env,
+            log=log,
+            started=processes,
         )
     sent = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
@@ -261,7 +238,10 @@ def test_on_unhandled_shutdown_stops_the_service_gracefully_after_a_thread_dies(
     env.update(ON_UNHANDLED="shutdown", DRAIN_DELAY="0.3")
     log = tmp_path / "server.log"
     server = start_command(
-        lambda port: [*CLI, "run", f"{APP}:api", "--port", str(port)], env, log, processes
+        lambda port: [*CLI, "run", f"{APP}:api", "--port", str(port)],
+        env=env,
+        log=log,
+        started=processes,
     )
     assert httpx.get(server.base_url + "/thread-crash", timeout=5).text == "started"
     assert server.process.wait(10) == 0  # a graceful stop, as after SIGTERM
