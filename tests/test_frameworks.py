@@ -8,6 +8,7 @@ asgi_resilience.integrations documents; requests go through its own routing and 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,3 +120,33 @@ def test_importing_the_package_pulls_in_no_framework() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("framework", sorted(FRAMEWORKS))
+def test_under_a_real_server_too(framework: str, tmp_path: Path) -> None:
+    import os
+
+    import httpx
+
+    from tests.servers import start_uvicorn, wait_until_ready
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASGI_RESILIENCE_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    _, template = build(framework)
+    server = start_uvicorn(
+        f"tests.apps.frameworks:{framework}_served", "--factory", log=tmp_path / "log", env=env
+    )
+    try:
+        wait_until_ready(server.base_url, server.process, output=server.output)
+        with httpx.Client(base_url=server.base_url, timeout=5) as client:
+            assert client.get("/items/7").json() == {"item": 7}
+            boom = client.get("/boom", headers={"x-request-id": "real-1"})
+            assert boom.status_code == 500
+            assert boom.json()["request_id"] == "real-1"
+            metrics = client.get("/metrics").text
+    finally:
+        server.kill()
+    assert f'route="{template}",status_code="200"' in metrics
+    assert (
+        'http_server_exceptions_total{exception_type="RuntimeError",route="/boom"} 1.0' in metrics
+    )

@@ -114,3 +114,31 @@ FRAMEWORKS = {
 
 def build(name: str) -> tuple[Any, str]:
     return FRAMEWORKS[name]()
+
+
+# uvicorn --factory targets: each framework's app wrapped by the stack, for real servers.
+def served(name: str) -> Any:
+    from asgi_resilience import resilient
+
+    app, _ = build(name)
+    return resilient(app)
+
+
+def litestar_served() -> Any:
+    return served("litestar")
+
+
+def quart_served() -> Any:
+    return served("quart")
+
+
+def django_served() -> Any:
+    return served("django")
+
+
+def falcon_served() -> Any:
+    return served("falcon")
+
+
+def blacksheep_served() -> Any:
+    return served("blacksheep")
