@@ -365,9 +365,13 @@ def drain(url: str, timeout: float) -> int:
     target = url.rstrip("/") + (health_path or "/health") + "/drain"
     if not target.startswith(("http://", "https://")):
         raise UsageError(f"--url must be an http:// or https:// URL, got {url!r}")
+    if not timeout > 0:
+        raise UsageError(f"--timeout must be a number of seconds above 0, got {timeout}")
     request = urllib.request.Request(target, method="POST", data=b"")
+    # No proxy from http_proxy: through one the peer would not be loopback (404).
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             body = json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as exc:
         print(f"asgi-resilience: drain: {target} answered {exc.code}", file=sys.stderr)

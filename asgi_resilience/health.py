@@ -38,15 +38,25 @@ _ALLOW = [(b"allow", b"GET, HEAD")]
 _ALLOW_POST = [(b"allow", b"POST")]
 
 
+# Headers a proxy adds to what it forwards: a request carrying one came from somewhere else,
+# through a proxy on this machine (a sidecar, nginx on the host), whatever its peer address.
+_FORWARDING_HEADERS = (b"forwarded", b"x-forwarded-", b"x-real-ip", b"x-envoy-", b"via")
+
+
 def _from_loopback(scope: Scope) -> bool:
-    """The connection's own peer is this machine (never a forwarded address)."""
+    """The connection's own peer is this machine and nothing forwarded the request."""
     client = scope.get("client")
     if not client:
         return False  # a unix socket: its peer is the proxy in front, serving anyone
     try:
-        return ipaddress.ip_address(client[0]).is_loopback
+        address = ipaddress.ip_address(client[0])
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack listener
+    if not address.is_loopback:
+        return False
+    return not any(name.lower().startswith(_FORWARDING_HEADERS) for name, _ in scope["headers"])
 
 
 class HealthApp:
@@ -69,9 +79,9 @@ class HealthApp:
     - ``POST /health/drain``: begin draining now (readiness 503), answer once ``drain_delay``
       has passed and long-lived connections were told to close: what a Kubernetes ``preStop``
       hook calls (``asgi-resilience drain``) for a server whose own SIGTERM handling cannot
-      wait. Only a loopback peer may call it (the connection's own address: forwarding headers
-      are not read, and a unix socket's peer is a proxy, so it is refused); anyone else gets
-      404, as if it did not exist.
+      wait. Only a loopback peer may call it, and only with no forwarding header (a sidecar or
+      a proxy on the host connects from loopback for the whole internet; a unix socket's peer
+      is such a proxy too); anyone else gets 404, as if it did not exist.
 
     Only GET and HEAD (405 otherwise; ``/drain``: only POST). Responses are JSON with
     ``Cache-Control: no-store``; errors use the stack's error shape. Other paths answer 404.

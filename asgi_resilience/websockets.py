@@ -129,13 +129,20 @@ class WebSocketMiddleware:
             finally:
                 session.end()
             return
+        error: Exception | None = None
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(session.close_when, going_away)
-                await self.app(scope, receive, session.send)
-                group.cancel_scope.cancel()
+                try:
+                    await self.app(scope, session.receiver(receive), session.send)
+                except Exception as exc:  # raised as itself below, not in a task group's group
+                    error = exc
+                finally:
+                    group.cancel_scope.cancel()
         finally:
             session.end()
+        if error is not None:
+            raise error
 
 
 class _Session:
@@ -155,12 +162,26 @@ class _Session:
         self.accepted_at: float | None = None
         self.route = ""
         self.closed_by_us = False
-        self.closed = False
+        self.closed = False  # closed, refused or left: nothing for us to close any more
+
+    def receiver(self, receive: Receive) -> Receive:
+        """``receive``, noting a disconnect (the client left: no close of ours after it)."""
+
+        async def receive_noting() -> Message:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                self.closed = True
+            return message
+
+        return receive_noting
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if self.closed_by_us:
-            return  # we closed it (going away): the app's late sends have nowhere to go
+            # We closed it (going away): what the server would answer a send on a closed
+            # socket, so that a handler that only sends learns the session is over (Starlette
+            # turns it into WebSocketDisconnect).
+            raise OSError("the WebSocket was closed: the server is shutting down")
         if kind == "websocket.accept" and self.accepted_at is None:
             if self.headers:
                 message = {**message, "headers": [*message.get("headers", ()), *self.headers]}
@@ -169,8 +190,8 @@ class _Session:
             self.route = _route_of(self.scope)
             self.layer.metrics.child(self.layer.collectors.sessions_active, self.route).inc()
             return
-        if kind == "websocket.close":
-            self.closed = True
+        if kind == "websocket.close" or kind == "websocket.http.response.start":
+            self.closed = True  # closed by the app, or refused with a response of its own
         await self.server_send(message)
 
     async def close_when(self, going_away: anyio.Event) -> None:
@@ -178,12 +199,13 @@ class _Session:
         if self.closed or self.closed_by_us:
             return
         self.closed_by_us = True
-        if self.accepted_at is None:
-            await self.server_send({"type": "websocket.close", "code": GOING_AWAY})
-            return
-        await self.server_send(
-            {"type": "websocket.close", "code": GOING_AWAY, "reason": "server shutting down"}
-        )
+        message: Message = {"type": "websocket.close", "code": GOING_AWAY}
+        if self.accepted_at is not None:
+            message["reason"] = "server shutting down"
+        try:
+            await self.server_send(message)
+        except Exception:  # the connection went meanwhile: nothing left to close
+            pass
 
     def end(self) -> None:
         if self.accepted_at is None:

@@ -164,15 +164,18 @@ def drain_and_check(server: ServerProcess) -> None:
     server.process.wait(15)
 
 
-def test_drain_says_why_it_failed() -> None:
+def test_drain_says_why_it_failed(env: dict[str, str]) -> None:
+    env["http_proxy"] = "http://proxy.invalid:3128"  # never used: it goes straight to the service
     done = subprocess.run(
         [*CLI, "drain", "--url", "http://127.0.0.1:1", "--timeout", "2"],
         capture_output=True,
         text=True,
         timeout=15,
+        env=env,
     )
     assert done.returncode == 1
     assert done.stderr.startswith("asgi-resilience: drain: http://127.0.0.1:1/health/drain: ")
+    assert "Connection refused" in done.stderr  # port 1 refused, not the proxy unresolved
 
 
 # -- /health/drain, in process ---------------------------------------------------------------
@@ -199,6 +202,12 @@ async def test_only_a_loopback_peer_may_drain(client: tuple[str, int] | None) ->
         forwarded = drain_scope(("10.1.2.3", 5000))
         forwarded["headers"] = [(b"x-forwarded-for", b"127.0.0.1")]
         assert (await call(health, forwarded)).status == 404  # never a forwarded address
+        for header in (b"X-Forwarded-For", b"forwarded", b"x-envoy-external-address"):
+            # From a proxy on this machine (a sidecar): loopback peer, remote client.
+            through_proxy = drain_scope(("127.0.0.1", 5000))
+            through_proxy["headers"] = [(header, b"203.0.113.9")]
+            assert (await call(health, through_proxy)).status == 404
+        assert lifespan.state == "ready"
     finally:
         await lifespan.shutdown()
 
@@ -216,7 +225,7 @@ async def test_a_loopback_drain_fails_readiness_at_once_and_answers_after_the_de
         began = anyio.current_time()
 
         async def drain() -> None:
-            response = await call(health, drain_scope(("::1", 5000)))
+            response = await call(health, drain_scope(("::ffff:127.0.0.1", 5000)))
             assert response.status == 200
             assert response.json() == {"status": "draining", "drain_delay": 0.3}
             answered.append(anyio.current_time() - began)

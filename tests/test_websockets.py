@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient
+from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
@@ -241,3 +242,73 @@ def test_under_uvicorn_a_drain_refuses_new_sessions_and_closes_open_ones_first(s
     assert 0.9 <= took < 2.5  # at the end of the one-second drain delay
     assert server.process.wait(10) == -signal.SIGTERM
     assert "1012" not in server.output()  # not cut by uvicorn's own shutdown
+
+
+async def ticker(websocket: WebSocket) -> None:
+    """Only sends, never receives: a feed."""
+    await websocket.accept()
+    try:
+        while True:
+            await websocket.send_text("tick")
+            await anyio.sleep(0.01)
+    except WebSocketDisconnect:
+        pass
+
+
+@pytest.mark.anyio
+async def test_a_handler_that_only_sends_ends_once_its_session_went_away() -> None:
+    lifespan = Lifespan(registry=CollectorRegistry())
+    app = resilient(
+        Starlette(routes=[WebSocketRoute("/ws/{room}", ticker)]),
+        lifespan=lifespan,
+        registry=CollectorRegistry(),
+    )
+    await lifespan.startup()
+    with Client() as session:
+        async with anyio.create_task_group() as group:
+            group.start_soon(app, session.scope, session.inbox.receive, session.send)
+            await session.wait_for("websocket.accept")
+            lifespan.go_away()
+            with anyio.fail_after(2):  # its next send tells it: the handler returns
+                await lifespan.shutdown()
+    assert [m["type"] for m in session.sent].count("websocket.close") == 1
+    assert lifespan.in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_a_raising_handler_raises_its_own_exception_and_a_left_session_is_not_closed() -> (
+    None
+):
+    async def failing(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+        raise KeyError("boom")
+
+    async def lingering(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            await websocket.receive_text()
+        except WebSocketDisconnect:
+            await anyio.sleep(0.02)  # cleaning up after the client left
+
+    lifespan = Lifespan(registry=CollectorRegistry())
+    app = resilient(
+        Starlette(routes=[WebSocketRoute("/fail", failing), WebSocketRoute("/linger", lingering)]),
+        lifespan=lifespan,
+        registry=CollectorRegistry(),
+    )
+    await lifespan.startup()
+    try:
+        with Client("/fail") as session:
+            session.to_app.send_nowait({"type": "websocket.receive", "text": "hi"})
+            with pytest.raises(KeyError):  # itself, not an ExceptionGroup
+                await app(session.scope, session.inbox.receive, session.send)
+        with Client("/linger") as session:
+            session.to_app.send_nowait({"type": "websocket.disconnect", "code": 1000})
+            async with anyio.create_task_group() as group:
+                group.start_soon(app, session.scope, session.inbox.receive, session.send)
+                await session.wait_for("websocket.accept")
+                lifespan.go_away()  # the drain ends while the handler cleans up
+            assert [m["type"] for m in session.sent] == ["websocket.accept"]  # no close after
+    finally:
+        await lifespan.shutdown()
