@@ -17,6 +17,7 @@ processes (``inner.pid``), as in Granian 2.x.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -73,6 +74,12 @@ def serve_granian(
             stop.start()
 
     os.environ[_DRAIN_VARIABLE] = str(int(DRAIN_SIGNAL))
+    # Workers are fresh interpreters (spawn, not fork): they read PROMETHEUS_MULTIPROC_DIR before
+    # prometheus_client is imported, and build their own stack once. Until a worker has
+    # installed its drain handler, DRAIN_SIGNAL is ignored (inherited across exec), never the
+    # default action, which would kill it.
+    multiprocessing.set_start_method("spawn", force=True)
+    signal.signal(DRAIN_SIGNAL, signal.SIG_IGN)
     options: dict[str, Any] = {
         "interface": Interfaces.ASGI,
         "workers": workers,

@@ -13,7 +13,8 @@ exit code 0.
 With ``--workers N`` (N > 1) this process binds the socket, starts N worker processes (a fresh
 interpreter each, the socket handed over by file descriptor, Prometheus multiprocess mode in a
 directory of its own), forwards SIGTERM and SIGINT to them, and exits 0 once all stopped
-cleanly (1 otherwise).
+cleanly. As with Hypercorn's own runner, the first worker to exit by itself (a crash, a failed
+startup: status 3) stops the others, and its exit code is the service's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from types import FrameType
 from typing import Any
 
@@ -105,26 +107,51 @@ def serve_hypercorn_workers(host: str, port: int, uds: str | None, workers: int)
     listener.listen(2048)
     listener.set_inheritable(True)
     env = {**os.environ, _FD_VARIABLE: str(listener.fileno())}
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-m", "asgi_resilience._hypercorn"],
-            env=env,
-            pass_fds=(listener.fileno(),),
-        )
-        for _ in range(workers)
-    ]
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
 
     def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
+    # Before the workers exist: a signal meanwhile must not kill this process and orphan them.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for _ in range(workers):
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "asgi_resilience._hypercorn"],
+                env=env,
+                pass_fds=(listener.fileno(),),
+            )
+        )
+        if stopping:  # a signal came while starting them: the new one is told too
+            forward(signal.SIGTERM, None)
     _logger.info("Running on %s with %d Hypercorn workers", where, workers)
+    # As Hypercorn's own runner: the first worker to end (a crash, a failed startup, a
+    # signal) ends the service, the others are stopped, and its exit code is the service's.
+    first: int | None = None
+    while first is None:
+        for child in children:
+            code = child.poll()
+            if code is not None:
+                first = code
+                break
+        else:
+            time.sleep(0.05)  # no event to wait on for several children but their exit
+    if not stopping:
+        _logger.error("A Hypercorn worker exited with %d: stopping the others", first)
+        forward(signal.SIGTERM, None)
     codes = [child.wait() for child in children]
     listener.close()
-    return 0 if all(code == 0 for code in codes) else 1
+    if uds is not None and os.path.exists(uds):
+        os.unlink(uds)
+    if all(code == 0 for code in codes):
+        return 0
+    return first if first is not None and first > 0 else 1  # killed by a signal: 1
 
 
 if __name__ == "__main__":

@@ -169,9 +169,9 @@ class RequestContext:
         self.exception = exc
 
     def report_handled_exception(self, exc: BaseException) -> None:
-        """The application's framework caught ``exc`` and rendered its own 500: the request's
-        exception all the same (counted, traced), logged once by the error layer."""
-        self.keep_exception(exc)
+        """The application's framework caught ``exc`` and rendered its own response: when that
+        is a 5xx, the error layer makes it the request's exception (counted, traced) and logs
+        it once; a 4xx the app's own handler mapped it to is an answer, not a fault."""
         self.reported_exception = exc
 
     def mark_logged(self, exc: BaseException) -> None:

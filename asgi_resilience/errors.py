@@ -248,8 +248,14 @@ class _ErrorResponder:
         exception its framework caught and rendered itself (``report_exception``)."""
         if self.held_start is not None:
             await self._send_rewritten()
-        reported = self.context.reported_exception
-        if isinstance(reported, Exception) and self.context.exception_logged is not reported:
+        context = self.context
+        reported = context.reported_exception
+        if (
+            isinstance(reported, Exception)
+            and context.exception_logged is not reported
+            and (context.status or 500) >= 500  # mapped to a 4xx by the app's own handler: no fault
+        ):
+            context.keep_exception(reported)
             self._log(reported, "rendered by the application's framework")
 
     async def fail(self, exc: Exception) -> bool:

@@ -93,6 +93,10 @@ def test_run_with_another_server_drains_on_sigterm(
             str(workers),
         ]
     )
+    for _ in range(6):  # fresh connections: with two workers, both serve some
+        assert httpx.get(server.base_url + "/slow?seconds=0.01").status_code == 200
+    metrics = httpx.get(server.base_url + "/metrics").text  # every worker's, merged
+    assert 'route="/slow",status_code="200"} 6.0' in metrics
     with ThreadPoolExecutor(2) as pool, httpx.Client(base_url=server.base_url, timeout=10) as c:
         in_flight = pool.submit(c.get, "/slow", params={"seconds": "1.5"})
         time.sleep(0.3)  # in flight (another process: no event to wait on)
@@ -240,3 +244,29 @@ async def test_a_loopback_drain_fails_readiness_at_once_and_answers_after_the_de
         assert going_away is not None and going_away.is_set()  # told to close
     finally:
         await lifespan.shutdown()
+
+
+def test_hypercorn_workers_stop_together_when_one_dies(
+    start: Callable[[Callable[[int], list[str]]], ServerProcess],
+) -> None:
+    server = start(
+        lambda port: [
+            *CLI,
+            "run",
+            APP,
+            "--server",
+            "hypercorn",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ]
+    )
+    children = subprocess.run(
+        ["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert len(children) == 2
+    os.kill(int(children[0]), signal.SIGKILL)
+    assert server.process.wait(15) == 1  # the service ends: not one worker short
+    time.sleep(0.2)  # the other worker's exit (another process: nothing to wait on)
+    assert all(not Path(f"/proc/{pid}").exists() for pid in children)

@@ -99,6 +99,7 @@ async def test_litestar_answers_are_not_reported_as_faults(
     async with client_for(resilient(app, registry=registry)) as client:
         assert (await client.get("/nowhere")).status_code == 404
         assert (await client.post("/items/1")).status_code == 405
+        assert (await client.get("/conflict")).status_code == 409  # the app's own mapping
     assert [r for r in caplog.records if r.name == "asgi_resilience.errors"] == []
     assert (
         registry.get_sample_value(

@@ -11,7 +11,7 @@ from typing import Any
 
 
 def litestar() -> tuple[Any, str]:
-    from litestar import Litestar, get
+    from litestar import Litestar, Response, get
     from litestar.params import FromPath
 
     from asgi_resilience.integrations.litestar import after_exception
@@ -24,8 +24,23 @@ def litestar() -> tuple[Any, str]:
     async def boom() -> None:
         raise RuntimeError("kaboom")
 
+    class Conflict(Exception):
+        pass
+
+    @get("/conflict")
+    async def conflict() -> None:
+        raise Conflict("taken")
+
+    def to_409(request: Any, exc: Exception) -> Response[dict[str, str]]:
+        return Response({"detail": "taken"}, status_code=409)
+
     # logging_config=None: Litestar's default dictConfig would take over the root logger.
-    app = Litestar([item, boom], after_exception=[after_exception], logging_config=None)
+    app = Litestar(
+        [item, boom, conflict],
+        after_exception=[after_exception],
+        exception_handlers={Conflict: to_409},
+        logging_config=None,
+    )
     return app, "/items/{item_id}"  # the template without its type
 
 
