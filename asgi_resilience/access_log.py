@@ -174,15 +174,32 @@ class JsonFormatter(logging.Formatter):
     Members: ``timestamp`` (UTC, ISO 8601, milliseconds), ``level``, ``logger``, ``message``,
     then the record's extra fields (``request_id``, ``route``, ...), then ``exc_info`` and
     ``stack_info`` as text when present. Values JSON cannot encode are written with ``str()``.
-    The library never installs it; attach it to your own handler.
+    The library never installs it; attach it to your own handler, or name it in a logging
+    configuration: ``{"class": "asgi_resilience.JsonFormatter"}`` in ``dictConfig`` (static
+    fields through ``{"()": "asgi_resilience.JsonFormatter", "static_fields": {...}}``), or
+    ``class=asgi_resilience.JsonFormatter`` in a ``fileConfig`` INI file.
 
     Args:
+        fmt, datefmt, style, validate, defaults: what ``logging.config`` hands every formatter
+            class; accepted and unused (the line's shape is fixed), except ``defaults``, which
+            become static fields.
         static_fields: members added to every line (``service``, ``version``).
     """
 
-    def __init__(self, *, static_fields: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        fmt: str | None = None,
+        datefmt: str | None = None,
+        style: str = "%",
+        validate: bool = True,
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        static_fields: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
-        self.static_fields = static_fields  # the setter copies and encodes them
+        if defaults:
+            static_fields = {**defaults, **(static_fields or {})}
+        self.static_fields = static_fields  # the setter checks, copies and encodes them
 
     @property
     def static_fields(self) -> Mapping[str, Any]:

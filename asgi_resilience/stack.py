@@ -154,7 +154,9 @@ def resilient(
         access_log_exclude_paths: paths not logged (probes and scrapes by default).
         slow_threshold: seconds after which a request is logged as a warning.
         errors: normalize errors into JSON bodies.
-        envelope_exclude_paths: paths whose responses are never enveloped.
+        envelope_exclude_paths: paths whose responses are never enveloped (besides, always,
+            a FastAPI app's ``openapi_url`` and docs: the document and the docs' own requests
+            must keep their shape).
         lifespan: a ``Lifespan`` with your checks and resources; a bare one by default (it
             still drains on SIGTERM). Do not also give it to your framework.
         health_path: where the health endpoints live (``None``: not mounted).
@@ -246,7 +248,9 @@ def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp
     probes = [p for p in (o.health_path, "/livez", "/readyz", o.metrics_path) if p]
     stack: ASGIApp = app
     if o.envelope:
-        stack = EnvelopeMiddleware(stack, exclude_paths=o.envelope_exclude_paths)
+        stack = EnvelopeMiddleware(
+            stack, exclude_paths=(*o.envelope_exclude_paths, *_schema_paths(app))
+        )
     if o.max_body_size is not None or o.body_limit_routes:
         stack = BodyLimitMiddleware(
             stack, max_body_size=o.max_body_size, routes=o.body_limit_routes
@@ -381,6 +385,16 @@ def _does_nothing_without(name: str, required: str) -> ConfigurationError:
         f"{name} does nothing without {required}: set {required} too "
         f"({_REQUIRED_FORM[required]}), or leave {name} out"
     )
+
+
+def _schema_paths(app: ASGIApp) -> tuple[str, ...]:
+    """A FastAPI app's OpenAPI document and docs (its ``openapi_url``, ``docs_url``,
+    ``redoc_url``, the OAuth2 redirect): never enveloped, or ``/docs`` cannot read the schema."""
+    paths = [
+        getattr(app, name, None)
+        for name in ("openapi_url", "docs_url", "redoc_url", "swagger_ui_oauth2_redirect_url")
+    ]
+    return tuple(path for path in paths if isinstance(path, str) and path.startswith("/"))
 
 
 def _unique(name: str, taken: Iterable[str]) -> str:

@@ -988,3 +988,58 @@ def test_sink_lines_are_what_the_encoder_writes(
         **fields,
     }
     assert stream.getvalue() == json.dumps(payload, ensure_ascii=False, default=str) + "\n"
+
+
+def test_json_formatter_from_a_dict_config_and_an_ini_file(tmp_path: Any) -> None:
+    import io
+    import logging.config
+
+    def lines_of(logger_name: str, stream: io.StringIO) -> list[dict[str, Any]]:
+        logging.getLogger(logger_name).warning("hello %s", "there", extra={"order": 7})
+        return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+    stream = io.StringIO()
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {
+                "json": {"class": "asgi_resilience.JsonFormatter"},
+                "tagged": {"()": "asgi_resilience.JsonFormatter", "static_fields": {"svc": "a"}},
+            },
+            "handlers": {
+                "out": {"class": "logging.StreamHandler", "formatter": "json", "stream": stream},
+                "tag": {"class": "logging.StreamHandler", "formatter": "tagged", "stream": stream},
+            },
+            "loggers": {
+                "tests.dict": {"handlers": ["out"], "propagate": False},
+                "tests.tagged": {"handlers": ["tag"], "propagate": False},
+            },
+        }
+    )
+    [line] = lines_of("tests.dict", stream)
+    assert (line["message"], line["order"], line["level"]) == ("hello there", 7, "WARNING")
+    stream.truncate(0)
+    stream.seek(0)
+    [tagged] = lines_of("tests.tagged", stream)
+    assert tagged["svc"] == "a"
+
+    ini = tmp_path / "logging.ini"
+    ini.write_text(
+        "[loggers]\nkeys=root,ini\n[handlers]\nkeys=out\n[formatters]\nkeys=json\n"
+        "[logger_root]\nhandlers=\n[logger_ini]\nqualname=tests.ini\nhandlers=out\n"
+        "propagate=0\n[handler_out]\nclass=StreamHandler\nformatter=json\nargs=(sys.stderr,)\n"
+        "[formatter_json]\nclass=asgi_resilience.JsonFormatter\n"
+    )
+    root_handlers, root_level = logging.getLogger().handlers[:], logging.getLogger().level
+    logging.config.fileConfig(ini, disable_existing_loggers=False)
+    logging.getLogger().handlers[:] = root_handlers  # the INI's root had none: pytest's back
+    logging.getLogger().setLevel(root_level)
+    handler = logging.getLogger("tests.ini").handlers[0]
+    handler.setStream(stream)  # type: ignore[attr-defined]
+    stream.truncate(0)
+    stream.seek(0)
+    [from_ini] = lines_of("tests.ini", stream)
+    assert from_ini["message"] == "hello there"
+    for name in ("tests.dict", "tests.tagged", "tests.ini"):
+        logging.getLogger(name).handlers.clear()

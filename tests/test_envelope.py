@@ -561,3 +561,24 @@ async def test_205_reset_content_is_never_given_a_body() -> None:
 def test_content_types_given_as_a_string_are_refused() -> None:
     with pytest.raises(ValueError, match="must be a list"):
         EnvelopeMiddleware(raw_app(), content_types="application/json")
+
+
+async def test_a_fastapi_apps_openapi_document_and_docs_are_never_enveloped() -> None:
+    from fastapi import FastAPI
+
+    from asgi_resilience import resilient
+    from tests.asgi import client_for
+
+    api = FastAPI(openapi_url="/api/openapi.json")
+
+    @api.get("/items")
+    async def items() -> list[int]:
+        return [1, 2]
+
+    async with client_for(resilient(api, envelope=True, environ={})) as client:
+        document = (await client.get("/api/openapi.json")).json()
+        docs = await client.get("/docs")
+        enveloped = (await client.get("/items")).json()
+    assert document["openapi"].startswith("3.") and "/items" in document["paths"]
+    assert docs.status_code == 200 and "/api/openapi.json" in docs.text
+    assert enveloped["success"] is True and enveloped["data"] == [1, 2]
