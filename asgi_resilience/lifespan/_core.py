@@ -541,18 +541,24 @@ class Lifespan:
         its own signal. Safe from a signal handler or any thread: what a server's parent
         process asks of its workers before it stops them (``run --server granian``)."""
         self.begin_drain()
-        token = self._loop_token
+        self.go_away_in(self.drain_delay)
 
-        def later() -> None:
+    def go_away_in(self, seconds: float) -> None:
+        """``go_away()`` in ``seconds``, in the event loop's thread; callable from any thread
+        or a signal handler (a timer's thread asks the loop, waking it if idle)."""
+        token = self._loop_token
+        if token is None:
+            return  # never started: nothing is open
+
+        def in_the_loop() -> None:
             try:
                 anyio.from_thread.run_sync(self.go_away, token=token)
             except RuntimeError:
                 pass  # the event loop is gone: nothing is open any more
 
-        if token is not None:
-            timer = threading.Timer(self.drain_delay, later)
-            timer.daemon = True
-            timer.start()
+        timer = threading.Timer(seconds, in_the_loop)
+        timer.daemon = True
+        timer.start()
 
     def go_away(self) -> None:
         """Tell long-lived connections to close (``going_away``): the drain delay is over.

@@ -34,6 +34,8 @@ class _Draining(Protocol):
 
     def go_away(self) -> None: ...
 
+    def go_away_in(self, seconds: float) -> None: ...
+
 
 class SigtermWatch:
     """Our SIGTERM handler, installed in the main thread while a lifespan runs."""
@@ -80,7 +82,7 @@ class SigtermWatch:
         if not owner.ready or owner.drain_delay <= 0:
             owner.begin_drain()  # a second SIGTERM, or no delay wanted: hand over now
             # In a signal handler: the loop is told from a thread, as the timer does.
-            threading.Thread(target=self._go_away_later, daemon=True).start()
+            owner.go_away_in(0)
             self._hand_over(signum, frame)
             return
         owner.begin_drain()
@@ -101,12 +103,6 @@ class SigtermWatch:
             anyio.from_thread.run_sync(on_the_loop, token=self._loop_token)
         except RuntimeError:
             self.owner.logger.debug("Event loop gone before the drain delay ended")
-
-    def _go_away_later(self) -> None:
-        try:
-            anyio.from_thread.run_sync(self.owner.go_away, token=self._loop_token)
-        except RuntimeError:
-            pass  # the event loop is gone: nothing is open any more
 
     def _hand_over(self, signum: int, frame: FrameType | None) -> None:
         if self._timer is not None:
