@@ -4,8 +4,9 @@ Each option that is a plain value has a variable: ``ASGI_RESILIENCE_RATE_LIMIT="
 ``ASGI_RESILIENCE_TRUSTED_PROXIES="10.0.0.0/8,127.0.0.1"``, ``ASGI_RESILIENCE_DEBUG=false``.
 Values are parsed and validated when the app is built; a bad one raises ``ConfigurationError``
 naming the variable and the value. Keyword arguments win over the environment. Options that are
-objects (``lifespan``, ``registry``, ``tracer_provider``, ``access_logger``, ``access_log_sink``,
-``rate_limit_routes``, a callable ``rate_limit_key``) have no variable.
+objects (``lifespan``, ``on_error``, ``cors``, ``registry``, ``tracer_provider``,
+``access_logger``, ``access_log_sink``, ``rate_limit_routes``, a callable ``rate_limit_key``)
+have no variable.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from opentelemetry.trace import TracerProvider
 
 from ._checks import (
     check_bool,
+    check_callable,
     check_instance,
     check_logger,
     check_mapping,
@@ -309,6 +311,58 @@ def _is_count(option: str, value: Any) -> int | None:
     return value
 
 
+# What Starlette's CORSMiddleware takes besides the app, and which of those are lists.
+_CORS_OPTIONS = frozenset(
+    {
+        "allow_origins",
+        "allow_methods",
+        "allow_headers",
+        "allow_credentials",
+        "allow_origin_regex",
+        "allow_private_network",
+        "expose_headers",
+        "max_age",
+    }
+)
+_CORS_LISTS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers")
+
+
+def _is_cors(option: str, value: Any) -> Any:
+    """``None`` or the keyword arguments of Starlette's ``CORSMiddleware``, checked here: it
+    would take a string of origins as a list of one-letter origins, and an unknown key only
+    fails at the first request."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"{option} must be a dict of CORSMiddleware options, e.g. "
+            f"{{'allow_origins': ['https://app.example']}}, got {value!r}"
+        )
+    for key in value:
+        if key not in _CORS_OPTIONS:
+            close = difflib.get_close_matches(str(key), _CORS_OPTIONS, n=1)
+            hint = (
+                f"did you mean {close[0]!r}?"
+                if close
+                else "it takes " + ", ".join(sorted(_CORS_OPTIONS))
+            )
+            raise ValueError(f"{option}: unknown CORSMiddleware option {key!r}: {hint}")
+    for key in _CORS_LISTS:
+        entries = value.get(key, ())
+        if isinstance(entries, str | bytes) or not isinstance(entries, Iterable):
+            raise ValueError(
+                f"{option}[{key!r}] must be a list, e.g. [{entries!r}], got {entries!r}"
+            )
+        if not all(isinstance(entry, str) for entry in entries):
+            raise ValueError(f"{option}[{key!r}] entries must be strings, got {entries!r}")
+    if not value.get("allow_origins") and not value.get("allow_origin_regex"):
+        raise ValueError(
+            f"{option} allows no origin: give allow_origins (['https://app.example'], or "
+            "['*'] for any) or allow_origin_regex"
+        )
+    return dict(value)
+
+
 def _about(check: Check, env: Callable[[str], Any] | None = None) -> dict[str, Any]:
     """An option's metadata: how a keyword value is checked, how its variable is parsed."""
     return {"check": check, "env": env}
@@ -339,6 +393,8 @@ class Options:
     )
     slow_threshold: float = field(default=1.0, metadata=_about(_is_seconds, _seconds))
     errors: bool = field(default=True, metadata=_about(check_bool, _boolean))
+    on_error: Any = field(default=None, metadata=_about(check_callable))
+    cors: Any = field(default=None, metadata=_about(_is_cors))
     envelope_exclude_paths: tuple[str, ...] = field(default=(), metadata=_about(_is_paths, _paths))
     lifespan: Any = field(default=None, metadata=_about(_is_a(Lifespan, "a Lifespan")))
     health_path: str | None = field(

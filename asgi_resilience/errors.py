@@ -7,12 +7,13 @@ the renderer of ``problems.py`` that every layer shares.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._checks import check_bool, check_count, check_logger
+from ._checks import check_bool, check_callable, check_count, check_logger
 from ._http import media_type
 from .context import ContextMiddleware, ErrorFormat, RequestContext
 from .exceptions import AppError, CircuitOpenError, status_phrase
@@ -26,7 +27,11 @@ from .problems import (
 )
 from .types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["ErrorMiddleware", "default_debug", "render_error"]
+__all__ = ["ErrorHook", "ErrorMiddleware", "default_debug", "render_error"]
+
+# ``on_error(exc, context)``: hands an unhandled exception to an error reporter (Sentry,
+# Rollbar...); may return an awaitable, which is awaited.
+ErrorHook = Callable[[Exception, RequestContext], Any]
 
 _logger = logging.getLogger("asgi_resilience.errors")
 
@@ -73,6 +78,14 @@ class ErrorMiddleware(ContextMiddleware):
         rewrite_responses: also rewrite error responses the application returned.
         max_body_size: the largest returned error body rewritten; larger ones pass unchanged.
         logger: where unhandled exceptions are logged (``asgi_resilience.errors``).
+        on_error: called once per unhandled exception (the ones logged with a traceback: a
+            500, an exception after the response started, a 5xx the framework rendered and
+            reported) with ``(exc, context)``, ``context`` being the request's
+            ``RequestContext`` (``context.request_id``, ``context.client``,
+            ``context.status``). Hand it to an error reporter there. It runs in the request's
+            task after the response went out (the client never waits for it); it may be
+            ``async``. If it raises, that is logged and the response is unchanged. Not called
+            for ``AppError``s, HTTP exceptions and other answers the client caused.
     """
 
     def __init__(
@@ -84,6 +97,7 @@ class ErrorMiddleware(ContextMiddleware):
         rewrite_responses: bool = True,
         max_body_size: int = 64 * 1024,
         logger: logging.Logger | None = None,
+        on_error: ErrorHook | None = None,
     ) -> None:
         if format not in ("problem", "envelope"):
             raise ValueError(f"format must be 'problem' or 'envelope', got {format!r}")
@@ -92,12 +106,14 @@ class ErrorMiddleware(ContextMiddleware):
             check_bool("debug", debug)
         check_bool("rewrite_responses", rewrite_responses)
         check_logger("logger", logger)
+        check_callable("on_error", on_error)
         self.app = app
         self.debug = default_debug() if debug is None else debug
         self.format: ErrorFormat = format
         self.rewrite_responses = rewrite_responses
         self.max_body_size = max_body_size
         self.logger = logger if logger is not None else _logger
+        self.on_error = on_error
 
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
@@ -126,6 +142,7 @@ class _ErrorResponder:
         "scope",
         "send_downstream",
         "started",
+        "unreported",
     )
 
     def __init__(
@@ -139,6 +156,7 @@ class _ErrorResponder:
         self.completed = False
         self.held_start: Message | None = None
         self.held_body = bytearray()
+        self.unreported: Exception | None = None  # logged, not yet given to on_error
 
     async def send(self, message: Message) -> None:
         if self.held_start is not None:
@@ -257,6 +275,7 @@ class _ErrorResponder:
         ):
             context.keep_exception(reported)
             self._log(reported, "rendered by the application's framework")
+            await self._report()
 
     async def fail(self, exc: Exception) -> bool:
         """Answer for ``exc``; ``False`` when it must propagate (the response is half sent)."""
@@ -266,6 +285,7 @@ class _ErrorResponder:
         if self.started:
             if not already_logged:
                 self._log(exc, "after the response started")
+                await self._report()
             # Complete (a failing background task): the client has its whole response. Half
             # sent: only the server can end it, by closing the connection.
             return self.completed
@@ -279,7 +299,10 @@ class _ErrorResponder:
             self.middleware.logger.warning(
                 "%s answered %d: %s", type(exc).__name__, status, exc, extra=self._extra()
             )
-        await self._send(status, **fields)
+        try:
+            await self._send(status, **fields)
+        finally:  # the client gone or not, the reporter hears of it
+            await self._report()
         return True
 
     async def _send(self, status: int, **fields: Any) -> None:
@@ -288,6 +311,7 @@ class _ErrorResponder:
 
     def _log(self, exc: Exception, when: str) -> None:
         self.context.mark_logged(exc)
+        self.unreported = exc
         self.middleware.logger.error(
             "Unhandled %s in %s %s%s",
             type(exc).__name__,
@@ -297,6 +321,25 @@ class _ErrorResponder:
             exc_info=exc,
             extra=self._extra(),
         )
+
+    async def _report(self) -> None:
+        """Hand the exception just logged to ``on_error``; its own failure is logged, never
+        raised (the response is the one the client was going to get)."""
+        exc, self.unreported = self.unreported, None
+        on_error = self.middleware.on_error
+        if exc is None or on_error is None:
+            return
+        try:
+            outcome = on_error(exc, self.context)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception:
+            self.middleware.logger.exception(
+                "on_error %r failed while reporting %s",
+                on_error,
+                type(exc).__name__,
+                extra=self._extra(),
+            )
 
     def _extra(self) -> dict[str, Any]:
         return {"request_id": self.context.request_id}

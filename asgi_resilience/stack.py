@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any, Literal
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from .access_log import DEFAULT_EXCLUDE_PATHS, AccessLogMiddleware, JsonLinesSink
 from .config import DEFAULTS, ConfigurationError, Options, options_from_env
 from .envelope import EnvelopeMiddleware
-from .errors import ErrorMiddleware, default_debug
+from .errors import ErrorHook, ErrorMiddleware, default_debug
 from .health import HealthApp
 from .lifespan import Lifespan, LifespanMiddleware
 from .metrics import MetricsMiddleware, metrics_app
@@ -94,6 +95,8 @@ def resilient(
     access_log_exclude_paths: Iterable[str] = DEFAULT,
     slow_threshold: float = DEFAULT,
     errors: bool = DEFAULT,
+    on_error: ErrorHook | None = None,
+    cors: Mapping[str, Any] | None = None,
     envelope_exclude_paths: Iterable[str] = DEFAULT,
     lifespan: Lifespan | None = None,
     health_path: str | None = DEFAULT,
@@ -128,13 +131,14 @@ def resilient(
     """Wrap ``app`` in the asgi_resilience stack and return the new ASGI application.
 
     Layers, outermost first: the lifespan (checks, resources, draining; the app's own lifespan
-    kept), request ids, tracing, metrics and the access log (those four in one pass:
-    ``asgi_resilience.observe``), error normalization, the built-in endpoints (``/metrics``,
-    health), the deadline (only with ``timeout``), rate limits (only with ``rate_limit``), the
-    concurrency limit (only with ``max_concurrency``), the body limit (only with
-    ``max_body_size``), envelopes (only when ``envelope=True``), then ``app``. Errors take the
-    envelope shape when envelopes are on, the RFC 9457 problem shape otherwise. WebSocket
-    scopes pass through every layer.
+    kept), CORS (only with ``cors``), request ids, tracing, metrics and the access log (those
+    four in one pass: ``asgi_resilience.observe``), error normalization, the built-in endpoints
+    (``/metrics``, health), the deadline (only with ``timeout``), rate limits (only with
+    ``rate_limit``), the concurrency limit (only with ``max_concurrency``), the body limit (only
+    with ``max_body_size``), envelopes (only when ``envelope=True``), then ``app``. Errors take
+    the envelope shape when envelopes are on, the RFC 9457 problem shape otherwise. WebSocket
+    scopes pass through every layer (but CORS). For a FastAPI app, the error responses these
+    layers can answer are added to its OpenAPI document (``asgi_resilience.openapi``).
 
     Every option that is a plain value can also come from the environment:
     ``ASGI_RESILIENCE_<OPTION>`` (``ASGI_RESILIENCE_RATE_LIMIT=100/minute``); see
@@ -154,6 +158,15 @@ def resilient(
         access_log_exclude_paths: paths not logged (probes and scrapes by default).
         slow_threshold: seconds after which a request is logged as a warning.
         errors: normalize errors into JSON bodies.
+        on_error: called with ``(exc, context)`` once per unhandled exception, after the 500
+            went out (an error reporter such as Sentry; see ``ErrorMiddleware``). Needs
+            ``errors``.
+        cors: keyword arguments of Starlette's ``CORSMiddleware``
+            (``{"allow_origins": ["https://app.example"]}``), put outermost so that every
+            response, the errors, 429s and 503s the stack renders itself included, carries the
+            CORS headers, and preflights are answered before any limit. ``expose_headers``
+            defaults to the headers the stack adds (the request id, ``Retry-After``, the
+            ``RateLimit`` headers) so that browser code can read them. ``None``: no CORS.
         envelope_exclude_paths: paths whose responses are never enveloped (besides, always,
             a FastAPI app's ``openapi_url`` and docs: the document and the docs' own requests
             must keep their shape).
@@ -325,7 +338,15 @@ def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp
         stack = BuiltinEndpoints(stack, endpoints=endpoints)
     if o.errors:
         stack = ErrorMiddleware(
-            stack, debug=o.debug, format="envelope" if o.envelope else "problem"
+            stack,
+            debug=o.debug,
+            format="envelope" if o.envelope else "problem",
+            on_error=o.on_error,
+        )
+    elif o.on_error is not None:
+        raise ConfigurationError(
+            "on_error does nothing with errors=False: the error layer calls it; "
+            "leave errors on or on_error out"
         )
     # The layers that observe requests run in one pass (asgi_resilience.observe), in the order
     # nesting them would have: request ids, tracing, metrics, access log.
@@ -369,7 +390,11 @@ def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp
     sessions = WebSocketMiddleware(
         stack, lifespan=lifespan, request_ids=request_ids, registry=o.registry
     )
+    if o.cors is not None:
+        stack = _cors(stack, o)
     stack = LifespanMiddleware(stack, lifespan=lifespan, websocket_app=sessions)
+    if _is_fastapi(app):
+        _document_errors(app, o)
     return ResilientApp(app, stack, lifespan, health)
 
 
@@ -387,6 +412,25 @@ def _does_nothing_without(name: str, required: str) -> ConfigurationError:
     )
 
 
+def _is_fastapi(app: ASGIApp) -> bool:
+    fastapi = sys.modules.get("fastapi")  # a FastAPI app: its module is imported already
+    return fastapi is not None and isinstance(app, fastapi.FastAPI)
+
+
+def _document_errors(app: ASGIApp, o: Options) -> None:
+    """The error responses this stack can answer, in the FastAPI app's OpenAPI document."""
+    from .openapi import _document, stack_statuses
+
+    _document(
+        app,
+        stack_statuses(o),
+        "envelope" if o.envelope and o.errors else "problem",
+        o.envelope,
+        (*o.envelope_exclude_paths, *_schema_paths(app)),
+        rewrites=o.errors,
+    )
+
+
 def _schema_paths(app: ASGIApp) -> tuple[str, ...]:
     """A FastAPI app's OpenAPI document and docs (its ``openapi_url``, ``docs_url``,
     ``redoc_url``, the OAuth2 redirect): never enveloped, or ``/docs`` cannot read the schema."""
@@ -395,6 +439,30 @@ def _schema_paths(app: ASGIApp) -> tuple[str, ...]:
         for name in ("openapi_url", "docs_url", "redoc_url", "swagger_ui_oauth2_redirect_url")
     ]
     return tuple(path for path in paths if isinstance(path, str) and path.startswith("/"))
+
+
+# The response headers of the stack that browser code may want to read (CORS hides all but a
+# few "safelisted" ones unless they are exposed).
+_EXPOSED_HEADERS = (
+    "Retry-After",
+    "RateLimit",
+    "RateLimit-Policy",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+)
+
+
+def _cors(app: ASGIApp, o: Options) -> ASGIApp:
+    """Starlette's ``CORSMiddleware`` around the whole HTTP stack (not written here: it is the
+    well-kept implementation users already trust), exposing our headers unless told which."""
+    from starlette.middleware.cors import CORSMiddleware
+
+    options = dict(o.cors)
+    if "expose_headers" not in options:
+        own = (o.request_id_header,) if o.request_ids else ()
+        options["expose_headers"] = [*own, *_EXPOSED_HEADERS]
+    return CORSMiddleware(app, **options)
 
 
 def _unique(name: str, taken: Iterable[str]) -> str:

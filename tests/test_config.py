@@ -204,6 +204,8 @@ WRONG = {
     "access_log_exclude_paths": "/health",
     "slow_threshold": "1s",
     "errors": "no",
+    "on_error": "sentry",
+    "cors": ["https://a.example"],
     "envelope_exclude_paths": ["health"],
     "lifespan": object(),
     "health_path": "health",
