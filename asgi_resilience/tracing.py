@@ -157,7 +157,7 @@ class TracingMiddleware(Observer):
         if state is None:
             return
         if isinstance(state, _Enrichment):
-            state.finish(0)
+            state.end()
             return
         span, token = state
         try:
@@ -190,9 +190,17 @@ class _Enrichment:
         self.finished = False
 
     def finish(self, pending: int) -> None:
+        """``before_last_body``: the response's last message is going out."""
+        self._finish(pending, completing=True)
+
+    def end(self) -> None:
+        """The request ended: whatever went out went out."""
+        self._finish(0, completing=False)
+
+    def _finish(self, pending: int, *, completing: bool) -> None:
         if not self.finished:
             self.finished = True
-            _finish(self.span, self.context, self.scope, pending=pending)
+            _finish(self.span, self.context, self.scope, pending=pending, completing=completing)
 
 
 def _remember_trace_id(context: RequestContext, span: trace.Span) -> None:
@@ -228,10 +236,24 @@ def _request_attributes(
     return attributes
 
 
-def _finish(span: trace.Span, context: RequestContext, scope: Scope, pending: int = 0) -> None:
+def _finish(
+    span: trace.Span,
+    context: RequestContext,
+    scope: Scope,
+    pending: int = 0,
+    *,
+    completing: bool = False,
+) -> None:
     """Name the span and add what is known once the response is (about to be) complete.
 
-    ``pending``: body bytes of the final message, not yet counted as sent.
+    ``pending``: body bytes of the final message, not yet counted as sent; ``completing``: that
+    message is about to go out (an instrumentation's span ends with it), so the response is
+    complete.
+
+    As the HTTP server conventions ask: a 4xx is the client's error, not the span's (a raised
+    ``NotFound`` answered 404 leaves the status unset and records no exception); a 5xx, or a
+    response cut short by an exception, sets the status to ERROR and ``error.type`` to the
+    exception's type or, for a 5xx the application returned, the status code.
     """
     route = context.route(scope)
     method = method_label(scope["method"])
@@ -244,14 +266,16 @@ def _finish(span: trace.Span, context: RequestContext, scope: Scope, pending: in
         span.set_attribute(REQUEST_ID_ATTRIBUTE, context.request_id)
     if context.client_resolved and context.client:
         span.set_attribute("client.address", context.client)  # behind trusted proxies
-    if context.status is not None:
-        span.set_attribute("http.response.status_code", context.status)
+    status = context.status
+    if status is not None:
+        span.set_attribute("http.response.status_code", status)
     span.set_attribute("http.response.body.size", context.bytes_sent + pending)
     exception = context.exception
-    if exception is not None:
+    cut_short = status is None or not (completing or context.complete)
+    if exception is not None and (cut_short or (status is not None and status >= 500)):
         span.record_exception(exception)
         span.set_attribute("error.type", type(exception).__qualname__)
-    if (context.status is not None and context.status >= 500) or (
-        exception is not None and (context.status is None or not context.complete)
-    ):
+        span.set_status(Status(StatusCode.ERROR))
+    elif status is not None and status >= 500:
+        span.set_attribute("error.type", str(status))
         span.set_status(Status(StatusCode.ERROR))

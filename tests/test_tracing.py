@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from asgi_resilience import TracingMiddleware, resilient
+from asgi_resilience import NotFound, TracingMiddleware, resilient
 from asgi_resilience.request_id import RequestIdLogFilter
 from asgi_resilience.tracing import REQUEST_ID_ATTRIBUTE
 from asgi_resilience.types import ASGIApp, Message, Receive, Scope, Send
@@ -304,6 +304,52 @@ async def test_instrumentation_span_is_enriched_not_duplicated(
     assert attributes(span)[REQUEST_ID_ATTRIBUTE] == "order-42"
     assert attributes(span)["http.route"] == "/items/{item_id}"
     assert span.name == "GET /items/{item_id}"
+
+
+async def missing(request: Request) -> PlainTextResponse:
+    raise NotFound("no such order")
+
+
+async def maintenance(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("down for maintenance", status_code=503)
+
+
+async def failing(request: Request) -> PlainTextResponse:
+    raise Declined("card declined")
+
+
+def outcome_routes() -> list[Route]:
+    return [
+        Route("/orders/{order_id}", missing),
+        Route("/maintenance", maintenance),
+        Route("/fail", failing),
+    ]
+
+
+@pytest.mark.parametrize("instrumented", [True, False], ids=["instrumentation", "ours"])
+async def test_span_outcomes_follow_the_http_server_conventions(
+    instrumented: bool, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    app = traced(Starlette(routes=outcome_routes()), provider)
+    if instrumented:
+        app = OpenTelemetryMiddleware(app, tracer_provider=provider)
+    async with client_for(app) as client:
+        statuses = [
+            (await client.get(path)).status_code for path in ("/orders/7", "/maintenance", "/fail")
+        ]
+    assert statuses == [404, 503, 500]
+    not_found, unavailable, failed = server_spans(exporter)
+    # a raised NotFound answered 404: the client's error, not the span's
+    assert not_found.status.status_code is StatusCode.UNSET
+    assert "error.type" not in attributes(not_found)
+    assert not_found.events == ()
+    # a 503 the application returned: an error, named by its status code
+    assert unavailable.status.status_code is StatusCode.ERROR
+    assert attributes(unavailable)["error.type"] == "503"
+    # an unhandled exception: named by its type, recorded once
+    assert failed.status.status_code is StatusCode.ERROR
+    assert attributes(failed)["error.type"] == "Declined"
+    assert [event.name for event in failed.events] == ["exception"]
 
 
 # -- without an SDK ----------------------------------------------------------------------------
