@@ -169,8 +169,8 @@ class RequestIdLogFilter(logging.Filter):
 
     Attach it to a handler (``handler.addFilter(RequestIdLogFilter())``) so formatters can use
     ``%(request_id)s``. ``request_id`` is always set (``default`` outside a request); ``trace_id``
-    and ``span_id`` (lowercase hex, W3C form) only when an OpenTelemetry span is recording the
-    current context. A value the record already carries (``extra=``) is left alone.
+    and ``span_id`` (lowercase hex, W3C form) only when the current context has a valid
+    OpenTelemetry span. A value the record already carries (``extra=``) is left alone.
 
     Args:
         name: as ``logging.Filter``: only records of this logger and its children pass.
@@ -187,11 +187,19 @@ class RequestIdLogFilter(logging.Filter):
         if getattr(record, "request_id", None) is None:
             record.request_id = get_request_id() or self.default
         if not hasattr(record, "trace_id"):
-            span_context = trace.get_current_span().get_span_context()
-            if span_context.is_valid:
-                record.trace_id = format(span_context.trace_id, "032x")
-                record.span_id = format(span_context.span_id, "016x")
+            ids = current_span_ids()
+            if ids is not None:
+                record.trace_id, record.span_id = ids
         return True
+
+
+def current_span_ids() -> tuple[str, str] | None:
+    """The current span's ``(trace_id, span_id)`` in lowercase hex (W3C form), ``None`` without
+    a valid span: what log records are correlated with."""
+    span_context = trace.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return None
+    return format(span_context.trace_id, "032x"), format(span_context.span_id, "016x")
 
 
 def _escape(value: bytes) -> str:
