@@ -38,12 +38,18 @@ from typing import Any, Generic, TypeVar, cast, overload
 
 import anyio
 import anyio.to_thread
-from sqlalchemy import Engine, create_engine, event, make_url, text
-from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
-from sqlalchemy.pool import QueuePool
+
+from ._extras import missing_extra
+
+try:
+    from sqlalchemy import Engine, create_engine, event, make_url, text
+    from sqlalchemy.engine import URL
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+    from sqlalchemy.orm import Session
+    from sqlalchemy.pool import QueuePool
+except ModuleNotFoundError as exc:  # tested in a subprocess without it
+    missing_extra(exc, "sqlalchemy", "asgi_resilience.sqlalchemy", ("sqlalchemy",))
 
 from ._checks import check_bool, check_count, check_name, check_seconds
 from .calls import describe_error, in_daemon_thread

@@ -32,10 +32,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from redis.asyncio.connection import parse_url
-
+from .._extras import missing_extra
 from .backends import BackendError
-from .pipe import Address, Pipe, ReplyError, open_pipe, pack
+
+try:
+    from redis.asyncio.connection import parse_url
+
+    from .pipe import Address, Pipe, ReplyError, open_pipe, pack
+except ModuleNotFoundError as exc:  # tested in a subprocess without them
+    missing_extra(exc, "redis", "the Redis rate limit backend", ("redis", "hiredis"))
 from .rates import Rate
 from .strategies import Decision, RateStatus, Strategy, strategy_for
 
