@@ -48,9 +48,10 @@ class EnvelopeMiddleware(ContextMiddleware):
     application's own body bytes as they come, and a suffix: nothing is parsed or buffered,
     memory stays O(1), and a ``Content-Length`` is corrected (a streamed body has none).
     ``meta`` holds ``request_id``, ``timestamp`` and whatever the handler added with
-    ``add_envelope_meta``. Left untouched:
-    HEAD requests, other content types, ``Content-Encoding`` set, ``exclude_paths`` (the path or
-    anything below it) and responses whose handler called ``skip_envelope()``. Error responses
+    ``add_envelope_meta``. A HEAD request gets the headers GET would get, ``Content-Length``
+    included (RFC 9110), and no body. Left untouched: other content types, ``Content-Encoding``
+    set, ``exclude_paths`` (the path or anything below it) and responses whose handler called
+    ``skip_envelope()``. Error responses
     are not its business: ``ErrorMiddleware(format="envelope")`` shapes them. Place it innermost,
     right around the application.
 
@@ -80,17 +81,28 @@ class EnvelopeMiddleware(ContextMiddleware):
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        path = scope["path"]
-        if scope["method"] == "HEAD" or path in self.excluded:
+        if scope["path"] in self.excluded:
             await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, _EnvelopeResponder(self, context, send).send)
+        responder = _EnvelopeResponder(self, context, send, head=scope["method"] == "HEAD")
+        await self.app(scope, receive, responder.send)
 
 
 class _EnvelopeResponder:
-    __slots__ = ("body_sent", "content_types", "context", "send_downstream", "suffix", "wrapping")
+    __slots__ = (
+        "body_sent",
+        "content_types",
+        "context",
+        "head",
+        "send_downstream",
+        "suffix",
+        "wrapping",
+    )
 
-    def __init__(self, middleware: EnvelopeMiddleware, context: RequestContext, send: Send):
+    def __init__(
+        self, middleware: EnvelopeMiddleware, context: RequestContext, send: Send, *, head: bool
+    ):
+        self.head = head  # HEAD: the headers GET would have, the (empty) body left alone
         self.content_types = middleware.content_types
         self.context = context
         self.send_downstream = send
@@ -128,7 +140,7 @@ class _EnvelopeResponder:
                 content_length = value
         if not is_json:
             return message
-        self.wrapping = True
+        self.wrapping = not self.head
         if content_length is None:
             return message  # streamed: no length to fix, meta is written at the end
         try:

@@ -263,8 +263,23 @@ async def test_response_is_untouched(app: ASGIApp) -> None:
     await compare_with_bare(app)
 
 
-async def test_head_request_is_untouched() -> None:
-    await compare_with_bare(raw_app([b""]), http_scope(method="HEAD"))
+@pytest.mark.parametrize("path", ["/items", "/sync"])
+async def test_head_gets_the_headers_get_gets_and_no_body(path: str) -> None:
+    app = starlette_app()
+    async with client_for(app) as client:
+        got = await client.get(path, headers={"X-Request-ID": "same-id"})
+        head = await client.head(path, headers={"X-Request-ID": "same-id"})
+    assert head.status_code == got.status_code == 200
+    assert head.content == b""
+    assert int(head.headers["content-length"]) == len(got.content)  # RFC 9110 section 9.3.2
+    assert head.headers == got.headers
+
+
+async def test_head_of_a_streamed_or_unwrapped_response_is_untouched() -> None:
+    head = http_scope(method="HEAD")
+    await compare_with_bare(raw_app([b""], content_length=False), head)
+    await compare_with_bare(raw_app([b""], status=404), head)
+    await compare_with_bare(raw_app([b""], headers=[(b"content-type", b"text/html")]), head)
 
 
 @pytest.mark.parametrize(
