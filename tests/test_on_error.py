@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from typing import Any
 
 import anyio
@@ -206,3 +208,62 @@ def test_on_error_must_be_callable() -> None:
 def test_on_error_without_the_error_layer_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="on_error does nothing with errors=False"):
         resilient(Starlette(), errors=False, on_error=Reports(), environ={})
+
+
+SENTRY_SCRIPT = """
+import sentry_sdk
+from sentry_sdk.integrations.fastapi import FastApiIntegration
+from sentry_sdk.integrations.logging import LoggingIntegration
+from sentry_sdk.integrations.starlette import StarletteIntegration
+from sentry_sdk.transport import Transport
+from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from asgi_resilience import resilient
+
+events = []
+
+
+class Capture(Transport):
+    def capture_envelope(self, envelope):
+        events.extend(item.payload.json for item in envelope.items if item.type == "event")
+
+
+sentry_sdk.init(
+    dsn="https://key@sentry.invalid/1",
+    transport=Capture,
+    integrations=[LoggingIntegration(event_level=None)],
+    disabled_integrations=[StarletteIntegration(), FastApiIntegration()],
+)
+
+
+def report(exc, context):
+    with sentry_sdk.new_scope() as scope:
+        scope.set_tag("request_id", context.request_id)
+        scope.capture_exception(exc)
+
+
+async def boom(request):
+    raise RuntimeError("boom")
+
+
+app = resilient(Starlette(routes=[Route("/boom", boom)]), on_error=report, environ={})
+with TestClient(app) as client:
+    response = client.get("/boom")
+assert response.status_code == 500, response.status_code
+[event] = events
+assert event["tags"] == {"request_id": response.headers["x-request-id"]}, event["tags"]
+[exception] = event["exception"]["values"]
+assert (exception["type"], exception["value"]) == ("RuntimeError", "boom"), exception
+print("one event")
+"""
+
+
+def test_the_readmes_sentry_recipe_sends_one_event_with_the_request_id() -> None:
+    # A process of its own: Sentry's integrations patch libraries process-wide.
+    done = subprocess.run(
+        [sys.executable, "-c", SENTRY_SCRIPT], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "one event"
