@@ -12,6 +12,7 @@ have no variable.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -165,6 +166,27 @@ def _proxies(value: str) -> tuple[str, ...]:
     return proxies
 
 
+def _networks(value: str) -> tuple[str, ...] | None:
+    if value.strip().lower() in _NONE:
+        return None
+    networks = tuple(part.strip() for part in value.split(",") if part.strip())
+    _check_networks("the entries", networks)
+    return networks
+
+
+def _check_networks(option: str, networks: Iterable[Any]) -> None:
+    for network in networks:
+        if isinstance(network, str) and network.strip().lower() == "unix":
+            continue
+        try:
+            ipaddress.ip_network(str(network).strip(), strict=False)
+        except ValueError:
+            raise ValueError(
+                f"{option} must be IP addresses, CIDR networks (10.0.0.0/8) or 'unix', "
+                f"got {network!r}"
+            ) from None
+
+
 def _text(value: str) -> str:
     return value.strip()
 
@@ -238,6 +260,20 @@ def _is_addresses(option: str, value: Any) -> tuple[str, ...]:
             message if message.startswith(option) else f"{option}: {message}"
         ) from None
     return addresses
+
+
+def _is_optional_networks(option: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ValueError(
+            f"{option} must be a list of networks, e.g. ['10.0.0.0/8'], or None, got {value!r}"
+        )
+    networks = tuple(value)
+    if not all(isinstance(network, str) for network in networks):
+        raise ValueError(f"{option} entries must be strings such as '10.0.0.0/8', got {value!r}")
+    _check_networks(f"{option} entries", networks)
+    return networks
 
 
 def _is_rate_limit(option: str, value: Any) -> str | None:
@@ -428,6 +464,9 @@ class Options:
             _is_one_of("x-forwarded-for", "forwarded"),
             _choice("x-forwarded-for", "forwarded"),
         ),
+    )
+    operational_allow: tuple[str, ...] | None = field(
+        default=None, metadata=_about(_is_optional_networks, _networks)
     )
     metrics: bool = field(default=True, metadata=_about(check_bool, _boolean))
     metrics_path: str | None = field(

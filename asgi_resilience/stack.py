@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from .access_log import DEFAULT_EXCLUDE_PATHS, AccessLogMiddleware, JsonLinesSink
 from .config import DEFAULTS, ConfigurationError, Options, options_from_env
+from .context import RequestContext
 from .envelope import EnvelopeMiddleware
 from .errors import ErrorHook, ErrorMiddleware, default_debug
 from .health import HealthApp
@@ -21,6 +23,7 @@ from .lifespan import Lifespan, LifespanMiddleware
 from .metrics import MetricsMiddleware, metrics_app
 from .observe import Observer, Observers
 from .overload import BodyLimitMiddleware, ConcurrencyLimitMiddleware, TimeoutMiddleware
+from .problems import send_error
 from .proxies import TrustedProxies
 from .ratelimit import (
     Backend,
@@ -55,15 +58,23 @@ class ResilientApp:
         stack: the outermost layer of the middleware stack.
         lifespan: the lifespan the stack runs (checks, resources, draining).
         health: the health endpoints, if mounted.
+        options: every option the stack was built with, from keywords, the environment and
+            the defaults (what ``asgi-resilience doctor`` inspects).
     """
 
     def __init__(
-        self, app: ASGIApp, stack: ASGIApp, lifespan: Lifespan, health: HealthApp | None
+        self,
+        app: ASGIApp,
+        stack: ASGIApp,
+        lifespan: Lifespan,
+        health: HealthApp | None,
+        options: Options | None = None,
     ) -> None:
         self.app = app
         self.stack = stack
         self.lifespan = lifespan
         self.health = health
+        self.options = options if options is not None else Options()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.stack(scope, receive, send)
@@ -113,6 +124,7 @@ def resilient(
     rate_limit_backend_timeout: float = DEFAULT,
     trusted_proxies: Iterable[str] = DEFAULT,
     forwarded_header: Literal["x-forwarded-for", "forwarded"] = DEFAULT,
+    operational_allow: Iterable[str] | None = DEFAULT,
     metrics: bool = DEFAULT,
     metrics_path: str | None = DEFAULT,
     registry: CollectorRegistry | None = None,
@@ -190,6 +202,11 @@ def resilient(
             for the rate limiter, the access log and the span alike.
         forwarded_header: the header those proxies write: ``"x-forwarded-for"`` or
             ``"forwarded"``; the other is ignored (a client could have sent it).
+        operational_allow: networks (``"10.0.0.0/8"``, ``"127.0.0.1"``, ``"unix"`` for a peer on
+            a unix socket) that may read ``metrics_path`` and ``<health_path>/status``, judged on
+            the client address after ``trusted_proxies`` (a forwarded address counts only
+            through a trusted proxy); anyone else gets 404, as if nothing were there. ``None``:
+            anyone. The probes (``/health/live``, ``/health/ready``) stay open.
         metrics: record Prometheus request metrics.
         metrics_path: where the metrics are served (``None``: not served).
         registry: the Prometheus registry for every metric of the stack (the global one by
@@ -335,7 +352,14 @@ def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp
         ):
             lifespan.add_resource("prometheus-multiprocess", _mark_process_dead, timeout=2)
     if endpoints:
-        stack = BuiltinEndpoints(stack, endpoints=endpoints)
+        guarded = [p for p in (o.metrics_path, health and f"{o.health_path}/status") if p]
+        stack = BuiltinEndpoints(
+            stack,
+            endpoints=endpoints,
+            guarded=guarded,
+            allow=o.operational_allow,
+            trusted_proxies=proxies,
+        )
     if o.errors:
         stack = ErrorMiddleware(
             stack,
@@ -395,7 +419,7 @@ def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp
     stack = LifespanMiddleware(stack, lifespan=lifespan, websocket_app=sessions)
     if _is_fastapi(app):
         _document_errors(app, o)
-    return ResilientApp(app, stack, lifespan, health)
+    return ResilientApp(app, stack, lifespan, health, o)
 
 
 # What each option that others depend on takes, for the error naming it.
@@ -492,16 +516,62 @@ class BuiltinEndpoints:
     Args:
         app: the application behind the endpoints.
         endpoints: path -> ASGI app answering it.
+        guarded: the paths only ``allow`` may read (the operational ones: metrics, status).
+        allow: networks (``"10.0.0.0/8"``, ``"unix"``) allowed to read ``guarded`` paths;
+            anyone else gets 404. ``None``: anyone.
+        trusted_proxies: whose forwarding headers name the client that ``allow`` judges.
     """
 
-    def __init__(self, app: ASGIApp, *, endpoints: dict[str, ASGIApp]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        endpoints: dict[str, ASGIApp],
+        guarded: Iterable[str] = (),
+        allow: Iterable[str] | None = None,
+        trusted_proxies: TrustedProxies | None = None,
+    ) -> None:
         self.app = app
         self.endpoints = dict(endpoints)
+        self.guarded = frozenset(guarded) if allow is not None else frozenset()
+        # The same parsing and address test as trusted proxies: networks and "unix".
+        self.allow = TrustedProxies(allow) if allow is not None else None
+        self.proxies = trusted_proxies if trusted_proxies else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            endpoint = self.endpoints.get(scope["path"])
+            path = scope["path"]
+            endpoint = self.endpoints.get(path)
             if endpoint is not None:
+                if path in self.guarded and not self._allowed(scope):
+                    await send_error(RequestContext.current(), scope, send, 404)
+                    return
                 await endpoint(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        """Is the client (after trusted proxies) in ``allow``?"""
+        assert self.allow is not None
+        context = RequestContext.current()
+        if self.proxies is None:
+            peer = scope.get("client")
+            client = str(peer[0]) if peer and peer[0] else None
+        elif context is not None:
+            client = self.proxies.apply(context, scope)
+        else:
+            client = self.proxies.client(scope)
+        if client is None:  # a peer on a unix socket (servers give it no address)
+            return self.allow.unix
+        address = _ip(client)
+        return address is not None and self.allow.is_trusted(address)
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # ::ffff:10.1.2.3, as a dual-stack socket reports 10.1.2.3
+    return address

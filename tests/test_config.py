@@ -222,6 +222,7 @@ WRONG = {
     "rate_limit_backend_timeout": 0,
     "trusted_proxies": "10.0.0.0/8",
     "forwarded_header": "x-real-ip",
+    "operational_allow": "10.0.0.0/8",
     "metrics": "1",
     "metrics_path": "metrics",
     "registry": {},
