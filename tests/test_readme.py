@@ -79,11 +79,8 @@ PENDING_CLI_OPTIONS = {
 # resilient() options being added right now, documented in "The stack" once they are merged:
 # remove each entry then.
 PENDING_STACK_OPTIONS = {
-    "cors",
-    "on_error",
     "management_port",
     "management_host",
-    "operational_allow",
 }
 
 
