@@ -187,6 +187,18 @@ def _check_networks(option: str, networks: Iterable[Any]) -> None:
             ) from None
 
 
+def _port(value: str) -> int | None:
+    if value.strip().lower() in _NONE:
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        raise ValueError("expected a port number such as 9090 (off: none)") from None
+    if not 0 <= port <= 65535:
+        raise ValueError("expected a port number between 0 and 65535")
+    return port
+
+
 def _text(value: str) -> str:
     return value.strip()
 
@@ -274,6 +286,24 @@ def _is_optional_networks(option: str, value: Any) -> tuple[str, ...] | None:
         raise ValueError(f"{option} entries must be strings such as '10.0.0.0/8', got {value!r}")
     _check_networks(f"{option} entries", networks)
     return networks
+
+
+def _is_optional_port(option: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(
+            f"{option} must be a port number (0-65535; 0: any free port) or None, got {value!r}"
+        )
+    return value
+
+
+def _is_host(option: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(
+            f"{option} must be an address to listen on, such as '0.0.0.0', got {value!r}"
+        )
+    return value.strip()
 
 
 def _is_rate_limit(option: str, value: Any) -> str | None:
@@ -468,6 +498,8 @@ class Options:
     operational_allow: tuple[str, ...] | None = field(
         default=None, metadata=_about(_is_optional_networks, _networks)
     )
+    management_port: int | None = field(default=None, metadata=_about(_is_optional_port, _port))
+    management_host: str = field(default="0.0.0.0", metadata=_about(_is_host, _text))
     metrics: bool = field(default=True, metadata=_about(check_bool, _boolean))
     metrics_path: str | None = field(
         default="/metrics", metadata=_about(_is_optional_path, _optional_path)

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
@@ -35,6 +35,9 @@ from .ratelimit import (
 from .request_id import RequestIdMiddleware
 from .tracing import TracingMiddleware
 from .types import ASGIApp, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from .management import ManagementListener
 from .websockets import WebSocketMiddleware
 
 __all__ = ["DEFAULT", "BuiltinEndpoints", "ResilientApp", "resilient"]
@@ -60,6 +63,7 @@ class ResilientApp:
         health: the health endpoints, if mounted.
         options: every option the stack was built with, from keywords, the environment and
             the defaults (what ``asgi-resilience doctor`` inspects).
+        management: the ``management_port`` listener (``.address`` while it listens), if any.
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class ResilientApp:
         self.lifespan = lifespan
         self.health = health
         self.options = options if options is not None else Options()
+        self.management: ManagementListener | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.stack(scope, receive, send)
@@ -125,6 +130,8 @@ def resilient(
     trusted_proxies: Iterable[str] = DEFAULT,
     forwarded_header: Literal["x-forwarded-for", "forwarded"] = DEFAULT,
     operational_allow: Iterable[str] | None = DEFAULT,
+    management_port: int | None = DEFAULT,
+    management_host: str = DEFAULT,
     metrics: bool = DEFAULT,
     metrics_path: str | None = DEFAULT,
     registry: CollectorRegistry | None = None,
@@ -207,6 +214,11 @@ def resilient(
             the client address after ``trusted_proxies`` (a forwarded address counts only
             through a trusted proxy); anyone else gets 404, as if nothing were there. ``None``:
             anyone. The probes (``/health/live``, ``/health/ready``) stay open.
+        management_port: serve ``metrics_path``, ``<health_path>/status`` and
+            ``<health_path>/drain`` on this port instead (a listener the lifespan opens and
+            closes, ``asgi_resilience.management``; the ``server`` extra): on the application's
+            port they answer 404. The probes answer on both. ``None``: no management port.
+        management_host: the address the management port listens on.
         metrics: record Prometheus request metrics.
         metrics_path: where the metrics are served (``None``: not served).
         registry: the Prometheus registry for every metric of the stack (the global one by
@@ -351,8 +363,14 @@ def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp
             "prometheus-multiprocess" not in lifespan.resource_names
         ):
             lifespan.add_resource("prometheus-multiprocess", _mark_process_dead, timeout=2)
+    guarded = [p for p in (o.metrics_path, health and f"{o.health_path}/status") if p]
+    management = None
+    if o.management_port is not None:
+        management = _management(o, lifespan, endpoints, guarded, proxies, environ)
+        # The application's port keeps the probes only: the rest answers 404 there.
+        operational = {*guarded, health and health.drain_path}
+        endpoints = {path: app for path, app in endpoints.items() if path not in operational}
     if endpoints:
-        guarded = [p for p in (o.metrics_path, health and f"{o.health_path}/status") if p]
         stack = BuiltinEndpoints(
             stack,
             endpoints=endpoints,
@@ -419,7 +437,9 @@ def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp
     stack = LifespanMiddleware(stack, lifespan=lifespan, websocket_app=sessions)
     if _is_fastapi(app):
         _document_errors(app, o)
-    return ResilientApp(app, stack, lifespan, health, o)
+    resilient_app = ResilientApp(app, stack, lifespan, health, o)
+    resilient_app.management = management
+    return resilient_app
 
 
 # What each option that others depend on takes, for the error naming it.
@@ -434,6 +454,36 @@ def _does_nothing_without(name: str, required: str) -> ConfigurationError:
         f"{name} does nothing without {required}: set {required} too "
         f"({_REQUIRED_FORM[required]}), or leave {name} out"
     )
+
+
+def _management(
+    o: Options,
+    lifespan: Lifespan,
+    endpoints: dict[str, ASGIApp],
+    guarded: list[str],
+    proxies: TrustedProxies,
+    environ: Mapping[str, str],
+) -> ManagementListener:
+    """The listener of ``management_port``, a resource of the lifespan, answering every
+    built-in endpoint (the allow list applies there too)."""
+    from .management import ManagementListener, not_found
+
+    served: ASGIApp = BuiltinEndpoints(
+        not_found,
+        endpoints=endpoints,
+        guarded=guarded,
+        allow=o.operational_allow,
+        trusted_proxies=proxies,
+    )
+    if o.errors:
+        served = ErrorMiddleware(served, debug=o.debug)
+    assert o.management_port is not None
+    listener = ManagementListener(
+        served, host=o.management_host, port=o.management_port, environ=environ
+    )
+    name = _unique("management-listener", lifespan.resource_names)
+    lifespan.resource(name, timeout=5)(listener.serve)
+    return listener
 
 
 def _is_fastapi(app: ASGIApp) -> bool:

@@ -223,6 +223,8 @@ WRONG = {
     "trusted_proxies": "10.0.0.0/8",
     "forwarded_header": "x-real-ip",
     "operational_allow": "10.0.0.0/8",
+    "management_port": "9090",
+    "management_host": "",
     "metrics": "1",
     "metrics_path": "metrics",
     "registry": {},
