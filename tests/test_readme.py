@@ -78,10 +78,7 @@ PENDING_CLI_OPTIONS = {
 
 # resilient() options being added right now, documented in "The stack" once they are merged:
 # remove each entry then.
-PENDING_STACK_OPTIONS = {
-    "management_port",
-    "management_host",
-}
+PENDING_STACK_OPTIONS: set[str] = set()
 
 
 def test_the_readme_has_python_examples() -> None:
