@@ -27,6 +27,7 @@ from ._checks import check_registry
 from ._http import KNOWN_METHODS as KNOWN_METHODS
 from ._http import OTHER_METHOD as OTHER_METHOD
 from ._http import first_header
+from ._multiprocess import remove_dead_live_gauges
 from .context import PathSet, RequestContext
 from .observe import Observer
 from .types import ASGIApp, Receive, Scope, Send
@@ -233,7 +234,9 @@ def metrics_app(
     Content negotiation as Prometheus does it: OpenMetrics (with exemplars) when the scraper
     accepts ``application/openmetrics-text``, the text format 0.0.4 otherwise. With
     ``PROMETHEUS_MULTIPROC_DIR`` set in ``environ`` (``os.environ`` by default, read at each
-    scrape), every worker's files are aggregated at each scrape.
+    scrape), every worker's files are aggregated at each scrape, and the live gauges
+    (requests in flight...) of workers no longer running are removed first: a worker killed
+    without its shutdown leaves no value behind.
     """
     target = registry if registry is not None else REGISTRY
     scraped_environ = os.environ if environ is None else environ
@@ -260,11 +263,14 @@ def metrics_app(
 
 
 def _scrape_registry(registry: CollectorRegistry, environ: Mapping[str, str]) -> CollectorRegistry:
-    """In multiprocess mode, a fresh registry reading every worker's files; else ``registry``."""
-    if not environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    """In multiprocess mode, a fresh registry reading every worker's files (the live gauges of
+    workers that died without a word removed first); else ``registry``."""
+    directory = environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
         return registry
     from prometheus_client import multiprocess
 
+    remove_dead_live_gauges(directory)
     aggregated = CollectorRegistry()
-    multiprocess.MultiProcessCollector(aggregated)  # type: ignore[no-untyped-call]
+    multiprocess.MultiProcessCollector(aggregated, path=directory)  # type: ignore[no-untyped-call]
     return aggregated

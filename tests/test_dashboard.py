@@ -1,17 +1,33 @@
-"""The Grafana dashboard (dashboards/asgi-resilience.json) queries only metrics we emit."""
+"""The Grafana dashboard (dashboards/asgi-resilience.json) queries only metrics we emit, and
+every one of its queries runs on a real Prometheus scraping a real server."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
 from asgi_resilience.metrics import DECLARED, Metrics
+from tests.prometheus_server import (
+    JOB,
+    Prometheus,
+    PrometheusError,
+    fill_variables,
+    panel_queries,
+    start_prometheus,
+)
+from tests.servers import ServerProcess, start_command
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "asgi-resilience.json"
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
@@ -189,3 +205,115 @@ def test_a_metric_we_do_not_emit_is_caught() -> None:
     assert "http_server_request_duration_seconds_bucket" in emitted
     with pytest.raises(ValueError, match="__name__"):
         metric_names('{__name__="http_server_active_requests"}')
+
+
+# -- against a real Prometheus -------------------------------------------------------------------
+
+CLI = [sys.executable, "-m", "asgi_resilience.cli"]
+SHUTDOWN_COUNT = "asgi_resilience_shutdown_resource_duration_seconds_count"
+# What Grafana would put in place of the dashboard's variables for the test's few seconds.
+VARIABLES = {"job": JOB, "__rate_interval": "1m", "__range": "5m", "__interval": "1s"}
+# Panels about features tests/apps/held.py does not use: valid queries with nothing to show.
+UNUSED_FEATURES = {
+    "Concurrency limit, in flight and event-loop lag",
+    "Load shed and request timeouts",
+    "Open WebSocket sessions by route",
+    "WebSocket session duration p50 / p95 by route",
+}
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    """Debian's ``prometheus``; skip without it, except under CI (``CI=true``): fail."""
+    path = shutil.which("prometheus")
+    if path is not None:
+        return path
+    message = "prometheus is not installed (apt-get install prometheus)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message}, and CI=true requires it", pytrace=False)
+    pytest.skip(message)
+
+
+def test_every_variable_of_every_query_has_a_value() -> None:
+    for query in panel_queries():
+        assert "$" not in fill_variables(query.expr, VARIABLES), query.panel
+
+
+@pytest.fixture
+def scraped(tmp_path: Path, prometheus_binary: str) -> Iterator[tuple[ServerProcess, Prometheus]]:
+    """``asgi-resilience run tests.apps.held:app --workers 2`` and a Prometheus scraping it
+    every half second; both stopped at the end (Prometheus by its pid)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASGI_RESILIENCE_", "_ASGI"))}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the command's own directory
+    env.update(HELD_FILE=str(tmp_path / "held.txt"), RELEASE_FILE=str(tmp_path / "release"))
+    command = [*CLI, "run", "tests.apps.held:app", "--workers", "2", "--port"]
+    started: list[subprocess.Popen[bytes]] = []
+    log = tmp_path / "server.log"
+    try:
+        server = start_command(
+            lambda port: [*command, str(port)], env=env, log=log, started=started
+        )
+        target = f"127.0.0.1:{server.port}"
+        prometheus = start_prometheus(prometheus_binary, [target], tmp_path / "prometheus")
+        try:
+            yield server, prometheus
+        finally:
+            prometheus.stop()
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait(5)
+
+
+def send_traffic(client: httpx.Client) -> set[int]:
+    """2xx, 404, 500, 429, breaker calls and readiness probes; the pids that served them."""
+    pids = {int(client.get("/pid").text) for _ in range(12)}
+    statuses = [client.get(path).status_code for path in ("/fail", "/nowhere", "/search")]
+    statuses += [client.get("/limited").status_code for _ in range(6)]  # 2/minute per worker
+    assert {500, 404, 200, 429} <= set(statuses), statuses
+    assert all(client.get("/health/ready").status_code == 200 for _ in range(4))
+    return pids
+
+
+def evaluate_panels(prometheus: Prometheus) -> dict[str, list[dict[str, Any]]]:
+    """Every panel's samples now, its targets' together; every query must be valid PromQL."""
+    answers: dict[str, list[dict[str, Any]]] = {}
+    errors = []
+    for query in panel_queries():
+        try:
+            samples = prometheus.query(fill_variables(query.expr, VARIABLES))
+        except PrometheusError as exc:
+            errors.append(f"{query.panel} {query.ref_id}: {exc}")
+        else:
+            answers.setdefault(query.panel, []).extend(samples)
+    assert errors == []
+    return answers
+
+
+@pytest.mark.prometheus
+def test_every_panel_query_runs_on_a_real_prometheus_and_shows_a_first_shutdown(
+    scraped: tuple[ServerProcess, Prometheus],
+) -> None:
+    server, prometheus = scraped
+    pool_ok = f'{SHUTDOWN_COUNT}{{resource="pool", outcome="ok"}}'
+    fresh_connections = httpx.Limits(max_keepalive_connections=0)  # both workers get some
+    with httpx.Client(base_url=server.base_url, timeout=10, limits=fresh_connections) as client:
+        pids = send_traffic(client)
+        # Scraped at 0 before the first shutdown (exported from startup on)...
+        prometheus.wait_for(f"count_over_time({pool_ok}[1m]) >= 2", bool)
+        # ...then one worker stops gracefully; uvicorn starts another, the other serves on.
+        os.kill(min(pids), signal.SIGTERM)
+        prometheus.wait_for(f"sum({pool_ok}) >= 1", bool)
+        send_traffic(client)
+    total = 'sum(http_server_request_duration_seconds_count{route="/pid"})'
+    prometheus.wait_for(f"{total} == 24", bool)  # every request scraped, the stopped one's too
+
+    answers = evaluate_panels(prometheus)
+    assert {panel for panel, samples in answers.items() if not samples} == UNUSED_FEATURES
+    shutdowns = {
+        (s["metric"]["resource"], s["metric"]["outcome"]): float(s["value"][1])
+        for s in answers["Shutdown resource outcomes"]
+    }
+    assert shutdowns[("pool", "ok")] > 0.5  # extrapolated by increase(): about 1
+    assert shutdowns[("pool", "error")] == shutdowns[("pool", "timeout")] == 0

@@ -13,10 +13,10 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from time import monotonic, perf_counter
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import anyio
 import anyio.from_thread
@@ -33,7 +33,7 @@ from ._drain import SigtermWatch
 from ._exit import exit_soon
 from ._faults import FaultWatch, OnUnhandled
 from ._process import process_facts
-from ._resources import ResourceFactory, ResourceReport, Resources
+from ._resources import ResourceFactory, ResourceOutcome, ResourceReport, Resources
 from ._tasks import Task, TaskFunction, TaskReport, Tasks
 
 __all__ = ["STARTABLE", "Lifespan", "LifespanState"]
@@ -45,6 +45,8 @@ STARTABLE = frozenset({"idle", "stopped", "failed"})  # states startup() starts 
 # Past shutdown_timeout, what is left to close shares one more second; then the process exits.
 _LAST_SECOND = 1.0
 F = TypeVar("F", bound=Callable[..., Any])
+_SHUTDOWN_OUTCOMES = get_args(ResourceOutcome)
+_FAULT_SOURCES = ("task", "thread")  # FaultWatch's: an asyncio task's, a thread's
 
 
 @collectors
@@ -83,6 +85,19 @@ class LifespanCollectors:
             ["source"],
             registry=registry,
         )
+
+    def expect(self, resources: Iterable[str], tasks: Iterable[str]) -> None:
+        """Export the rare counts at 0 for the labels known before they first count: each
+        resource's shutdown outcomes, each task's restarts, both sources of unhandled
+        exceptions. Prometheus' ``increase()`` and ``rate()`` see no increase in a series whose
+        first sample is already 1 (a first shutdown, a first crash), only in one that was 0."""
+        for resource in resources:
+            for outcome in _SHUTDOWN_OUTCOMES:
+                self.shutdown_resources.labels(resource, outcome)
+        for task in tasks:
+            self.task_restarts.labels(task)
+        for source in _FAULT_SOURCES:
+            self.unhandled_exceptions.labels(source)
 
 
 class Lifespan:
@@ -446,6 +461,7 @@ class Lifespan:
         self.task_report = []
         self.started_at = None
         self.state = "starting"
+        self.metrics.feature(LifespanCollectors).expect(self.resource_names, self.task_names)
         began = perf_counter()
         finished: dict[str, CheckResult] = {}
         try:

@@ -29,9 +29,10 @@ from ..calls import describe_error
 from ..exceptions import StartupError
 from ._detached import Detached
 
-__all__ = ["ResourceFactory", "ResourceReport", "Resources"]
+__all__ = ["ResourceFactory", "ResourceOutcome", "ResourceReport", "Resources"]
 
 ResourceFactory = Callable[[], AsyncIterator[Any]]
+ResourceOutcome = Literal["ok", "error", "timeout"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class ResourceReport:
     the close was still running when the shutdown moved on (it ignored its cancellation)."""
 
     name: str
-    outcome: Literal["ok", "error", "timeout"]
+    outcome: ResourceOutcome
     duration: float
     error: str | None = None
     abandoned: bool = False
