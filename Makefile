@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Where `make demo` listens: make demo PORT=8001 (HOST=0.0.0.0 to be reached from outside).
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
 .PHONY: install demo test lint typecheck pytest bench format clean
 
@@ -16,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/asgi-resilience demo --host 127.0.0.1 --port 8000
+	$(BIN)/asgi-resilience demo --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check asgi_resilience tests benchmarks

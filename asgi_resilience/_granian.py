@@ -46,10 +46,18 @@ def install_drain_signal(lifespan: Any) -> None:
 
 
 def serve_granian(
-    host: str, port: int, uds: str | None, workers: int, log_level: str, drain_delay: float
+    host: str,
+    port: int,
+    uds: str | None,
+    workers: int,
+    log_level: str,
+    drain_delay: float,
+    *,
+    root_path: str = "",
 ) -> int:
     """Serve ``asgi_resilience.cli:worker_app`` (the caller has set its variables) with Granian
-    until SIGTERM or SIGINT, draining first; 0 after a graceful stop."""
+    until SIGTERM or SIGINT, draining first; 0 after a graceful stop. ``root_path`` is
+    Granian's ``url_path_prefix``: the ASGI ``root_path`` of every scope."""
     try:
         from granian.constants import Interfaces
         from granian.server import Server
@@ -86,6 +94,7 @@ def serve_granian(
         "factory": True,
         "log_level": log_level,
         "log_access": False,  # ours: one structured record per request
+        "url_path_prefix": root_path or None,
         # Granian's own lines through the root's handler (JSON lines), not a console of its own.
         "log_dictconfig": {
             "loggers": {

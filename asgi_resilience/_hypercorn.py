@@ -38,7 +38,7 @@ _FD_VARIABLE = "_ASGI_RESILIENCE_HYPERCORN_FD"
 _logger = logging.getLogger("asgi_resilience.cli")
 
 
-def _config(binds: list[str], log_level: str, graceful_timeout: float) -> Any:
+def _config(binds: list[str], log_level: str, graceful_timeout: float, root_path: str) -> Any:
     try:
         from hypercorn.config import Config
     except ImportError:
@@ -49,18 +49,19 @@ def _config(binds: list[str], log_level: str, graceful_timeout: float) -> Any:
     config.errorlog = logging.getLogger("hypercorn.error")  # through the root's JSON lines
     config.loglevel = log_level.upper()
     config.graceful_timeout = graceful_timeout
+    config.root_path = root_path
     return config
 
 
-def serve_hypercorn(app: Any, binds: list[str], log_level: str) -> int:
+def serve_hypercorn(app: Any, binds: list[str], log_level: str, root_path: str = "") -> int:
     """Serve ``app`` in this process until SIGTERM or SIGINT; 0 after a graceful stop, 3 when
-    the application's startup failed."""
+    the application's startup failed. ``root_path``: the ASGI ``root_path`` of every scope."""
     from hypercorn.asyncio import serve
     from hypercorn.utils import LifespanFailureError
 
     lifespan = getattr(app, "lifespan", None)
     graceful = float(getattr(lifespan, "drain_timeout", 20.0))
-    config = _config(binds, log_level, graceful)
+    config = _config(binds, log_level, graceful, root_path)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -87,7 +88,8 @@ def worker_main() -> int:
 
     fd = int(os.environ[_FD_VARIABLE])
     log_level = os.environ.get("_ASGI_RESILIENCE_CLI_LOG_LEVEL", "info")
-    return serve_hypercorn(worker_app(), [f"fd://{fd}"], log_level)
+    root_path = os.environ.get("_ASGI_RESILIENCE_CLI_ROOT_PATH", "")
+    return serve_hypercorn(worker_app(), [f"fd://{fd}"], log_level, root_path)
 
 
 def serve_hypercorn_workers(host: str, port: int, uds: str | None, workers: int) -> int:

@@ -1,11 +1,14 @@
 """``asgi-resilience``: run a service with the stack, check its dependencies, or try the demo.
 
-    asgi-resilience run module:app [--host 127.0.0.1] [--port 8000] [--workers 1]
-                                   [--env-file .env] [--log-level info] [--plain-logs]
-    asgi-resilience check module:app [--env-file .env]
-    asgi-resilience worker module:lifespan [--host 127.0.0.1] [--port 8000] [--env-file .env]
+    asgi-resilience run module:app [--factory] [--host 127.0.0.1] [--port 8000] [--uds PATH]
+                                   [--workers 1] [--server uvicorn] [--root-path /api]
+                                   [--log-level info] [--log-config PATH | --plain-logs]
+                                   [--env-file .env]
+    asgi-resilience check module:app [--factory] [--env-file .env]
+    asgi-resilience worker module:lifespan [--factory] [--host 127.0.0.1] [--port 8000]
     asgi-resilience drain [--url http://127.0.0.1:8000] [--timeout 60]
     asgi-resilience demo [--host 127.0.0.1] [--port 8000]
+    asgi-resilience --version
 
 ``run`` wraps the app with ``resilient()`` (not twice: an app that already is one is served as
 it is), configured from ``ASGI_RESILIENCE_*`` variables, and serves it with uvicorn: JSON log
@@ -17,14 +20,15 @@ HTTP app (a queue consumer, a scheduler): its health endpoints and ``/metrics`` 
 checks, resources and background tasks; 0 after a graceful stop, 3 when startup failed (as
 uvicorn exits for ``run``). ``drain`` (a Kubernetes ``preStop`` hook) asks the service at
 ``--url`` to drain (``POST <health path>/drain``, loopback only) and returns once its drain delay
-has passed: 0, or 1 with the reason on stderr. Bad arguments exit 2 with one line on stderr.
+has passed: 0, or 1 with the reason on stderr. Bad arguments, and a target that cannot be
+imported or is not an ASGI app, exit 2 with one line on stderr (``asgi_resilience._target``).
+``--log-config`` hands logging to the user's configuration (``asgi_resilience._logconfig``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import logging
 import os
@@ -35,22 +39,29 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ._logconfig import apply_log_config, quiet_startup_echo
+from ._target import load_app as load_app
+from ._target import load_target
 from .access_log import JsonFormatter, JsonLinesSink
 from .config import ConfigurationError
 from .exceptions import UsageError as UsageError
 from .lifespan import Lifespan, StartupError
 from .request_id import RequestIdLogFilter
 from .stack import ResilientApp, resilient
-from .types import ASGIApp
 
 __all__ = ["main"]
 
 _TARGET_VARIABLE = "_ASGI_RESILIENCE_CLI_TARGET"  # how worker processes learn the app to serve
 _PLAIN_VARIABLE = "_ASGI_RESILIENCE_CLI_PLAIN_LOGS"
 _LEVEL_VARIABLE = "_ASGI_RESILIENCE_CLI_LOG_LEVEL"
+_FACTORY_VARIABLE = "_ASGI_RESILIENCE_CLI_FACTORY"
+_LOG_CONFIG_VARIABLE = "_ASGI_RESILIENCE_CLI_LOG_CONFIG"
+_ROOT_PATH_VARIABLE = "_ASGI_RESILIENCE_CLI_ROOT_PATH"  # Hypercorn's workers: their Config's
+_LEVELS = ("debug", "info", "warning")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,81 +72,155 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.env_file is not None:
             load_env_file(args.env_file)
         if args.command == "run":
-            return run(
-                args.target,
-                args.host,
-                args.port,
-                args.workers,
-                args.log_level,
-                args.plain_logs,
-                uds=args.uds,
-                server=args.server,
-            )
+            return run(RunOptions.of(args))
         if args.command == "check":
-            return check(args.target)
+            return check(args.target, factory=args.factory)
         if args.command == "drain":
             return drain(args.url, args.timeout)
         if args.command == "worker":
-            return worker(args.target, args.host, args.port, args.log_level, args.plain_logs)
+            return worker(
+                args.target,
+                args.host,
+                args.port,
+                args.log_level,
+                args.plain_logs,
+                factory=args.factory,
+            )
         return demo(args.host, args.port, args.log_level)
     except (UsageError, ConfigurationError) as exc:
         print(f"asgi-resilience: error: {exc}", file=sys.stderr)
         return 2
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default after its help, as uvicorn's ``--help`` shows them: "none" for
+    a setting that is absent unless given, "off" for a flag."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default" in text or not action.option_strings:
+            return text
+        if action.default is None:
+            return f"{text} (default: none)"
+        if action.default is False:
+            return f"{text} (default: off)"
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
-        prog="asgi-resilience", description="Run an ASGI service with asgi_resilience."
+        prog="asgi-resilience",
+        description="Run an ASGI service with asgi_resilience.",
+        formatter_class=_HelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="serve module:app wrapped with resilient()")
-    check_parser = commands.add_parser("check", help="run the startup checks of module:app")
-    demo_parser = commands.add_parser("demo", help="serve the bundled demo service")
-    worker_parser = commands.add_parser(
-        "worker", help="run module:lifespan's checks, resources and tasks without an HTTP app"
+    parser.add_argument("--version", action="version", version=f"asgi-resilience {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=summary, description=summary, formatter_class=_HelpFormatter
+        )
+
+    run_parser = command("run", "serve module:app wrapped with resilient()")
+    check_parser = command("check", "run the startup checks of module:app once, print a table")
+    worker_parser = command(
+        "worker", "run module:lifespan's checks, resources and tasks without an HTTP app"
     )
-    drain_parser = commands.add_parser(
-        "drain", help="drain a running service now (a preStop hook): readiness 503, then wait"
+    drain_parser = command(
+        "drain", "drain a running service now (a preStop hook): readiness 503, then wait"
+    )
+    demo_parser = command("demo", "serve the bundled demo service")
+    for sub in (run_parser, check_parser):
+        sub.add_argument(
+            "target", help="the ASGI app, as module:attribute (with --factory, what returns it)"
+        )
+        sub.add_argument(
+            "--factory",
+            action="store_true",
+            help="the target is a function returning the app: called with no arguments, once in "
+            "each worker process",
+        )
+    worker_parser.add_argument("target", help="the Lifespan to run, as module:attribute")
+    worker_parser.add_argument(
+        "--factory",
+        action="store_true",
+        help="the target is a function returning the Lifespan, called with no arguments",
+    )
+    for sub in (run_parser, worker_parser, demo_parser):
+        sub.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+        sub.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    _add_run_options(run_parser)
+    for sub in (worker_parser, demo_parser):
+        sub.add_argument("--log-level", default="info", choices=_LEVELS, help="the log level")
+    worker_parser.add_argument(
+        "--plain-logs", action="store_true", help="human-readable log lines instead of JSON"
     )
     drain_parser.add_argument(
         "--url",
         default="http://127.0.0.1:8000",
-        help="the service, on a loopback address (default: %(default)s); the health path is "
+        help="the service, on a loopback address; the health path is "
         "ASGI_RESILIENCE_HEALTH_PATH's, /health unless set",
     )
     drain_parser.add_argument(
-        "--timeout",
-        type=float,
-        default=60.0,
-        help="seconds to wait for the drain delay to pass (default: %(default)s)",
+        "--timeout", type=float, default=60.0, help="seconds to wait for the drain delay to pass"
     )
-    for sub in (run_parser, check_parser):
-        sub.add_argument("target", help="the app to load, as module:attribute")
-    worker_parser.add_argument("target", help="the Lifespan to run, as module:attribute")
-    for sub in (run_parser, demo_parser, worker_parser):
-        sub.add_argument("--host", default="127.0.0.1")
-        sub.add_argument("--port", type=int, default=8000)
-        sub.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
-    run_parser.add_argument("--workers", type=int, default=1)
-    run_parser.add_argument(
-        "--server",
-        choices=("uvicorn", "hypercorn", "granian"),
-        default="uvicorn",
-        help="the ASGI server (default: %(default)s); each drains on SIGTERM",
-    )
+    for sub in (run_parser, check_parser, worker_parser, drain_parser, demo_parser):
+        sub.add_argument(
+            "--env-file",
+            type=Path,
+            metavar="PATH",
+            help="KEY=VALUE lines to add to the environment (variables already set win)",
+        )
+    return parser
+
+
+def _add_run_options(run_parser: argparse.ArgumentParser) -> None:
+    """``run``'s own options: the ones a user of uvicorn's command expects, and the server."""
     run_parser.add_argument(
         "--uds",
         metavar="PATH",
         help="listen on this unix socket instead of --host/--port (a proxy in front); its "
         "peers are then trusted proxies (ASGI_RESILIENCE_TRUSTED_PROXIES=unix unless set)",
     )
-    for sub in (run_parser, worker_parser):
-        sub.add_argument(
-            "--plain-logs", action="store_true", help="human-readable log lines instead of JSON"
-        )
-    for sub in (run_parser, check_parser, demo_parser, worker_parser, drain_parser):
-        sub.add_argument("--env-file", type=Path, help="KEY=VALUE lines to add to the environment")
-    return parser
+    run_parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes; above 1, Prometheus multiprocess mode in a directory of its own",
+    )
+    run_parser.add_argument(
+        "--server",
+        choices=("uvicorn", "hypercorn", "granian"),
+        default="uvicorn",
+        help="the ASGI server; each drains on SIGTERM",
+    )
+    run_parser.add_argument(
+        "--root-path",
+        default="",
+        metavar="PATH",
+        help="the path prefix a proxy in front mounts the service under (/api): the ASGI "
+        "root_path, handed to the server (default: none)",
+    )
+    run_parser.add_argument(
+        "--log-level",
+        choices=_LEVELS,
+        help="the log level (default: info; with --log-config, the configuration's, and this "
+        "sets only the server's own loggers, as uvicorn's --log-level does)",
+    )
+    logs = run_parser.add_mutually_exclusive_group()
+    logs.add_argument(
+        "--log-config",
+        type=Path,
+        metavar="PATH",
+        help="a logging configuration, read as uvicorn's --log-config reads it: .json, .yaml or "
+        ".yml (dictConfig), else INI (fileConfig); it replaces the JSON log lines and also "
+        "carries the access log (logger asgi_resilience.access)",
+    )
+    logs.add_argument(
+        "--plain-logs", action="store_true", help="human-readable log lines instead of JSON"
+    )
 
 
 def load_env_file(path: Path) -> None:
@@ -159,36 +244,11 @@ def load_env_file(path: Path) -> None:
         os.environ.setdefault(name, value)
 
 
-def load_app(target: str) -> ASGIApp:
-    """Import ``module:attribute`` and return the ASGI app it names."""
-    module_name, colon, attribute = target.partition(":")
-    if not colon or not module_name or not attribute:
-        raise UsageError(f"expected module:attribute, got {target!r}")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as uvicorn does: modules next to you are found
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (
-            module_name == exc.name or module_name.startswith(exc.name + ".")
-        ):
-            raise UsageError(f"no module named {module_name!r}") from None
-        raise
-    app: Any = module
-    for part in attribute.split("."):
-        try:
-            app = getattr(app, part)
-        except AttributeError:
-            raise UsageError(f"module {module_name!r} has no attribute {attribute!r}") from None
-    if not callable(app):
-        raise UsageError(f"{target} is not an ASGI app: a {type(app).__name__} is not callable")
-    return app  # type: ignore[no-any-return]
-
-
-def _wrapped(target: str, *, plain: bool = True) -> ResilientApp:
-    """``target`` wrapped with ``resilient()``; with JSON logs, its access log goes through a
-    ``JsonLinesSink`` on stdout: the same lines for less than ``logging`` costs."""
-    app = load_app(target)
+def _wrapped(target: str, *, plain: bool = True, factory: bool = False) -> ResilientApp:
+    """``target`` wrapped with ``resilient()``; unless ``plain`` (plain lines, or the user's
+    ``--log-config``: through ``logging``), its access log goes through a ``JsonLinesSink`` on
+    stdout: the same lines for less than ``logging`` costs."""
+    app = load_app(target, factory=factory)
     if isinstance(app, ResilientApp):
         return app
     return resilient(app) if plain else resilient(app, access_log_sink=JsonLinesSink(sys.stdout))
@@ -209,86 +269,147 @@ def configure_logging(level: str = "info", *, plain: bool = False) -> None:
     root.setLevel(level.upper())
 
 
+def _setup_logging(
+    level: str, plain: bool, log_config: Path | None = None, *, warn: bool = False
+) -> None:
+    """This process's logging under ``run`` and ``worker``: ours (``configure_logging``), or
+    the user's ``--log-config`` left as it is; either way the reason of a failed startup is
+    logged once (see ``quiet_startup_echo``)."""
+    if log_config is None:
+        configure_logging(level, plain=plain)
+    else:
+        apply_log_config(log_config, warn=warn)
+    quiet_startup_echo()
+
+
 def worker_app() -> ResilientApp:
-    """The app of one uvicorn worker process (``--workers`` above 1): uvicorn's factory."""
+    """The app of one worker process (``--workers`` above 1, and every Granian worker):
+    uvicorn's and Granian's factory. It sets up logging as the parent did, before the target
+    is imported, then builds the app itself (calling the target with ``--factory``)."""
     from ._granian import install_drain_signal
 
     plain = os.environ.get(_PLAIN_VARIABLE) == "1"
-    configure_logging(os.environ.get(_LEVEL_VARIABLE, "info"), plain=plain)
-    app = _wrapped(os.environ[_TARGET_VARIABLE], plain=plain)
+    configured = os.environ.get(_LOG_CONFIG_VARIABLE)
+    log_config = Path(configured) if configured else None
+    _setup_logging(os.environ.get(_LEVEL_VARIABLE, "info"), plain, log_config)
+    factory = os.environ.get(_FACTORY_VARIABLE) == "1"
+    through_logging = plain or log_config is not None
+    app = _wrapped(os.environ[_TARGET_VARIABLE], plain=through_logging, factory=factory)
     install_drain_signal(app.lifespan)  # --server granian: the parent asks its workers to drain
     return app
 
 
-def run(
-    target: str,
-    host: str,
-    port: int,
-    workers: int,
-    log_level: str,
-    plain: bool,
-    uds: str | None = None,
-    server: str = "uvicorn",
-) -> int:
-    """Serve ``target`` with uvicorn (or Hypercorn) until SIGTERM or SIGINT; 0 after a
-    graceful stop.
+@dataclass(frozen=True)
+class RunOptions:
+    """What ``run`` serves and how, as the command line said it (the parser's names)."""
+
+    target: str
+    factory: bool
+    host: str
+    port: int
+    uds: str | None
+    workers: int
+    server: str
+    root_path: str
+    log_level: str | None
+    log_config: Path | None
+    plain_logs: bool
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> RunOptions:
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
+
+    @property
+    def level(self) -> str:
+        return self.log_level or "info"
+
+    @property
+    def through_logging(self) -> bool:
+        """The access log goes through ``logging`` (plain lines, the user's configuration)
+        rather than straight to stdout as JSON lines."""
+        return self.plain_logs or self.log_config is not None
+
+    def app(self) -> ResilientApp:
+        return _wrapped(self.target, plain=self.through_logging, factory=self.factory)
+
+    def check_target(self) -> None:
+        """Fail here, once, rather than in every worker: the target, its stack's settings."""
+        _wrapped(self.target, factory=self.factory)
+
+
+def run(options: RunOptions) -> int:
+    """Serve ``options.target`` with uvicorn (or Hypercorn, Granian) until SIGTERM or SIGINT;
+    0 after a graceful stop.
 
     uvicorn's own forwarding-header handling (``proxy_headers``) is off: it would rewrite the
     client address from ``X-Forwarded-For`` sent by any local peer, and ``trusted_proxies`` is
     the one authority on it. With ``uds`` the service listens on a unix socket, whose peers
     (the proxy in front) are trusted unless ``ASGI_RESILIENCE_TRUSTED_PROXIES`` says otherwise.
     """
-    if workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}")
-    if server == "hypercorn":
-        return _run_hypercorn(target, host, port, workers, log_level, plain, uds)
-    if server == "granian":
-        return _run_granian(target, host, port, workers, log_level, plain, uds)
+    _check_options(options)
+    if options.server == "hypercorn":
+        return _run_hypercorn(options)
+    if options.server == "granian":
+        return _run_granian(options)
     uvicorn = _uvicorn()
-    options: dict[str, Any] = {
-        "log_config": None,
+    uvicorn_options: dict[str, Any] = {
+        "log_config": None,  # set up by _prepare_to_listen (and worker_app), --log-config too
         "access_log": False,  # ours is better: one structured record per request
-        "log_level": log_level,
+        # Under --log-config, uvicorn sets its loggers' level only when told to, as its own.
+        "log_level": options.log_level if options.log_config else options.level,
         "proxy_headers": False,
+        "root_path": options.root_path,
     }
-    _prepare_to_listen(host, port, uds, log_level, plain)
-    if uds is None:
-        options.update(host=host, port=port)
+    _prepare_to_listen(options)
+    if options.uds is None:
+        uvicorn_options.update(host=options.host, port=options.port)
     else:
-        options["uds"] = uds
+        uvicorn_options["uds"] = options.uds
     # uvicorn re-raises the SIGTERM it handled once it has stopped gracefully; a handler of
     # our own receives it, so the process can report a clean stop with exit code 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    if workers == 1:
-        uvicorn.run(_wrapped(target, plain=plain), **options)
+    if options.workers == 1:
+        uvicorn.run(options.app(), **uvicorn_options)
         return 0
-    _wrapped(target)  # fail here, once, rather than in every worker
-    with _worker_environment(target, plain, log_level, multiprocess=True):
-        uvicorn.run("asgi_resilience.cli:worker_app", factory=True, workers=workers, **options)
+    options.check_target()
+    with _worker_environment(options, multiprocess=True):
+        app = "asgi_resilience.cli:worker_app"
+        uvicorn.run(app, factory=True, workers=options.workers, **uvicorn_options)
     return 0
 
 
-def _prepare_to_listen(host: str, port: int, uds: str | None, log_level: str, plain: bool) -> None:
+def _check_options(options: RunOptions) -> None:
+    if options.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {options.workers}")
+    root_path = options.root_path
+    if root_path and (not root_path.startswith("/") or root_path.endswith("/")):
+        raise UsageError(
+            f"--root-path must start with / and not end with one (/api), got {root_path!r}"
+        )
+
+
+def _prepare_to_listen(options: RunOptions) -> None:
     """Refuse a port in use (one line, exit 2) or trust a unix socket's peers, then log."""
-    if uds is None:
-        _ensure_port_free(host, port)
+    if options.uds is None:
+        _ensure_port_free(options.host, options.port)
     else:
         os.environ.setdefault("ASGI_RESILIENCE_TRUSTED_PROXIES", "unix")
-    configure_logging(log_level, plain=plain)
+    _setup_logging(options.level, options.plain_logs, options.log_config, warn=True)
 
 
 @contextmanager
-def _worker_environment(
-    target: str, plain: bool, log_level: str, *, multiprocess: bool
-) -> Iterator[None]:
+def _worker_environment(options: RunOptions, *, multiprocess: bool) -> Iterator[None]:
     """What worker processes learn from the environment (``worker_app``); with
-    ``multiprocess``, Prometheus multiprocess mode in a directory of its own, removed after."""
-    metrics_dir = tempfile.mkdtemp(prefix="asgi-resilience-metrics-") if multiprocess else None
+    ``multiprocess``, Prometheus multiprocess mode in a directory of its own, removed after.
+    A ``PROMETHEUS_MULTIPROC_DIR`` the user set is used instead, emptied first."""
+    users_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if users_dir:
+        _empty_metrics_directory(users_dir)
+    own = multiprocess and not users_dir
+    metrics_dir = tempfile.mkdtemp(prefix="asgi-resilience-metrics-") if own else None
     if metrics_dir is not None:
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", metrics_dir)
-    os.environ[_TARGET_VARIABLE] = target
-    os.environ[_PLAIN_VARIABLE] = "1" if plain else "0"
-    os.environ[_LEVEL_VARIABLE] = log_level
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    _set_worker_variables(options)
     try:
         yield
     finally:
@@ -296,57 +417,81 @@ def _worker_environment(
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _run_hypercorn(
-    target: str,
-    host: str,
-    port: int,
-    workers: int,
-    log_level: str,
-    plain: bool,
-    uds: str | None,
-) -> int:
+def _empty_metrics_directory(directory: str) -> None:
+    """Remove the last run's files from the user's ``PROMETHEUS_MULTIPROC_DIR`` (created if
+    missing) before any worker starts: prometheus_client would add them to this run's, so
+    counters would carry on where the last run stopped. Only its own ``*.db`` files go."""
+    from ._multiprocess import clear_directory
+
+    try:
+        clear_directory(directory)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UsageError(
+            f"PROMETHEUS_MULTIPROC_DIR={directory} is not a writable directory: {reason}"
+        ) from None
+
+
+def _set_worker_variables(options: RunOptions) -> None:
+    """What ``worker_app`` needs to build the app and log as this process does."""
+    os.environ[_TARGET_VARIABLE] = options.target
+    os.environ[_FACTORY_VARIABLE] = "1" if options.factory else "0"
+    os.environ[_PLAIN_VARIABLE] = "1" if options.plain_logs else "0"
+    os.environ[_LEVEL_VARIABLE] = options.level
+    os.environ[_ROOT_PATH_VARIABLE] = options.root_path
+    log_config = options.log_config
+    os.environ[_LOG_CONFIG_VARIABLE] = str(log_config.resolve()) if log_config else ""
+
+
+def _run_hypercorn(options: RunOptions) -> int:
     """``run --server hypercorn``: see ``asgi_resilience._hypercorn``."""
     from ._hypercorn import serve_hypercorn, serve_hypercorn_workers
 
-    _prepare_to_listen(host, port, uds, log_level, plain)
-    if workers == 1:
+    _prepare_to_listen(options)
+    host, port, uds = options.host, options.port, options.uds
+    if options.workers == 1:
         bind = f"unix:{uds}" if uds is not None else f"[{host}]:{port}" if ":" in host else None
-        return serve_hypercorn(_wrapped(target, plain=plain), [bind or f"{host}:{port}"], log_level)
-    _wrapped(target)  # fail here, once, rather than in every worker
-    with _worker_environment(target, plain, log_level, multiprocess=True):
-        return serve_hypercorn_workers(host, port, uds, workers)
+        binds = [bind or f"{host}:{port}"]
+        return serve_hypercorn(options.app(), binds, options.level, options.root_path)
+    options.check_target()
+    with _worker_environment(options, multiprocess=True):
+        return serve_hypercorn_workers(host, port, uds, options.workers)
 
 
-def _run_granian(
-    target: str,
-    host: str,
-    port: int,
-    workers: int,
-    log_level: str,
-    plain: bool,
-    uds: str | None,
-) -> int:
+def _run_granian(options: RunOptions) -> int:
     """``run --server granian``: see ``asgi_resilience._granian``."""
     from ._granian import serve_granian
 
-    _prepare_to_listen(host, port, uds, log_level, plain)
-    drain_delay = _wrapped(target).lifespan.drain_delay  # and fail here, not in every worker
+    _prepare_to_listen(options)
+    # Built here to read its drain delay, and to fail here rather than in every worker.
+    drain_delay = _wrapped(options.target, factory=options.factory).lifespan.drain_delay
     # Granian always serves from worker processes: one alone needs no multiprocess metrics.
-    with _worker_environment(target, plain, log_level, multiprocess=workers > 1):
-        return serve_granian(host, port, uds, workers, log_level, drain_delay)
+    with _worker_environment(options, multiprocess=options.workers > 1):
+        return serve_granian(
+            options.host,
+            options.port,
+            options.uds,
+            options.workers,
+            options.level,
+            drain_delay,
+            root_path=options.root_path,
+        )
 
 
-def worker(target: str, host: str, port: int, log_level: str, plain: bool) -> int:
-    """Serve the ``Lifespan`` ``target`` names as a worker; 0 after a graceful stop, 3 when
-    its startup failed (the lifespan has logged why)."""
+def worker(
+    target: str, host: str, port: int, log_level: str, plain: bool, *, factory: bool = False
+) -> int:
+    """Serve the ``Lifespan`` ``target`` names (with ``factory``: returns) as a worker; 0 after
+    a graceful stop, 3 when its startup failed (the lifespan has logged why)."""
     from .worker import serve
 
-    lifespan = load_app(target)
+    lifespan = load_target(target, factory=factory)
     if not isinstance(lifespan, Lifespan):
-        raise UsageError(f"{target} is not a Lifespan: got a {type(lifespan).__name__}")
+        subject = f"what {target} returned" if factory else target
+        raise UsageError(f"{subject} is not a Lifespan: got a {type(lifespan).__name__}")
     _uvicorn()
     _ensure_port_free(host, port)
-    configure_logging(log_level, plain=plain)
+    _setup_logging(log_level, plain)
     try:
         serve(lifespan, host=host, port=port, log_level=log_level)
     except StartupError:
@@ -383,18 +528,17 @@ def drain(url: str, timeout: float) -> int:
     return 0
 
 
-def check(target: str) -> int:
+def check(target: str, *, factory: bool = False) -> int:
     """Run ``target``'s startup once and print a table; 0 if it succeeded, 1 if not."""
-    lifespan = _lifespan_of(load_app(target))
+    lifespan = _lifespan_of(load_app(target, factory=factory))
     # The table is the report: the lifespan's own log lines would only repeat it.
     lifespan.logger = logging.getLogger("asgi_resilience.cli.check")
     lifespan.logger.disabled = True
+    error: StartupError | None = None
     try:
         asyncio.run(_startup_and_shutdown(lifespan))
-        failed = False
     except StartupError as exc:
-        failed = True
-        reason = str(exc)
+        error = exc
     rows = [
         (
             r.name,
@@ -405,11 +549,21 @@ def check(target: str) -> int:
         for r in lifespan.startup_results.values()
     ]
     _print_table(("check", "outcome", "duration", "error"), rows)
-    if failed:
-        print(reason)
+    if error is not None:
+        print(_failure_line(error, {row[0] for row in rows}))
         return 1
     print(f"startup ok: {len(rows)} check{'' if len(rows) == 1 else 's'}")
     return 0
+
+
+def _failure_line(error: StartupError, in_table: set[str]) -> str:
+    """The last line of a failed ``check``. The table gave each failed check's reason: name
+    them only. A failure it cannot show (a resource, the startup's timeout) is said in full."""
+    names = [result.name for result in error.failures]
+    if not names or not in_table.issuperset(names):
+        return str(error)
+    checks = "check" if len(names) == 1 else "checks"
+    return f"startup failed: {checks} {', '.join(map(repr, names))} failed"
 
 
 async def _startup_and_shutdown(lifespan: Lifespan) -> None:

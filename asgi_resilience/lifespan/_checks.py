@@ -120,7 +120,9 @@ class CheckRunner:
                     )
                     return
             if attempt < attempts:
-                self.owner.logger.info(
+                # A warning: the dependency is failing now, even if a retry succeeds; the last
+                # attempt's failure is the startup's error (or its degraded warning).
+                self.owner.logger.warning(
                     "Check %r attempt %d/%d failed: %s", check.name, attempt, attempts, error
                 )
                 await anyio.sleep(min(0.1 * 2 ** (attempt - 1), _MAX_BACKOFF))
