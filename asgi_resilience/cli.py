@@ -7,6 +7,8 @@
     asgi-resilience check module:app [--factory] [--env-file .env]
     asgi-resilience worker module:lifespan [--factory] [--host 127.0.0.1] [--port 8000]
     asgi-resilience drain [--url http://127.0.0.1:8000] [--timeout 60]
+    asgi-resilience doctor module:app [--factory] [--workers 1] [--grace-period 30]
+                                      [--served-by other] [--env-file .env]
     asgi-resilience demo [--host 127.0.0.1] [--port 8000]
     asgi-resilience --version
 
@@ -20,8 +22,10 @@ HTTP app (a queue consumer, a scheduler): its health endpoints and ``/metrics`` 
 checks, resources and background tasks; 0 after a graceful stop, 3 when startup failed (as
 uvicorn exits for ``run``). ``drain`` (a Kubernetes ``preStop`` hook) asks the service at
 ``--url`` to drain (``POST <health path>/drain``, loopback only) and returns once its drain delay
-has passed: 0, or 1 with the reason on stderr. Bad arguments, and a target that cannot be
-imported or is not an ASGI app, exit 2 with one line on stderr (``asgi_resilience._target``).
+has passed: 0, or 1 with the reason on stderr. ``doctor`` prints the production checklist's
+findings for the app (``asgi_resilience.doctor``): exit 1 when one is an error. Bad arguments,
+and a target that cannot be imported or is not an ASGI app, exit 2 with one line on stderr
+(``asgi_resilience._target``).
 ``--log-config`` hands logging to the user's configuration (``asgi_resilience._logconfig``).
 """
 
@@ -77,6 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check(args.target, factory=args.factory)
         if args.command == "drain":
             return drain(args.url, args.timeout)
+        if args.command == "doctor":
+            return doctor(
+                args.target,
+                factory=args.factory,
+                workers=args.workers,
+                grace_period=args.grace_period,
+                served_by_run=args.served_by == "run",
+            )
         if args.command == "worker":
             return worker(
                 args.target,
@@ -132,7 +144,10 @@ def _parser() -> argparse.ArgumentParser:
         "drain", "drain a running service now (a preStop hook): readiness 503, then wait"
     )
     demo_parser = command("demo", "serve the bundled demo service")
-    for sub in (run_parser, check_parser):
+    doctor_parser = command(
+        "doctor", "check module:app's configuration for the mistakes that hurt in production"
+    )
+    for sub in (run_parser, check_parser, doctor_parser):
         sub.add_argument(
             "target", help="the ASGI app, as module:attribute (with --factory, what returns it)"
         )
@@ -166,7 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     drain_parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for the drain delay to pass"
     )
-    for sub in (run_parser, check_parser, worker_parser, drain_parser, demo_parser):
+    _add_doctor_options(doctor_parser)
+    for sub in (run_parser, check_parser, worker_parser, drain_parser, demo_parser, doctor_parser):
         sub.add_argument(
             "--env-file",
             type=Path,
@@ -174,6 +190,28 @@ def _parser() -> argparse.ArgumentParser:
             help="KEY=VALUE lines to add to the environment (variables already set win)",
         )
     return parser
+
+
+def _add_doctor_options(doctor_parser: argparse.ArgumentParser) -> None:
+    """``doctor``'s options: where the service will run."""
+    doctor_parser.add_argument(
+        "--workers", type=int, default=1, help="the worker processes it will run in"
+    )
+    doctor_parser.add_argument(
+        "--grace-period",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="the seconds between SIGTERM and SIGKILL where it runs (Kubernetes' "
+        "terminationGracePeriodSeconds)",
+    )
+    doctor_parser.add_argument(
+        "--served-by",
+        choices=("run", "other"),
+        default="other",
+        help="run: served by asgi-resilience run (which sets up multiprocess metrics for "
+        "several workers); other: by a server started otherwise",
+    )
 
 
 def _add_run_options(run_parser: argparse.ArgumentParser) -> None:
@@ -195,6 +233,13 @@ def _add_run_options(run_parser: argparse.ArgumentParser) -> None:
         choices=("uvicorn", "hypercorn", "granian"),
         default="uvicorn",
         help="the ASGI server; each drains on SIGTERM",
+    )
+    run_parser.add_argument(
+        "--management-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics, /health/status and /health/drain on this port only "
+        "(ASGI_RESILIENCE_MANAGEMENT_PORT; on ASGI_RESILIENCE_MANAGEMENT_HOST, 0.0.0.0 unless set)",
     )
     run_parser.add_argument(
         "--root-path",
@@ -311,6 +356,7 @@ class RunOptions:
     workers: int
     server: str
     root_path: str
+    management_port: int | None
     log_level: str | None
     log_config: Path | None
     plain_logs: bool
@@ -381,6 +427,15 @@ def run(options: RunOptions) -> int:
 def _check_options(options: RunOptions) -> None:
     if options.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {options.workers}")
+    port = options.management_port
+    if port is not None:
+        if not 0 < port < 65536:
+            raise UsageError(f"--management-port must be between 1 and 65535, got {port}")
+        if options.uds is None and port == options.port:
+            raise UsageError(f"--management-port {port} is the application's --port: pick another")
+        _ensure_port_free(os.environ.get("ASGI_RESILIENCE_MANAGEMENT_HOST", "0.0.0.0"), port)
+        # resilient() reads it, in this process and in every worker.
+        os.environ["ASGI_RESILIENCE_MANAGEMENT_PORT"] = str(port)
     root_path = options.root_path
     if root_path and (not root_path.startswith("/") or root_path.endswith("/")):
         raise UsageError(
@@ -528,6 +583,36 @@ def drain(url: str, timeout: float) -> int:
     return 0
 
 
+def doctor(
+    target: str, *, factory: bool, workers: int, grace_period: float, served_by_run: bool
+) -> int:
+    """Print ``target``'s findings (``asgi_resilience.doctor``), one line each; 1 when any is an
+    error, else 0. The app is the one ``run`` would serve: wrapped with ``resilient()`` from
+    the environment unless it already is."""
+    from .doctor import diagnose
+
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    if not grace_period > 0:
+        raise UsageError(f"--grace-period must be a number of seconds above 0, got {grace_period}")
+    findings = diagnose(
+        _wrapped(target, factory=factory),
+        workers=workers,
+        grace_period=grace_period,
+        run_by_cli=served_by_run,
+    )
+    for finding in findings:
+        print(finding.line())
+    errors = sum(finding.severity == "error" for finding in findings)
+    warnings = sum(finding.severity == "warning" for finding in findings)
+    print(f"{_count(errors, 'error')}, {_count(warnings, 'warning')}")
+    return 1 if errors else 0
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def check(target: str, *, factory: bool = False) -> int:
     """Run ``target``'s startup once and print a table; 0 if it succeeded, 1 if not."""
     lifespan = _lifespan_of(load_app(target, factory=factory))
@@ -552,7 +637,7 @@ def check(target: str, *, factory: bool = False) -> int:
     if error is not None:
         print(_failure_line(error, {row[0] for row in rows}))
         return 1
-    print(f"startup ok: {len(rows)} check{'' if len(rows) == 1 else 's'}")
+    print(f"startup ok: {_count(len(rows), 'check')}")
     return 0
 
 

@@ -22,13 +22,16 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ._extras import missing_extra
 from .problems import send_error
 from .types import ASGIApp, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from .lifespan import Lifespan
 
 __all__ = ["ManagementListener"]
 
@@ -45,6 +48,8 @@ class ManagementListener:
         reuse_port: share the port with the other worker processes (``SO_REUSEPORT``);
             ``None``: when Prometheus multiprocess mode says there are several.
         environ: where ``PROMETHEUS_MULTIPROC_DIR`` is read for ``reuse_port=None``.
+        lifespan: the lifespan whose resource it is: during its ``trial_startup()``
+            (``asgi-resilience check``) no port is bound, as the service may be running.
     """
 
     def __init__(
@@ -55,8 +60,10 @@ class ManagementListener:
         port: int,
         reuse_port: bool | None = None,
         environ: Mapping[str, str] | None = None,
+        lifespan: Lifespan | None = None,
     ) -> None:
         self.app = _Lifespanless(app)
+        self.lifespan = lifespan
         self.host = host
         self.port = port
         env = os.environ if environ is None else environ
@@ -68,6 +75,9 @@ class ManagementListener:
     async def serve(self) -> AsyncIterator[str]:
         """The resource: bind, serve until the lifespan closes it, then stop serving (the
         connections left get Hypercorn's graceful timeout, one second)."""
+        if self.lifespan is not None and self.lifespan.trial:
+            yield ""  # a trial of the startup: nothing to serve, and the port may be taken
+            return
         try:
             from hypercorn.config import Config
         except ModuleNotFoundError as exc:

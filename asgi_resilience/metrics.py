@@ -30,6 +30,7 @@ from ._http import first_header
 from ._multiprocess import remove_dead_live_gauges
 from .context import PathSet, RequestContext
 from .observe import Observer
+from .problems import send_error
 from .types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["DECLARED", "Metrics", "MetricsMiddleware", "collectors", "metrics_app"]
@@ -226,6 +227,9 @@ class MetricsMiddleware(Observer):
             self.metrics.child(self.metrics.exceptions, route, exception_type).inc()
 
 
+_ALLOW = [(b"allow", b"GET, HEAD")]
+
+
 def metrics_app(
     registry: CollectorRegistry | None = None, *, environ: Mapping[str, str] | None = None
 ) -> ASGIApp:
@@ -236,13 +240,17 @@ def metrics_app(
     ``PROMETHEUS_MULTIPROC_DIR`` set in ``environ`` (``os.environ`` by default, read at each
     scrape), every worker's files are aggregated at each scrape, and the live gauges
     (requests in flight...) of workers no longer running are removed first: a worker killed
-    without its shutdown leaves no value behind.
+    without its shutdown leaves no value behind. Only GET and HEAD: anything else is a 405
+    problem with ``Allow: GET, HEAD``.
     """
     target = registry if registry is not None else REGISTRY
     scraped_environ = os.environ if environ is None else environ
 
     async def serve_metrics(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            return
+        if scope["method"] not in ("GET", "HEAD"):
+            await send_error(RequestContext.current(), scope, send, 405, headers=_ALLOW)
             return
         accept = (first_header(scope["headers"], b"accept") or b"").decode("latin-1")
         encoder, content_type = choose_encoder(accept)

@@ -479,7 +479,7 @@ def _management(
         served = ErrorMiddleware(served, debug=o.debug)
     assert o.management_port is not None
     listener = ManagementListener(
-        served, host=o.management_host, port=o.management_port, environ=environ
+        served, host=o.management_host, port=o.management_port, environ=environ, lifespan=lifespan
     )
     name = _unique("management-listener", lifespan.resource_names)
     lifespan.resource(name, timeout=5)(listener.serve)

@@ -152,3 +152,15 @@ def test_options_are_checked_and_come_from_the_environment() -> None:
     assert (app.options.management_port, app.options.management_host) == (9090, "::")
     with pytest.raises(ConfigurationError, match="ASGI_RESILIENCE_MANAGEMENT_PORT='http'"):
         resilient(Starlette(), environ={"ASGI_RESILIENCE_MANAGEMENT_PORT": "http"})
+
+
+async def test_a_trial_startup_binds_no_port() -> None:
+    # asgi-resilience check beside the running service: its management port is taken.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        app = service(taken.getsockname()[1])
+        await app.lifespan.trial_startup()
+    assert app.lifespan.startup_results["database"].ok
+    assert app.management is not None and app.management.address is None
+    assert app.lifespan.trial is False

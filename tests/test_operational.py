@@ -124,3 +124,18 @@ def test_from_the_environment() -> None:
 def test_a_wrong_value_is_refused_naming_the_option(value: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         resilient(Starlette(), environ={}, operational_allow=value)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/metrics"), ("DELETE", "/metrics"), ("DELETE", "/health"), ("PUT", "/health/ready")],
+)
+async def test_built_in_endpoints_answer_get_and_head_only(method: str, path: str) -> None:
+    app = resilient(Starlette(), environ={}, registry=CollectorRegistry())
+    scope = http_scope(path, method=method)
+    response = await call(app, scope)
+    assert response.status == 405
+    assert response.headers["allow"] == "GET, HEAD"
+    assert response.headers["content-type"] == "application/problem+json"
+    head = await call(app, http_scope("/metrics", method="HEAD"))
+    assert head.status == 200 and head.body == b""

@@ -175,6 +175,9 @@ class Lifespan:
         self.logger = logger if logger is not None else _logger
         self.registry = registry
         self.state: LifespanState = "idle"
+        # True while trial_startup() runs: a resource may skip what only a serving process
+        # needs (the management listener binds no port for asgi-resilience check).
+        self.trial = False
         self.checks: dict[str, Check] = {}
         self.startup_results: dict[str, CheckResult] = {}
         self.shutdown_report: list[ResourceReport] = []
@@ -436,8 +439,12 @@ class Lifespan:
         Raises:
             StartupError: as ``startup()``.
         """
-        await self.begin_startup()
-        await self.abort_startup()
+        self.trial = True
+        try:
+            await self.begin_startup()
+            await self.abort_startup()
+        finally:
+            self.trial = False
         self.state = "stopped"
 
     # -- the phases, as the ASGI layer (LifespanMiddleware) and startup()/shutdown() run them --
