@@ -444,7 +444,12 @@ def _check_options(options: RunOptions) -> None:
 
 
 def _prepare_to_listen(options: RunOptions) -> None:
-    """Refuse a port in use (one line, exit 2) or trust a unix socket's peers, then log."""
+    """Refuse a port in use (one line, exit 2) or trust a unix socket's peers, empty the user's
+    ``PROMETHEUS_MULTIPROC_DIR`` (whatever the workers: before the app is first imported, which
+    may write files there), then log."""
+    users_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if users_dir:
+        _empty_metrics_directory(users_dir)
     if options.uds is None:
         _ensure_port_free(options.host, options.port)
     else:

@@ -145,7 +145,12 @@ class Metrics:
         key = (id(collector), *labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = collector.labels(*labels)
+            if not labels and getattr(collector, "_labelnames", None) == ():
+                # prometheus_client's collector without labels (multiprocess mode): it is its
+                # own child, and labels() refuses ("No label names were set").
+                child = self._children[key] = collector
+            else:
+                child = self._children[key] = collector.labels(*labels)
         return child
 
 

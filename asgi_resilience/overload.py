@@ -497,8 +497,9 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
         self.in_flight = 0
         self._waiters: deque[_Waiter] = deque()
         metrics = Metrics.for_registry(registry).feature(OverloadCollectors)
-        self._limit_gauge = metrics.concurrency_limit.labels()
-        self._in_flight_gauge = metrics.concurrency_in_flight.labels()
+        every = Metrics.for_registry(registry)
+        self._limit_gauge = every.child(metrics.concurrency_limit)
+        self._in_flight_gauge = every.child(metrics.concurrency_in_flight)
         self._shed = {r: metrics.load_shed.labels(r) for r in _SHED_REASONS}
         _seconds("max_lag")("the option", max_lag)
         self.max_lag = max_lag

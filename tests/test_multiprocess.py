@@ -6,6 +6,7 @@ test releases them) and on files made by hand."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,6 +158,40 @@ def test_a_reused_directory_starts_each_run_from_zero(
     assert (directory / "notes.txt").read_text() == "not prometheus_client's"
 
 
+def test_one_worker_also_starts_from_an_emptied_directory_even_a_missing_one(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    # held.py makes labelled metrics when imported (a circuit breaker, a rate limit): the
+    # directory must exist before the app is first imported, whatever the worker count.
+    directory = Path(env["PROMETHEUS_MULTIPROC_DIR"])
+    started: list[subprocess.Popen[bytes]] = []
+    counts = []
+    try:
+        command = [*CLI, "run", "tests.apps.metered:app", "--port"]
+        for requests in (4, 2):
+            log = tmp_path / f"one-{requests}.log"
+            server = start_command(
+                lambda port: [*command, str(port)], env=env, log=log, started=started
+            )
+            with httpx.Client(base_url=server.base_url, timeout=10) as client:
+                for _ in range(requests):
+                    assert client.get("/pid").status_code == 200
+                counts.append(total(client.get("/metrics").text, DURATION_COUNT, route="/pid"))
+            assert server.stop(20) == 0, server.output()
+        assert counts == [4, 2]
+        held = [*CLI, "run", "tests.apps.held:app", "--port"]
+        shutil.rmtree(directory)
+        server = start_command(
+            lambda port: [*held, str(port)], env=env, log=tmp_path / "held.log", started=started
+        )
+        assert server.stop(20) == 0, server.output()
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait(5)
+
+
 @pytest.mark.parametrize("inside", ["a-file", "a-file/below"])
 def test_run_refuses_a_directory_it_cannot_use(
     tmp_path: Path, env: dict[str, str], inside: str
@@ -259,3 +294,32 @@ def test_nothing_is_removed_on_windows(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(sys, "platform", "win32")
     assert remove_dead_live_gauges(tmp_path) == []
     assert len(list(tmp_path.iterdir())) == 1
+
+
+CONCURRENCY_SCRIPT = """
+import asyncio
+from starlette.applications import Starlette
+from asgi_resilience import resilient
+from tests.asgi import call, http_scope
+
+app = resilient(Starlette(), max_concurrency=4, access_log=False)
+for path in ("/nowhere", "/metrics"):
+    response = asyncio.run(call(app, http_scope(path)))
+print(response.body.decode())
+"""
+
+
+def test_a_concurrency_limit_works_in_multiprocess_mode(tmp_path: Path) -> None:
+    # prometheus_client's collectors (not our lock-free ones): label-less gauges included.
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", CONCURRENCY_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert total(done.stdout, "asgi_resilience_concurrency_limit") == 4
+    assert total(done.stdout, "asgi_resilience_concurrency_in_flight") == 0
