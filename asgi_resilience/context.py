@@ -36,6 +36,7 @@ __all__ = [
     "get_deadline",
     "path_matcher",
     "remaining_time",
+    "route_path",
     "route_template",
     "trace_id_of",
     "utc_timestamp",
@@ -349,6 +350,21 @@ def remaining_time() -> float | None:
     import anyio
 
     return max(0.0, deadline - anyio.current_time())
+
+
+def route_path(scope: Scope) -> str:
+    """The path the application routes on: ``scope["path"]`` without the ``root_path`` prefix
+    a server may have put in front (uvicorn ``--root-path /api``: ``/api/health/ready`` is
+    ``/health/ready`` here), by Starlette's own rule, so the stack's paths (health, metrics,
+    exclusions, routes) mean what they mean to the app's router."""
+    path: str = scope["path"]
+    root_path = scope.get("root_path")
+    if not root_path or not path.startswith(root_path):
+        return path
+    rest = path[len(root_path) :]
+    if not rest:
+        return "/"
+    return rest if rest[0] == "/" else path
 
 
 class PathSet:

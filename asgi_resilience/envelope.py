@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 
 from ._http import media_type
-from .context import ContextMiddleware, PathSet, RequestContext, utc_timestamp
+from .context import ContextMiddleware, PathSet, RequestContext, route_path, utc_timestamp
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["EnvelopeMiddleware", "add_envelope_meta", "skip_envelope"]
@@ -81,7 +81,7 @@ class EnvelopeMiddleware(ContextMiddleware):
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        if scope["path"] in self.excluded:
+        if route_path(scope) in self.excluded:
             await self.app(scope, receive, send)
             return
         responder = _EnvelopeResponder(self, context, send, head=scope["method"] == "HEAD")

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 from prometheus_client import CollectorRegistry, Gauge
 
-from .context import RequestContext
+from .context import RequestContext, route_path
 from .lifespan import CheckResult, Lifespan
 from .metrics import collectors
 from .problems import send_error
@@ -141,7 +141,7 @@ class HealthApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # nothing to serve on WebSocket or lifespan scopes
-        path = scope["path"]
+        path = route_path(scope)
         handler = self.routes.get(path)
         if path == self.drain_path:
             if self.lifespan is None or not _from_loopback(scope):

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .context import CONTEXT_KEY, PathSet, RequestContext, _current
+from .context import CONTEXT_KEY, PathSet, RequestContext, _current, route_path
 from .types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["REPLY", "Observer", "Observers"]
@@ -52,7 +52,7 @@ class _Pass:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        plan = self._plan(scope["path"])
+        plan = self._plan(route_path(scope))
         if plan is _NOTHING:
             await self.app(scope, receive, send)
             return

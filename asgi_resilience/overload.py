@@ -31,6 +31,7 @@ from .context import (
     get_deadline,
     path_matcher,
     remaining_time,
+    route_path,
 )
 from .metrics import Metrics, collectors
 from .problems import send_error
@@ -166,7 +167,7 @@ class TimeoutMiddleware(ContextMiddleware):
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        timeout = self.timeout_for(scope["path"])
+        timeout = self.timeout_for(route_path(scope))
         if timeout is None:
             await self.app(scope, receive, send)
             return
@@ -256,7 +257,7 @@ class BodyLimitMiddleware(ContextMiddleware):
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        limit = self.limit_for(scope["path"])
+        limit = self.limit_for(route_path(scope))
         if limit is None:
             await self.app(scope, receive, send)
             return
@@ -519,7 +520,7 @@ class ConcurrencyLimitMiddleware(ContextMiddleware):
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        if scope["path"] in self.exempt:
+        if route_path(scope) in self.exempt:
             await self.app(scope, receive, send)
             return
         if self.lag is not None:

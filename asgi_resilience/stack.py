@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from .access_log import DEFAULT_EXCLUDE_PATHS, AccessLogMiddleware, JsonLinesSink
 from .config import DEFAULTS, ConfigurationError, Options, options_from_env
-from .context import RequestContext
+from .context import RequestContext, route_path
 from .envelope import EnvelopeMiddleware
 from .errors import ErrorHook, ErrorMiddleware, default_debug
 from .health import HealthApp
@@ -590,7 +590,7 @@ class BuiltinEndpoints:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            path = scope["path"]
+            path = route_path(scope)
             endpoint = self.endpoints.get(path)
             if endpoint is not None:
                 if path in self.guarded and not self._allowed(scope):

@@ -526,12 +526,14 @@ def test_run_on_a_unix_socket_with_each_server(tmp_path: Path, server: str) -> N
 
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn", "granian"])
 def test_run_root_path_reaches_the_app(serve: Callable[..., Server], server: str) -> None:
-    served = serve(
-        "run", FACTORY, "--factory", "--root-path", "/api", "--server", server, ready_path="/made"
-    )
+    # Ready: the stack's own paths answer whether or not the server prefixes scope["path"]
+    # with the root path (uvicorn does, Hypercorn and Granian do not).
+    served = serve("run", FACTORY, "--factory", "--root-path", "/api", "--server", server)
     made = served.client.get("/made")
+    metrics = served.client.get("/metrics")
     assert served.stop() == 0, served.stderr
     assert made.json()["root_path"] == "/api"
+    assert metrics.status_code == 200
 
 
 def test_main_run_hands_the_root_path_to_uvicorn(fake_uvicorn: FakeUvicorn) -> None:

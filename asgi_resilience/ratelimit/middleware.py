@@ -15,7 +15,7 @@ import anyio
 from prometheus_client import CollectorRegistry
 
 from .._checks import check_mapping, check_registry, check_seconds
-from ..context import ContextMiddleware, PathSet, RequestContext, path_matcher
+from ..context import ContextMiddleware, PathSet, RequestContext, path_matcher, route_path
 from ..metrics import Metrics
 from ..problems import send_error
 from ..proxies import TrustedProxies
@@ -258,7 +258,7 @@ class RateLimitMiddleware(ContextMiddleware):
             client = context.client
             cost: int = self.cost  # type: ignore[assignment]
         else:
-            path = scope["path"]
+            path = route_path(scope)
             if self.exempting and path in self.exempt:
                 await self.app(scope, receive, send)
                 return
