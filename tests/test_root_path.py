@@ -17,7 +17,8 @@ from starlette.routing import Route
 
 from asgi_resilience import resilient
 from asgi_resilience.context import route_path
-from tests.asgi import Response, call, http_scope
+from asgi_resilience.types import Scope
+from tests.asgi import call, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +27,7 @@ async def item(request: Request) -> JSONResponse:
     return JSONResponse({"path": request.url.path})
 
 
-def mounted(path: str, **kwargs: Any) -> Response | Any:
+def mounted(path: str, **kwargs: Any) -> Scope:
     scope = http_scope(f"/api{path}", **kwargs)
     scope["root_path"] = "/api"
     return scope
