@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Callable
 from time import monotonic
@@ -15,6 +14,7 @@ from .context import RequestContext, route_path
 from .lifespan import CheckResult, Lifespan
 from .metrics import collectors
 from .problems import send_error
+from .proxies import parse_address
 from .types import Receive, Scope, Send
 
 __all__ = ["HealthApp"]
@@ -48,13 +48,8 @@ def _from_loopback(scope: Scope) -> bool:
     client = scope.get("client")
     if not client:
         return False  # a unix socket: its peer is the proxy in front, serving anyone
-    try:
-        address = ipaddress.ip_address(client[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack listener
-    if not address.is_loopback:
+    address = parse_address(str(client[0]))  # ::ffff:127.0.0.1 on a dual-stack listener too
+    if address is None or not address.is_loopback:
         return False
     return not any(name.lower().startswith(_FORWARDING_HEADERS) for name, _ in scope["headers"])
 

@@ -19,7 +19,7 @@ from typing import Literal
 from .context import RequestContext
 from .types import Scope
 
-__all__ = ["TrustedProxies"]
+__all__ = ["TrustedProxies", "parse_address"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -102,14 +102,16 @@ class TrustedProxies:
         elif not self.networks:
             return peer
         else:
-            peer_address = _parse_address(peer)
+            peer_address = parse_address(peer)
+            if peer_address is not None:
+                peer = str(peer_address)  # ::ffff:10.0.0.1 is 10.0.0.1, trusted or not
             if peer_address is None or not self.is_trusted(peer_address):
                 return peer
         hops = _forwarded_hops(scope["headers"], self.header)
         if not hops:
             return peer
         for hop in reversed(hops[-_MAX_HOPS:]):
-            address = _parse_address(hop)
+            address = parse_address(hop)
             if address is None:
                 return peer  # malformed: believe nothing further left
             if not self.is_trusted(address):
@@ -117,7 +119,7 @@ class TrustedProxies:
         if len(hops) > _MAX_HOPS or hops[0] is _CUT:
             return peer  # ours as far as we looked; beyond that we did not look
         # Every hop is one of ours: the leftmost is as close to the client as we can get.
-        return str(_parse_address(hops[0]))
+        return str(parse_address(hops[0]))
 
 
 def _forwarded_hops(headers: Iterable[tuple[bytes, bytes]], header: bytes) -> Sequence[str] | None:
@@ -149,14 +151,20 @@ def _forwarded_for(element: str) -> str:
     return ""
 
 
-def _parse_address(node: str) -> IPAddress | None:
-    """An address from ``1.2.3.4``, ``1.2.3.4:80``, ``2001:db8::1``, ``[2001:db8::1]:80``."""
+def parse_address(node: str) -> IPAddress | None:
+    """An address from ``1.2.3.4``, ``1.2.3.4:80``, ``2001:db8::1``, ``[2001:db8::1]:80``;
+    an IPv4-mapped one (``::ffff:10.0.0.1``, how a dual-stack listener reports an IPv4 peer)
+    as the IPv4 address it is, so that every check of it (trusted proxy, allow list,
+    loopback) judges the same address. ``None`` for anything else."""
     node = node.strip()
     if node.startswith("["):
         node = node[1:].partition("]")[0]
     elif node.count(":") == 1:
         node = node.partition(":")[0]  # IPv4 with a port
     try:
-        return ipaddress.ip_address(node)
+        address = ipaddress.ip_address(node)
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import sys
@@ -24,7 +23,7 @@ from .metrics import MetricsMiddleware, metrics_app
 from .observe import Observer, Observers
 from .overload import BodyLimitMiddleware, ConcurrencyLimitMiddleware, TimeoutMiddleware
 from .problems import send_error
-from .proxies import TrustedProxies
+from .proxies import TrustedProxies, parse_address
 from .ratelimit import (
     Backend,
     KeyFunction,
@@ -613,15 +612,5 @@ class BuiltinEndpoints:
             client = self.proxies.client(scope)
         if client is None:  # a peer on a unix socket (servers give it no address)
             return self.allow.unix
-        address = _ip(client)
+        address = parse_address(client)
         return address is not None and self.allow.is_trusted(address)
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped  # ::ffff:10.1.2.3, as a dual-stack socket reports 10.1.2.3
-    return address

@@ -139,3 +139,20 @@ async def test_built_in_endpoints_answer_get_and_head_only(method: str, path: st
     assert response.headers["content-type"] == "application/problem+json"
     head = await call(app, http_scope("/metrics", method="HEAD"))
     assert head.status == 200 and head.body == b""
+
+
+@pytest.mark.parametrize("peer", ["10.0.0.1", "::ffff:10.0.0.1"])
+async def test_a_trusted_balancer_on_a_dual_stack_listener_lets_no_one_through(peer: str) -> None:
+    # Hypercorn on [::] reports an IPv4 peer as ::ffff:a.b.c.d: still the trusted balancer,
+    # so the forwarded client decides, not the balancer's own (allowed) address.
+    app = resilient(
+        Starlette(),
+        environ={},
+        registry=CollectorRegistry(),
+        trusted_proxies=["10.0.0.0/8"],
+        operational_allow=["10.0.0.0/8"],
+    )
+    outside = [(b"x-forwarded-for", OUTSIDE.encode())]
+    assert (await get(app, "/metrics", peer, outside)).status == 404
+    inside = [(b"x-forwarded-for", INSIDE.encode())]
+    assert (await get(app, "/metrics", peer, inside)).status == 200
