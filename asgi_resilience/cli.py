@@ -376,11 +376,26 @@ class RunOptions:
         return self.plain_logs or self.log_config is not None
 
     def app(self) -> ResilientApp:
-        return _wrapped(self.target, plain=self.through_logging, factory=self.factory)
+        return self._checked(
+            _wrapped(self.target, plain=self.through_logging, factory=self.factory)
+        )
 
-    def check_target(self) -> None:
+    def check_target(self) -> ResilientApp:
         """Fail here, once, rather than in every worker: the target, its stack's settings."""
-        _wrapped(self.target, factory=self.factory)
+        return self._checked(_wrapped(self.target, factory=self.factory))
+
+    def _checked(self, app: ResilientApp) -> ResilientApp:
+        """``--management-port`` reaches the stack through the environment: refuse an app
+        built without it (``environ={}``, its own ``management_port=``) rather than leave its
+        operational endpoints public while nothing listens on the port given."""
+        wanted = self.management_port
+        if wanted is not None and app.options.management_port != wanted:
+            raise UsageError(
+                f"--management-port {wanted}: {self.target} was built with management_port="
+                f"{app.options.management_port!r} (resilient(environ=...) or its own keyword); "
+                "let resilient() read ASGI_RESILIENCE_MANAGEMENT_PORT, or set it in the code"
+            )
+        return app
 
 
 def run(options: RunOptions) -> int:
@@ -524,7 +539,7 @@ def _run_granian(options: RunOptions) -> int:
 
     _prepare_to_listen(options)
     # Built here to read its drain delay, and to fail here rather than in every worker.
-    drain_delay = _wrapped(options.target, factory=options.factory).lifespan.drain_delay
+    drain_delay = options.check_target().lifespan.drain_delay
     # Granian always serves from worker processes: one alone needs no multiprocess metrics.
     with _worker_environment(options, multiprocess=options.workers > 1):
         return serve_granian(

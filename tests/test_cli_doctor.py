@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from asgi_resilience.cli import main
+from tests.servers import free_port
 
 APPS = "tests.apps.doctor_apps"
 
@@ -99,3 +100,29 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_management_port_refuses_an_app_that_cannot_take_it(workers: str) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asgi_resilience.cli",
+            "run",
+            "tests.apps.noenv:app",
+            "--workers",
+            workers,
+            "--port",
+            str(free_port()),
+            "--management-port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert "was built with management_port=None" in line
+    assert "ASGI_RESILIENCE_MANAGEMENT_PORT" in line
