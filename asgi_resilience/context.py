@@ -67,6 +67,8 @@ class RequestContext:
         bytes_sent: body bytes actually handed to the server.
         exception: the exception the application raised, if any.
         exception_logged: the exception whose traceback was logged (so it is logged once).
+        exception_reported: the exception handed to an ``on_error`` hook (so once, whichever
+            error layer has the hook).
         disconnected: sending failed because the client went away.
         error_format: the error body shape chosen by ``ErrorMiddleware`` for inner layers.
         error_rendered: the response in flight was rendered by us (the error renderer, a health
@@ -99,6 +101,7 @@ class RequestContext:
         "error_rendered",
         "exception",
         "exception_logged",
+        "exception_reported",
         "rate_limited",
         "recording",
         "replaced_headers",
@@ -125,6 +128,7 @@ class RequestContext:
         self.bytes_sent = 0
         self.exception: BaseException | None = None
         self.exception_logged: BaseException | None = None
+        self.exception_reported: BaseException | None = None
         self.reported_exception: BaseException | None = None
         self.disconnected = False
         self.rate_limited: bool | Literal["error"] | None = None

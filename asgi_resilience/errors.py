@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -276,24 +277,43 @@ class _ErrorResponder:
             context.keep_exception(reported)
             self._log(reported, "rendered by the application's framework")
             await self._report()
+        logged = context.exception_logged
+        if isinstance(logged, Exception) and (context.status or 500) >= 500:
+            # An inner error layer answered for it (and logged it): report it from here if
+            # that layer had no hook.
+            self.unreported = logged
+            await self._report()
 
     async def fail(self, exc: Exception) -> bool:
         """Answer for ``exc``; ``False`` when it must propagate (the response is half sent)."""
         context = self.context
+        if _is_client_disconnect(exc):
+            # The client went away (an upload it abandoned): no fault of ours, and no one to
+            # answer. Nothing is invented: the status stays what was sent, if anything.
+            context.mark_disconnected()
+            self.held_start = None
+            return True
         already_logged = context.exception_logged is exc
         context.replace_exception(exc)
         if self.started:
             if not already_logged:
                 self._log(exc, "after the response started")
+            self.unreported = exc
+            if self.completed:  # a failing background task: the client has its response
                 await self._report()
-            # Complete (a failing background task): the client has its whole response. Half
-            # sent: only the server can end it, by closing the connection.
-            return self.completed
+                return True
+            # Half sent: only the server can end it, by closing the connection once the
+            # exception reaches it; the reporter must not hold the client until then.
+            from .lifespan._detached import Detached
+
+            Detached.start(self._report, name="asgi_resilience on_error")
+            return False
         self.held_start = None
         status, fields = describe_exception(exc)
         if status >= 500 and not isinstance(exc, (AppError, CircuitOpenError)):
             if not already_logged:
                 self._log(exc, "")
+            self.unreported = exc  # an inner error layer may have logged it: report it here
             fields.setdefault("exception", exc)
         elif status >= 500:
             self.middleware.logger.warning(
@@ -327,8 +347,10 @@ class _ErrorResponder:
         raised (the response is the one the client was going to get)."""
         exc, self.unreported = self.unreported, None
         on_error = self.middleware.on_error
-        if exc is None or on_error is None:
+        context = self.context
+        if exc is None or on_error is None or context.exception_reported is exc:
             return
+        context.exception_reported = exc
         try:
             outcome = on_error(exc, self.context)
             if inspect.isawaitable(outcome):
@@ -343,3 +365,11 @@ class _ErrorResponder:
 
     def _extra(self) -> dict[str, Any]:
         return {"request_id": self.context.request_id}
+
+
+def _is_client_disconnect(exc: Exception) -> bool:
+    """Starlette's ``ClientDisconnect``: the request body was being read when the client left
+    (looked up, not imported: the error layer works without Starlette's request module)."""
+    module = sys.modules.get("starlette.requests")
+    disconnect = getattr(module, "ClientDisconnect", None)
+    return disconnect is not None and isinstance(exc, disconnect)

@@ -210,6 +210,7 @@ class TimeoutMiddleware(ContextMiddleware):
         )
         error = TimeoutError(f"the response was cut off at its {timeout:g} s deadline")
         context.mark_logged(error)  # logged here: the error layer only passes it on
+        context.exception_reported = error  # a deadline, not a fault for error reporters
         raise error
 
 

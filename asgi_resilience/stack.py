@@ -475,7 +475,12 @@ def _management(
         trusted_proxies=proxies,
     )
     if o.errors:
-        served = ErrorMiddleware(served, debug=o.debug)
+        served = ErrorMiddleware(
+            served,
+            debug=o.debug,
+            format="envelope" if o.envelope else "problem",
+            on_error=o.on_error,
+        )
     assert o.management_port is not None
     listener = ManagementListener(
         served, host=o.management_host, port=o.management_port, environ=environ, lifespan=lifespan

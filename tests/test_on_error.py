@@ -9,7 +9,9 @@ import sys
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,7 +29,7 @@ from asgi_resilience import (
 )
 from asgi_resilience.integrations import report_exception
 from asgi_resilience.types import Message, Receive, Scope, Send
-from tests.asgi import call, client_for, http_scope
+from tests.asgi import call, client_for, http_scope, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -137,6 +139,9 @@ async def test_an_exception_after_the_response_started_is_reported_once() -> Non
     app = ErrorMiddleware(Starlette(routes=routes()), on_error=reports)
     with pytest.raises(RuntimeError, match="stream broke"):
         await call(app, http_scope("/stream"))
+    await wait_until(lambda: bool(reports.calls))  # reported beside the request, not in it
+    for _ in range(10):
+        await anyio.lowlevel.checkpoint()
     [(exc, _)] = reports.calls
     assert str(exc) == "stream broke"
 
@@ -267,3 +272,68 @@ def test_the_readmes_sentry_recipe_sends_one_event_with_the_request_id() -> None
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "one event"
+
+
+async def test_a_half_sent_response_is_not_held_open_while_the_reporter_runs() -> None:
+    release = anyio.Event()
+    reported: list[str] = []
+
+    async def slow_reporter(exc: Exception, context: RequestContext) -> None:
+        await release.wait()
+        reported.append(str(exc))
+
+    app = ErrorMiddleware(Starlette(routes=routes()), on_error=slow_reporter)
+    with anyio.fail_after(5), pytest.raises(RuntimeError, match="stream broke"):
+        await call(app, http_scope("/stream"))  # raised at once: the server closes now
+    assert reported == []
+    release.set()
+    await wait_until(lambda: reported == ["stream broke"])
+
+
+async def test_a_client_that_left_during_the_upload_is_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reports = Reports()
+
+    async def upload(request: Request) -> PlainTextResponse:
+        await request.body()
+        return PlainTextResponse("stored")
+
+    async def gone() -> Message:
+        return {"type": "http.disconnect"}
+
+    app = resilient(
+        Starlette(routes=[Route("/upload", upload, methods=["POST"])]),
+        on_error=reports,
+        environ={},
+        registry=CollectorRegistry(),
+    )
+    with caplog.at_level(logging.INFO):
+        response = await call(app, http_scope("/upload", method="POST"), receive=gone)
+    assert response.messages == []  # nobody to answer: no 500 invented
+    assert reports.calls == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    [access] = [r for r in caplog.records if r.name == "asgi_resilience.access"]
+    assert getattr(access, "disconnected", None) is True
+    assert getattr(access, "status", "missing") is None
+
+
+async def test_an_inner_error_layer_without_a_hook_does_not_hide_the_exception() -> None:
+    reports = Reports()
+    inner = ErrorMiddleware(Starlette(routes=routes()))  # logs it, has no hook
+    outer = resilient(inner, on_error=reports, environ={}, registry=CollectorRegistry())
+    response = await call(outer, http_scope("/boom/9"))
+    assert response.status == 500
+    assert [str(exc) for exc, _ in reports.calls] == ["boom 9"]
+
+
+async def test_two_error_layers_with_hooks_report_it_once() -> None:
+    inner_reports, outer_reports = Reports(), Reports()
+    inner = ErrorMiddleware(Starlette(routes=routes()), on_error=inner_reports)
+    outer = ErrorMiddleware(inner, on_error=outer_reports)
+    with pytest.raises(RuntimeError):
+        await call(outer, http_scope("/stream"))
+    await wait_until(lambda: len(inner_reports.calls) + len(outer_reports.calls) >= 1)
+    for _ in range(10):
+        await anyio.lowlevel.checkpoint()
+    assert len(inner_reports.calls) + len(outer_reports.calls) == 1
