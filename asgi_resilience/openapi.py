@@ -34,9 +34,6 @@ DEFAULT_STATUSES = (422, 500)
 
 _PROBLEM = "application/problem+json"
 _JSON = "application/json"
-_PROBLEM_REF = "#/components/schemas/Problem"
-_ENVELOPE_ERROR_REF = "#/components/schemas/ErrorEnvelope"
-_META_REF = "#/components/schemas/EnvelopeMeta"
 _METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 # Why the stack answers each status, for the response's description.
@@ -124,7 +121,7 @@ _ENVELOPE_ERROR_SCHEMA: dict[str, Any] = {
                 "details": {},
             },
         },
-        "meta": {"$ref": _META_REF},
+        "meta": {},  # the EnvelopeMeta reference, once its name is known
     },
 }
 
@@ -224,14 +221,18 @@ def _complete(
     components = document.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     responses = components.setdefault("responses", {})
-    if format == "problem":
-        schemas["Problem"] = copy.deepcopy(_PROBLEM_SCHEMA)
-        media, reference = _PROBLEM, _PROBLEM_REF
-    else:
-        schemas["ErrorEnvelope"] = copy.deepcopy(_ENVELOPE_ERROR_SCHEMA)
-        media, reference = _JSON, _ENVELOPE_ERROR_REF
+    # OpenAPI 3.0 has no JSON Schema type lists or const: say the same its way.
+    adapt = _as_openapi_30 if str(document.get("openapi", "")).startswith("3.0") else _same
+    meta_ref = ""
     if format == "envelope" or envelope:
-        schemas["EnvelopeMeta"] = copy.deepcopy(_META_SCHEMA)
+        meta_ref = _SCHEMAS + _claim(schemas, "EnvelopeMeta", adapt(_META_SCHEMA))
+    if format == "problem":
+        reference = _SCHEMAS + _claim(schemas, "Problem", adapt(_PROBLEM_SCHEMA))
+        media = _PROBLEM
+    else:
+        error_schema = _with_meta(_ENVELOPE_ERROR_SCHEMA, meta_ref)
+        reference = _SCHEMAS + _claim(schemas, "ErrorEnvelope", adapt(error_schema))
+        media = _JSON
     error_content = {media: {"schema": {"$ref": reference}}}
     for path, item in (document.get("paths") or {}).items():
         for method in _METHODS:
@@ -242,8 +243,7 @@ def _complete(
             for code in sorted({_status(status) for status in statuses(path, method, operation)}):
                 if code == 422 and "422" not in documented:
                     continue  # nothing validated here: FastAPI would never answer 422
-                name = _response_name(code)
-                responses.setdefault(name, _response(code, error_content))
+                name = _claim(responses, _response_name(code), _response(code, error_content))
                 existing = documented.get(str(code))
                 if existing is None or (rewrites and _is_fastapis_validation_error(existing, code)):
                     documented[str(code)] = {"$ref": f"#/components/responses/{name}"}
@@ -254,8 +254,54 @@ def _complete(
                     if _PROBLEM not in content:
                         response["content"] = copy.deepcopy(error_content)
             if envelope and path not in excluded:
-                _envelope_successes(documented)
+                _envelope_successes(documented, meta_ref, adapt)
             operation["responses"] = dict(sorted(documented.items()))
+
+
+_SCHEMAS = "#/components/schemas/"
+
+
+def _claim(taken: dict[str, Any], name: str, value: dict[str, Any]) -> str:
+    """Put ``value`` under ``name`` in ``components`` and return the name used: ``name``
+    unless the application has something else there (a model of its own called ``Problem``),
+    then ``AsgiResilience<name>``, so that nothing of the application's is overwritten."""
+    for candidate in (name, f"AsgiResilience{name}"):
+        if taken.get(candidate, value) == value:
+            taken[candidate] = value
+            return candidate
+    taken[f"AsgiResilience{name}"] = value  # ours: the name says so
+    return f"AsgiResilience{name}"
+
+
+def _with_meta(schema: dict[str, Any], meta_ref: str) -> dict[str, Any]:
+    schema = copy.deepcopy(schema)
+    schema["properties"]["meta"] = {"$ref": meta_ref}
+    return schema
+
+
+def _same(schema: Any) -> Any:
+    return copy.deepcopy(schema)
+
+
+def _as_openapi_30(schema: Any) -> Any:
+    """A copy of ``schema`` in OpenAPI 3.0's dialect: ``"type": ["string", "null"]`` becomes
+    ``"type": "string", "nullable": true`` and ``const`` a one-value ``enum``."""
+    if isinstance(schema, list):
+        return [_as_openapi_30(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    adapted: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "type" and isinstance(value, list):
+            kinds = [kind for kind in value if kind != "null"]
+            adapted["type"] = kinds[0] if len(kinds) == 1 else kinds
+            if "null" in value:
+                adapted["nullable"] = True
+        elif key == "const":
+            adapted["enum"] = [value]
+        else:
+            adapted[key] = _as_openapi_30(value)
+    return adapted
 
 
 def _response(code: int, content: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +331,9 @@ def _is_error(code: str) -> bool:
     return (code.isdigit() and 400 <= int(code) <= 599) or code in ("4XX", "5XX")
 
 
-def _envelope_successes(documented: dict[str, Any]) -> None:
+def _envelope_successes(
+    documented: dict[str, Any], meta_ref: str, adapt: Callable[[Any], Any]
+) -> None:
     """2xx JSON bodies (not 204/205) as the envelope wraps them."""
     for code, response in documented.items():
         if not (code.isdigit() and 200 <= int(code) < 300) or code in ("204", "205"):
@@ -296,15 +344,18 @@ def _envelope_successes(documented: dict[str, Any]) -> None:
         if not isinstance(body, dict):
             continue
         data = body.get("schema", {})
-        body["schema"] = {
+        wrapper = {
             "type": "object",
             "required": ["success", "data", "meta"],
             "properties": {
                 "success": {"type": "boolean", "const": True},
-                "data": data,
-                "meta": {"$ref": _META_REF},
+                "data": {},
+                "meta": {"$ref": meta_ref},
             },
         }
+        wrapped = adapt(wrapper)
+        wrapped["properties"]["data"] = data  # the app's own schema, as FastAPI wrote it
+        body["schema"] = wrapped
 
 
 def stack_statuses(options: Any) -> Callable[[str, str, dict[str, Any]], Iterable[int]]:

@@ -434,8 +434,8 @@ def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp
     if o.cors is not None:
         stack = _cors(stack, o)
     stack = LifespanMiddleware(stack, lifespan=lifespan, websocket_app=sessions)
-    if _is_fastapi(app):
-        _document_errors(app, o)
+    for prefix, fastapi_app in _fastapi_apps(app):
+        _document_errors(fastapi_app, o, prefix)
     resilient_app = ResilientApp(app, stack, lifespan, health, o)
     resilient_app.management = management
     return resilient_app
@@ -495,28 +495,63 @@ def _is_fastapi(app: ASGIApp) -> bool:
     return fastapi is not None and isinstance(app, fastapi.FastAPI)
 
 
-def _document_errors(app: ASGIApp, o: Options) -> None:
-    """The error responses this stack can answer, in the FastAPI app's OpenAPI document."""
+def _document_errors(app: ASGIApp, o: Options, prefix: str) -> None:
+    """The error responses this stack can answer, in the OpenAPI document of the FastAPI app
+    mounted at ``prefix`` (``""``: the wrapped app itself). Its paths are relative to the
+    mount: route options and exclusions are matched with the prefix in front."""
     from .openapi import _document, stack_statuses
 
+    statuses = stack_statuses(o)
+
+    def mounted(path: str, method: str, operation: dict[str, Any]) -> Iterable[int]:
+        return statuses(prefix + path, method, operation)
+
+    # envelope_exclude_paths as the mount sees them: below the prefix, or all of it.
+    excluded = []
+    for path in o.envelope_exclude_paths:
+        stem = path.rstrip("/")
+        if prefix and (prefix == stem or prefix.startswith(stem + "/")):
+            excluded.append("/")
+        elif not prefix or path.startswith(prefix + "/"):
+            excluded.append(path[len(prefix) :])
     _document(
         app,
-        stack_statuses(o),
+        mounted if prefix else statuses,
         "envelope" if o.envelope and o.errors else "problem",
         o.envelope,
-        (*o.envelope_exclude_paths, *_schema_paths(app)),
+        (*excluded, *_schema_paths(app)),  # the document's own paths are the mount's
         rewrites=o.errors,
     )
 
 
+def _fastapi_apps(app: ASGIApp, prefix: str = "") -> list[tuple[str, Any]]:
+    """``app`` if it is a FastAPI app, and the FastAPI apps mounted inside it (``Mount`` of a
+    sub-application), each with the path prefix it is mounted under."""
+    found: list[tuple[str, Any]] = [(prefix, app)] if _is_fastapi(app) else []
+    for route in getattr(app, "routes", None) or ():
+        inner = getattr(route, "app", None)
+        path = getattr(route, "path", None)
+        if (
+            inner is not None
+            and inner is not app
+            and isinstance(path, str)
+            and (hasattr(route, "routes") or _is_fastapi(inner))
+        ):
+            found += _fastapi_apps(inner, prefix + path.rstrip("/"))
+    return found
+
+
 def _schema_paths(app: ASGIApp) -> tuple[str, ...]:
     """A FastAPI app's OpenAPI document and docs (its ``openapi_url``, ``docs_url``,
-    ``redoc_url``, the OAuth2 redirect): never enveloped, or ``/docs`` cannot read the schema."""
-    paths = [
-        getattr(app, name, None)
-        for name in ("openapi_url", "docs_url", "redoc_url", "swagger_ui_oauth2_redirect_url")
-    ]
-    return tuple(path for path in paths if isinstance(path, str) and path.startswith("/"))
+    ``redoc_url``, the OAuth2 redirect), and those of the FastAPI apps mounted inside it,
+    prefixed: never enveloped, or ``/docs`` cannot read the schema."""
+    found: list[str] = []
+    for prefix, fastapi_app in _fastapi_apps(app):
+        for name in ("openapi_url", "docs_url", "redoc_url", "swagger_ui_oauth2_redirect_url"):
+            path = getattr(fastapi_app, name, None)
+            if isinstance(path, str) and path.startswith("/"):
+                found.append(prefix + path)
+    return tuple(found)
 
 
 # The response headers of the stack that browser code may want to read (CORS hides all but a

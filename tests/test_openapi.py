@@ -26,6 +26,11 @@ class Item(BaseModel):
     name: str
 
 
+class Problem(BaseModel):  # an application's own model, under the name our schema prefers
+    question: str
+    answer: str
+
+
 def api(**fastapi_options: Any) -> FastAPI:
     app = FastAPI(**fastapi_options)
 
@@ -278,3 +283,66 @@ async def test_many_concurrent_first_requests_all_get_the_same_completed_documen
 
 async def _append(into: list[httpx.Response], request: Any) -> None:
     into.append(await request)
+
+
+@pytest.mark.parametrize("envelope", [False, True])
+async def test_an_openapi_30_document_stays_valid_openapi_30(envelope: bool) -> None:
+    app = api()
+    app.openapi_version = "3.0.3"
+    validate(app.openapi())  # valid before
+    app.openapi_schema = None
+    resilient(app, environ={}, envelope=envelope, rate_limit="10/second")
+    document = app.openapi()
+    assert document["openapi"] == "3.0.3"
+    validate(document)
+    text = str(document)
+    assert "'const'" not in text and "['string', 'null']" not in text
+
+
+async def test_the_applications_own_schemas_and_responses_are_never_overwritten() -> None:
+    app = FastAPI(responses={404: {"description": "Ours"}})
+
+    @app.get("/quiz")
+    async def quiz() -> Problem:
+        return Problem(question="?", answer="!")
+
+    original = app.openapi()
+    theirs = original["components"]["schemas"]["Problem"]
+    app.openapi_schema = None
+    resilient(app, environ={}, rate_limit="10/second")
+    document = app.openapi()
+    validate(document)
+    assert document["components"]["schemas"]["Problem"] == theirs
+    ours = document["components"]["schemas"]["AsgiResilienceProblem"]
+    assert "request_id" in ours["properties"]
+    media, schema = error_schema_of(document, "/quiz", 429)
+    assert schema == {"$ref": "#/components/schemas/AsgiResilienceProblem"}
+    ok = document["paths"]["/quiz"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert ok["schema"] == {"$ref": "#/components/schemas/Problem"}
+
+
+async def test_a_mounted_fastapi_sub_app_keeps_its_docs_and_gets_its_errors_documented() -> None:
+    sub = api()
+    root = FastAPI()
+    root.mount("/v1", sub)
+    stack = resilient(
+        root,
+        environ={},
+        envelope=True,
+        rate_limit="10/second",
+        rate_limit_exempt_paths=["/v1/internal"],
+        access_log=False,
+    )
+    async with client_for(stack) as client:
+        served = await client.get("/v1/openapi.json")
+        docs = await client.get("/v1/docs")
+        enveloped = await client.get("/v1/users/1")
+    assert served.status_code == 200 and "success" not in served.json()
+    document = served.json()
+    validate(document)
+    assert docs.status_code == 200 and "/v1/openapi.json" in docs.text
+    assert statuses(document, "/users/{user_id}") >= {429, 500}
+    assert 429 not in statuses(document, "/internal/ping")  # exempt under its full path
+    assert enveloped.json()["success"] is True
+    media, schema = error_schema_of(document, "/users/{user_id}", 200)
+    assert schema["properties"]["data"] == {"$ref": "#/components/schemas/Item"}
