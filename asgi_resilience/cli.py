@@ -677,7 +677,11 @@ async def _startup_and_shutdown(lifespan: Lifespan) -> None:
 
 def _lifespan_of(app: Any) -> Lifespan:
     if isinstance(app, ResilientApp):
-        return app.lifespan
+        from .doctor import lifespans
+
+        # resilient(Starlette(lifespan=lifespan)): the framework's has the checks.
+        found = lifespans(app)
+        return next((lf for lf in reversed(found) if lf.checks or lf.resource_names), found[0])
     context = getattr(getattr(app, "router", None), "lifespan_context", None)
     if isinstance(context, Lifespan):  # Starlette(lifespan=lifespan) / FastAPI(lifespan=...)
         return context

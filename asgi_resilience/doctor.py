@@ -173,7 +173,7 @@ def _operational_endpoints(app: Any, **_: Any) -> Finding:
     served = [path for path in _operational_paths(app)]
     if not served:
         return Finding("ok", "operational-endpoints", "no metrics or status endpoint is served")
-    if getattr(options, "management_port", None) is not None:
+    if options.management_port is not None:
         return Finding(
             "ok",
             "operational-endpoints",
@@ -194,13 +194,25 @@ def _operational_endpoints(app: Any, **_: Any) -> Finding:
     )
 
 
+def lifespans(app: Any) -> list[Any]:
+    """The lifespans the service runs: the stack's, and a ``Lifespan`` given to the framework
+    instead (``Starlette(lifespan=lifespan)``), which runs inside the stack's shutdown."""
+    from .lifespan import Lifespan
+
+    found = [app.lifespan]
+    framework = getattr(getattr(app.app, "router", None), "lifespan_context", None)
+    if isinstance(framework, Lifespan) and framework is not app.lifespan:
+        found.append(framework)
+    return found
+
+
 @_check
 def _shutdown_time(app: Any, *, grace_period: float, **_: Any) -> Finding:
-    lifespan = app.lifespan
-    needed = lifespan.drain_delay + lifespan.shutdown_timeout
-    spelled = (
-        f"drain_delay {lifespan.drain_delay:g} s + shutdown_timeout {lifespan.shutdown_timeout:g} s"
-    )
+    # One after the other: the stack drains and stops, the framework's lifespan inside it.
+    drain_delay = sum(lifespan.drain_delay for lifespan in lifespans(app))
+    shutdown_timeout = sum(lifespan.shutdown_timeout for lifespan in lifespans(app))
+    needed = drain_delay + shutdown_timeout
+    spelled = f"drain_delay {drain_delay:g} s + shutdown_timeout {shutdown_timeout:g} s"
     if needed > grace_period:
         return Finding(
             "error",
@@ -219,7 +231,7 @@ def _shutdown_time(app: Any, *, grace_period: float, **_: Any) -> Finding:
 
 @_check
 def _startup_checks(app: Any, **_: Any) -> Finding:
-    checks = list(app.lifespan.checks)
+    checks = [name for lifespan in lifespans(app) for name in lifespan.checks]
     if checks:
         return Finding("ok", "startup-checks", f"{len(checks)} startup checks: {', '.join(checks)}")
     return Finding(
@@ -257,7 +269,7 @@ def _health_details(app: Any, **_: Any) -> Finding:
     options = app.options
     if not options.health_status_details or options.health_path is None:
         return Finding("ok", "health-details", "no status details are served")
-    if getattr(options, "management_port", None) is not None or options.operational_allow:
+    if options.management_port is not None or options.operational_allow is not None:
         return Finding("ok", "health-details", "status details are not public")
     return Finding(
         "warning",

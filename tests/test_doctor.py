@@ -208,3 +208,30 @@ def test_wrong_arguments_are_refused(arguments: dict[str, Any], message: str) ->
 def test_an_app_that_is_not_a_resilient_app_is_refused() -> None:
     with pytest.raises(ValueError, match=r"not a resilient\(\) app"):
         diagnose(Starlette())
+
+
+def test_a_lifespan_given_to_the_framework_is_inspected_too() -> None:
+    lifespan = Lifespan(drain_delay=20, shutdown_timeout=25)
+    lifespan.add_check("database", ping)
+    app = resilient(
+        Starlette(lifespan=lifespan),
+        environ={},
+        registry=CollectorRegistry(),
+        debug=False,
+        trusted_proxies=["10.0.0.0/8"],
+        operational_allow=["10.0.0.0/8"],
+    )
+    findings = by_check(diagnose(app, grace_period=30, environ={}))
+    assert findings["startup-checks"].severity == "ok"
+    assert "database" in findings["startup-checks"].message
+    shutdown = findings["shutdown-time"]
+    assert shutdown.severity == "error"
+    # the stack's own (a bare one: 25 s) and the framework's (45 s), one after the other
+    assert "drain_delay 20 s + shutdown_timeout 50 s = 70 s" in shutdown.message
+
+
+def test_an_empty_allow_list_keeps_everything_private() -> None:
+    app = clean(operational_allow=[], health_status_details=True)
+    findings = by_check(diagnose(app, environ={}, run_by_cli=True))
+    assert findings["operational-endpoints"].severity == "ok"
+    assert findings["health-details"].severity == "ok"
