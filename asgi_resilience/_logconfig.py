@@ -26,6 +26,7 @@ __all__ = ["apply_log_config", "quiet_startup_echo"]
 # The loggers the servers report a failed lifespan startup on.
 _SERVER_LOGGERS = ("uvicorn.error", "hypercorn.error", "_granian")
 _ACCESS_LOGGER = "asgi_resilience.access"
+_LIFESPAN_LOGGER = "asgi_resilience.lifespan"
 
 
 def apply_log_config(path: Path, *, warn: bool = False) -> None:
@@ -50,10 +51,16 @@ def apply_log_config(path: Path, *, warn: bool = False) -> None:
             logging.config.fileConfig(name, disable_existing_loggers=False)
     except Exception as exc:
         raise UsageError(f"--log-config {name}: {_reason(exc)}") from None
+    lifespan = logging.getLogger(_LIFESPAN_LOGGER)
+    if lifespan.disabled:
+        # The one logger that says why a startup failed (the servers' own, disabled too,
+        # would have echoed it): kept on, or a failed start would exit without a reason.
+        lifespan.disabled = False
     if warn and logging.getLogger(_ACCESS_LOGGER).disabled:
         print(
             f"asgi-resilience: warning: --log-config {name} disabled the loggers that existed "
-            f'before it, {_ACCESS_LOGGER} among them: set "disable_existing_loggers": false',
+            f"before it, {_ACCESS_LOGGER} among them (kept on: {_LIFESPAN_LOGGER}): set "
+            '"disable_existing_loggers": false',
             file=sys.stderr,
         )
 
@@ -84,12 +91,21 @@ class _StartupEcho(logging.Filter):
     once, by the lifespan, and no traceback is shown for it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if not _lifespan_logs_errors():
+            return True  # the lifespan's own line is not written: the server's says it once
         if isinstance(record.msg, str) and record.msg.startswith("startup failed: "):
             return False
         if record.exc_info and isinstance(record.exc_info[1], StartupError):
             record.exc_info = None
             record.exc_text = None
         return True
+
+
+def _lifespan_logs_errors() -> bool:
+    """Is the lifespan's ``startup failed`` line written? Not when a logging configuration
+    disabled its logger (``dictConfig``'s ``disable_existing_loggers``) or raised its level."""
+    logger = logging.getLogger(_LIFESPAN_LOGGER)
+    return not logger.disabled and logger.isEnabledFor(logging.ERROR)
 
 
 _ECHO = _StartupEcho()

@@ -408,8 +408,12 @@ def test_log_config_that_disables_existing_loggers_is_warned_about(tmp_path: Pat
     assert exit_code == 3, stderr
     assert stderr.splitlines()[0] == (
         f"asgi-resilience: warning: --log-config {path} disabled the loggers that existed "
-        'before it, asgi_resilience.access among them: set "disable_existing_loggers": false'
+        "before it, asgi_resilience.access among them (kept on: asgi_resilience.lifespan): "
+        'set "disable_existing_loggers": false'
     )
+    # The lifespan's logger was disabled too, and kept on: the reason is said, once.
+    for said in (stderr, (tmp_path / "service.log").read_text()):  # the config's two handlers
+        assert said.count("payments-api refused the connection") == 1, said
 
 
 def test_log_config_errors_are_one_line(tmp_path: Path) -> None:

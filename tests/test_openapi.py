@@ -315,7 +315,7 @@ async def test_the_applications_own_schemas_and_responses_are_never_overwritten(
     assert document["components"]["schemas"]["Problem"] == theirs
     ours = document["components"]["schemas"]["AsgiResilienceProblem"]
     assert "request_id" in ours["properties"]
-    media, schema = error_schema_of(document, "/quiz", 429)
+    _media, schema = error_schema_of(document, "/quiz", 429)
     assert schema == {"$ref": "#/components/schemas/AsgiResilienceProblem"}
     ok = document["paths"]["/quiz"]["get"]["responses"]["200"]["content"]["application/json"]
     assert ok["schema"] == {"$ref": "#/components/schemas/Problem"}
@@ -344,5 +344,5 @@ async def test_a_mounted_fastapi_sub_app_keeps_its_docs_and_gets_its_errors_docu
     assert statuses(document, "/users/{user_id}") >= {429, 500}
     assert 429 not in statuses(document, "/internal/ping")  # exempt under its full path
     assert enveloped.json()["success"] is True
-    media, schema = error_schema_of(document, "/users/{user_id}", 200)
+    _media, schema = error_schema_of(document, "/users/{user_id}", 200)
     assert schema["properties"]["data"] == {"$ref": "#/components/schemas/Item"}
