@@ -680,7 +680,7 @@ def _lifespan_of(app: Any) -> Lifespan:
         from .doctor import lifespans
 
         # resilient(Starlette(lifespan=lifespan)): the framework's has the checks.
-        found = lifespans(app)
+        found: list[Lifespan] = lifespans(app)
         return next((lf for lf in reversed(found) if lf.checks or lf.resource_names), found[0])
     context = getattr(getattr(app, "router", None), "lifespan_context", None)
     if isinstance(context, Lifespan):  # Starlette(lifespan=lifespan) / FastAPI(lifespan=...)
