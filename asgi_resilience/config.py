@@ -12,13 +12,16 @@ have no variable.
 from __future__ import annotations
 
 import difflib
+import inspect
 import ipaddress
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from opentelemetry.trace import TracerProvider
+from starlette.middleware.cors import CORSMiddleware
 
 from ._checks import (
     check_bool,
@@ -377,26 +380,23 @@ def _is_count(option: str, value: Any) -> int | None:
     return value
 
 
-# What Starlette's CORSMiddleware takes besides the app, and which of those are lists.
+# What Starlette's CORSMiddleware takes besides the app, read from its signature.
 _CORS_OPTIONS = frozenset(
-    {
-        "allow_origins",
-        "allow_methods",
-        "allow_headers",
-        "allow_credentials",
-        "allow_origin_regex",
-        "allow_private_network",
-        "expose_headers",
-        "max_age",
-    }
+    name
+    for name in inspect.signature(CORSMiddleware.__init__).parameters
+    if name not in ("self", "app")
 )
 _CORS_LISTS = ("allow_origins", "allow_methods", "allow_headers", "expose_headers")
+_CORS_FLAGS = ("allow_credentials", "allow_private_network")
+# What a browser sends as Origin: scheme://host[:port], nothing after it.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
 
 
 def _is_cors(option: str, value: Any) -> Any:
     """``None`` or the keyword arguments of Starlette's ``CORSMiddleware``, checked here: it
-    would take a string of origins as a list of one-letter origins, and an unknown key only
-    fails at the first request."""
+    would take a string of origins as a list of one-letter origins, a truthy string as
+    ``allow_credentials=True``, and fail on an unknown key or a bad regex only at the first
+    request (or not at all: an origin with a path never matches a browser's)."""
     if value is None:
         return None
     if not isinstance(value, Mapping):
@@ -421,7 +421,27 @@ def _is_cors(option: str, value: Any) -> Any:
             )
         if not all(isinstance(entry, str) for entry in entries):
             raise ValueError(f"{option}[{key!r}] entries must be strings, got {entries!r}")
-    if not value.get("allow_origins") and not value.get("allow_origin_regex"):
+    for origin in value.get("allow_origins", ()):
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ValueError(
+                f"{option}['allow_origins']: {origin!r} can never match a browser's Origin: "
+                "give scheme://host[:port] with no path (https://app.example), or '*'"
+            )
+    for key in _CORS_FLAGS:
+        if key in value and not isinstance(value[key], bool):
+            raise ValueError(f"{option}[{key!r}] must be True or False, got {value[key]!r}")
+    max_age = value.get("max_age", 600)
+    if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0:
+        raise ValueError(f"{option}['max_age'] must be whole seconds >= 0, got {max_age!r}")
+    regex = value.get("allow_origin_regex")
+    if regex is not None:
+        if not isinstance(regex, str):
+            raise ValueError(f"{option}['allow_origin_regex'] must be a string, got {regex!r}")
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise ValueError(f"{option}['allow_origin_regex'] {regex!r}: {exc}") from None
+    if not value.get("allow_origins") and not regex:
         raise ValueError(
             f"{option} allows no origin: give allow_origins (['https://app.example'], or "
             "['*'] for any) or allow_origin_regex"

@@ -163,9 +163,16 @@ def test_websockets_pass_through_the_cors_layer() -> None:
         ({"allow_origins": ORIGIN}, r"cors\['allow_origins'\] must be a list"),
         ({"allow_origins": [ORIGIN], "allow_methods": [1]}, "entries must be strings"),
         ({"allow_methods": ["GET"]}, "cors allows no origin"),
+        ({"allow_origins": ["https://a.example/"]}, "can never match a browser's Origin"),
+        ({"allow_origins": ["a.example"]}, "give scheme://host"),
+        ({"allow_origins": [ORIGIN], "allow_credentials": "no"}, "must be True or False"),
+        ({"allow_origins": [ORIGIN], "max_age": "ten"}, r"cors\['max_age'\] must be whole"),
+        ({"allow_origin_regex": "https://(a"}, r"cors\['allow_origin_regex'\] 'https://\(a'"),
+        ({"allow_origin_regex": 5}, "allow_origin_regex'] must be a string"),
     ],
 )
 def test_bad_cors_options_are_refused_naming_the_fix(cors: Any, message: str) -> None:
+    # a ValueError naming the option at build time, never a crash at the first request
     with pytest.raises(ValueError, match=message):
         resilient(Starlette(), cors=cors, environ={})
 
