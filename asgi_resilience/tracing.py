@@ -200,7 +200,14 @@ class _Enrichment:
     def _finish(self, pending: int, *, completing: bool) -> None:
         if not self.finished:
             self.finished = True
-            _finish(self.span, self.context, self.scope, pending=pending, completing=completing)
+            _finish(
+                self.span,
+                self.context,
+                self.scope,
+                pending=pending,
+                completing=completing,
+                enriching=True,
+            )
 
 
 def _remember_trace_id(context: RequestContext, span: trace.Span) -> None:
@@ -243,12 +250,14 @@ def _finish(
     pending: int = 0,
     *,
     completing: bool = False,
+    enriching: bool = False,
 ) -> None:
     """Name the span and add what is known once the response is (about to be) complete.
 
     ``pending``: body bytes of the final message, not yet counted as sent; ``completing``: that
     message is about to go out (an instrumentation's span ends with it), so the response is
-    complete.
+    complete; ``enriching``: the span is an instrumentation's, which records an exception that
+    propagates to it (a response cut short) itself: not recorded twice.
 
     As the HTTP server conventions ask: a 4xx is the client's error, not the span's (a raised
     ``NotFound`` answered 404 leaves the status unset and records no exception); a 5xx, or a
@@ -273,7 +282,8 @@ def _finish(
     exception = context.exception
     cut_short = status is None or not (completing or context.complete)
     if exception is not None and (cut_short or (status is not None and status >= 500)):
-        span.record_exception(exception)
+        if not (enriching and cut_short):
+            span.record_exception(exception)
         span.set_attribute("error.type", type(exception).__qualname__)
         span.set_status(Status(StatusCode.ERROR))
     elif status is not None and status >= 500:

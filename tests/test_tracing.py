@@ -352,6 +352,22 @@ async def test_span_outcomes_follow_the_http_server_conventions(
     assert [event.name for event in failed.events] == ["exception"]
 
 
+async def test_an_exception_after_the_response_started_is_recorded_once_on_any_span(
+    provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    for instrumented in (False, True):
+        app = traced(starlette_app(), provider)
+        if instrumented:
+            app = OpenTelemetryMiddleware(app, tracer_provider=provider)
+        with pytest.raises(Declined, match="stream broke"):
+            await call(app, http_scope("/stream"))
+    ours, theirs = server_spans(exporter)
+    for span in (ours, theirs):
+        assert span.status.status_code is StatusCode.ERROR
+        assert attributes(span)["error.type"] == "Declined"
+        assert [event.name for event in span.events] == ["exception"]
+
+
 # -- without an SDK ----------------------------------------------------------------------------
 
 
