@@ -27,7 +27,7 @@ __all__ = ["clear_directory", "remove_dead_live_gauges"]
 
 _logger = logging.getLogger("asgi_resilience.metrics")
 # The files prometheus_client writes (values.MultiProcessValue): <kind>[_<mode>]_<pid>.db.
-_OWN_FILE = re.compile(r"(?:counter|histogram|summary|gauge_[a-z]+)_\w+\.db")
+_OWN_FILE = re.compile(r"(?:counter|histogram|summary|gauge_[a-z]+)_\d+\.db")
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
 
 

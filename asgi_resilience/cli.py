@@ -174,9 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     drain_parser.add_argument(
         "--url",
-        default="http://127.0.0.1:8000",
-        help="the service, on a loopback address; the health path is "
-        "ASGI_RESILIENCE_HEALTH_PATH's, /health unless set",
+        help="the service, on a loopback address (default: http://127.0.0.1:8000, or the "
+        "management port's when ASGI_RESILIENCE_MANAGEMENT_PORT is set: /health/drain is "
+        "served there); the health path is ASGI_RESILIENCE_HEALTH_PATH's, /health unless set",
     )
     drain_parser.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for the drain delay to pass"
@@ -574,13 +574,18 @@ def worker(
     return 0
 
 
-def drain(url: str, timeout: float) -> int:
+def drain(url: str | None, timeout: float) -> int:
     """``POST <url><health path>/drain``; 0 once the service's drain delay passed, else 1.
 
     urllib, not httpx: httpx is not a runtime dependency, and one POST needs nothing more."""
     import urllib.error
     import urllib.request
 
+    if url is None:
+        # A preStop hook runs in the service's container, with its environment.
+        management = os.environ.get("ASGI_RESILIENCE_MANAGEMENT_PORT", "").strip()
+        port = management if management.isdigit() else "8000"
+        url = f"http://127.0.0.1:{port}"
     health_path = os.environ.get("ASGI_RESILIENCE_HEALTH_PATH", "/health").rstrip("/")
     target = url.rstrip("/") + (health_path or "/health") + "/drain"
     if not target.startswith(("http://", "https://")):

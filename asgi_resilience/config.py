@@ -301,12 +301,23 @@ def _is_optional_port(option: str, value: Any) -> int | None:
     return value
 
 
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
+
+
 def _is_host(option: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(
-            f"{option} must be an address to listen on, such as '0.0.0.0', got {value!r}"
-        )
-    return value.strip()
+    """An IP address (``0.0.0.0``, ``::``, ``127.0.0.1``) or a host name (``localhost``)."""
+    host = value.strip() if isinstance(value, str) else None
+    if host:
+        try:
+            ipaddress.ip_address(host)
+            return host
+        except ValueError:
+            if _HOSTNAME.fullmatch(host) and not host.replace(".", "").isdigit():
+                return host
+    raise ValueError(
+        f"{option} must be an address to listen on, such as '0.0.0.0', '::' or '127.0.0.1' "
+        f"(no brackets, no port), got {value!r}"
+    )
 
 
 def _is_rate_limit(option: str, value: Any) -> str | None:

@@ -78,10 +78,9 @@ class ManagementListener:
         if self.lifespan is not None and self.lifespan.trial:
             yield ""  # a trial of the startup: nothing to serve, and the port may be taken
             return
-        try:
-            from hypercorn.config import Config
-        except ModuleNotFoundError as exc:
-            missing_extra(exc, "server", "management_port", ("hypercorn",))
+        require_server()
+        from hypercorn.config import Config
+
         sock = self._bind()
         host, port = sock.getsockname()[:2]
         config = Config()
@@ -161,6 +160,14 @@ class _Lifespanless:
                     return
         elif scope["type"] == "http":
             await self.app(scope, receive, send)
+
+
+def require_server() -> None:
+    """Raise, naming the extra, when Hypercorn (the listener's server) is not installed."""
+    try:
+        import hypercorn.config  # noqa: F401
+    except ModuleNotFoundError as exc:
+        missing_extra(exc, "server", "management_port", ("hypercorn",))
 
 
 async def not_found(scope: Scope, receive: Receive, send: Send) -> None:

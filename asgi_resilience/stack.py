@@ -465,7 +465,9 @@ def _management(
 ) -> ManagementListener:
     """The listener of ``management_port``, a resource of the lifespan, answering every
     built-in endpoint (the allow list applies there too)."""
-    from .management import ManagementListener, not_found
+    from .management import ManagementListener, not_found, require_server
+
+    require_server()  # fail where the app is built, not at its first startup
 
     served: ASGIApp = BuiltinEndpoints(
         not_found,

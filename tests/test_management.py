@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -164,3 +165,48 @@ async def test_a_trial_startup_binds_no_port() -> None:
     assert app.lifespan.startup_results["database"].ok
     assert app.management is not None and app.management.address is None
     assert app.lifespan.trial is False
+
+
+async def test_the_drain_command_finds_the_management_port_by_itself(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from asgi_resilience import cli
+
+    port = free_port()
+    app = service(port)
+    monkeypatch.setenv("ASGI_RESILIENCE_MANAGEMENT_PORT", str(port))
+    async with LifespanManager(app):
+        code = await anyio.to_thread.run_sync(cli.drain, None, 10.0)
+        assert app.lifespan.state == "draining"
+    assert code == 0
+    assert capsys.readouterr().out.startswith("drained: draining")
+
+
+@pytest.mark.parametrize("host", ["999.1.1.1", "[::1]", "127.0.0.1:9090", "a host", "-x"])
+def test_a_management_host_that_is_no_address_is_refused_when_built(host: str) -> None:
+    with pytest.raises(ValueError, match="management_host must be an address to listen on"):
+        resilient(Starlette(), environ={}, management_port=9090, management_host=host)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "127.0.0.1", "localhost", "mgmt.internal"])
+def test_addresses_and_host_names_are_taken(host: str) -> None:
+    app = resilient(Starlette(), environ={}, management_port=9090, management_host=host)
+    assert app.options.management_host == host
+
+
+def test_without_hypercorn_the_app_is_refused_when_built_naming_the_extra() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['hypercorn'] = None\n"
+        "from starlette.applications import Starlette\n"
+        "from asgi_resilience import resilient\n"
+        "resilient(Starlette(), environ={}, management_port=9090)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ModuleNotFoundError: management_port needs hypercorn: "
+        "pip install 'asgi-resilience[server]'"
+    )

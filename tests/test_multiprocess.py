@@ -216,7 +216,7 @@ def test_run_refuses_a_directory_it_cannot_use(
 
 def test_clear_directory_removes_only_prometheus_client_files(tmp_path: Path) -> None:
     ours = ["counter_12.db", "histogram_12.db", "gauge_livesum_12.db", "gauge_all_7.db"]
-    theirs = ["app.db", "notes.txt", "counter_12.db.bak"]
+    theirs = ["app.db", "notes.txt", "counter_12.db.bak", "counter_stats.db", "histogram_cache.db"]
     for name in ours + theirs:
         (tmp_path / name).write_text("")
     (tmp_path / "summary_3.db").mkdir()  # a directory, whatever its name
