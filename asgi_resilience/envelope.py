@@ -81,10 +81,10 @@ class EnvelopeMiddleware(ContextMiddleware):
     async def handle(
         self, context: RequestContext, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        if route_path(scope) in self.excluded:
+        if (route_path(scope) if scope.get("root_path") else scope["path"]) in self.excluded:
             await self.app(scope, receive, send)
             return
-        responder = _EnvelopeResponder(self, context, send, head=scope["method"] == "HEAD")
+        responder = _EnvelopeResponder(self, context, send, scope["method"] == "HEAD")
         await self.app(scope, receive, responder.send)
 
 
@@ -100,7 +100,7 @@ class _EnvelopeResponder:
     )
 
     def __init__(
-        self, middleware: EnvelopeMiddleware, context: RequestContext, send: Send, *, head: bool
+        self, middleware: EnvelopeMiddleware, context: RequestContext, send: Send, head: bool
     ):
         self.head = head  # HEAD: the headers GET would have, the (empty) body left alone
         self.content_types = middleware.content_types

@@ -52,7 +52,8 @@ class _Pass:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        plan = self._plan(route_path(scope))
+        # The call only behind a root path: one dict lookup otherwise, on every request.
+        plan = self._plan(route_path(scope) if scope.get("root_path") else scope["path"])
         if plan is _NOTHING:
             await self.app(scope, receive, send)
             return

@@ -631,7 +631,7 @@ class BuiltinEndpoints:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            path = route_path(scope)
+            path = route_path(scope) if scope.get("root_path") else scope["path"]
             endpoint = self.endpoints.get(path)
             if endpoint is not None:
                 if path in self.guarded and not self._allowed(scope):
