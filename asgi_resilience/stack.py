@@ -370,20 +370,9 @@ def _build(app: ASGIApp, o: Options, environ: Mapping[str, str]) -> ResilientApp
         operational = {*guarded, health and health.drain_path}
         endpoints = {path: app for path, app in endpoints.items() if path not in operational}
     if endpoints:
-        stack = BuiltinEndpoints(
-            stack,
-            endpoints=endpoints,
-            guarded=guarded,
-            allow=o.operational_allow,
-            trusted_proxies=proxies,
-        )
+        stack = _builtin_endpoints(stack, o, endpoints, guarded, proxies)
     if o.errors:
-        stack = ErrorMiddleware(
-            stack,
-            debug=o.debug,
-            format="envelope" if o.envelope else "problem",
-            on_error=o.on_error,
-        )
+        stack = _error_layer(stack, o)
     elif o.on_error is not None:
         raise ConfigurationError(
             "on_error does nothing with errors=False: the error layer calls it; "
@@ -455,6 +444,34 @@ def _does_nothing_without(name: str, required: str) -> ConfigurationError:
     )
 
 
+def _builtin_endpoints(
+    app: ASGIApp,
+    o: Options,
+    endpoints: dict[str, ASGIApp],
+    guarded: list[str],
+    proxies: TrustedProxies,
+) -> BuiltinEndpoints:
+    """The built-in endpoints in front of ``app``, the allow list guarding the operational."""
+    return BuiltinEndpoints(
+        app,
+        endpoints=endpoints,
+        guarded=guarded,
+        allow=o.operational_allow,
+        trusted_proxies=proxies,
+    )
+
+
+def _error_layer(app: ASGIApp, o: Options) -> ErrorMiddleware:
+    """The error layer as the options shape it: on the application's port and the
+    management port alike."""
+    return ErrorMiddleware(
+        app,
+        debug=o.debug,
+        format="envelope" if o.envelope else "problem",
+        on_error=o.on_error,
+    )
+
+
 def _management(
     o: Options,
     lifespan: Lifespan,
@@ -469,20 +486,9 @@ def _management(
 
     require_server()  # fail where the app is built, not at its first startup
 
-    served: ASGIApp = BuiltinEndpoints(
-        not_found,
-        endpoints=endpoints,
-        guarded=guarded,
-        allow=o.operational_allow,
-        trusted_proxies=proxies,
-    )
+    served: ASGIApp = _builtin_endpoints(not_found, o, endpoints, guarded, proxies)
     if o.errors:
-        served = ErrorMiddleware(
-            served,
-            debug=o.debug,
-            format="envelope" if o.envelope else "problem",
-            on_error=o.on_error,
-        )
+        served = _error_layer(served, o)
     assert o.management_port is not None
     listener = ManagementListener(
         served, host=o.management_host, port=o.management_port, environ=environ, lifespan=lifespan

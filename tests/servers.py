@@ -37,6 +37,19 @@ class ServerExited(RuntimeError):
     """The server process ended before it was up; the message carries its output."""
 
 
+def metric_total(exposition: str, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` in a ``/metrics`` answer whose labels include
+    ``labels`` (0 if none): every worker's, every status's..."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 def free_port() -> int:
     """A loopback port nothing listened on a moment ago. Another process may take it before
     it is used: give it to a server only through ``start_on_a_free_port`` (which starts again

@@ -26,13 +26,12 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from asgi_resilience import cli
 from asgi_resilience.access_log import JsonFormatter
 from asgi_resilience.stack import ResilientApp
 from tests.apps import cli_target
-from tests.servers import ROOT, free_port, start_on_a_free_port, wait_until_ready
+from tests.servers import ROOT, free_port, metric_total, start_on_a_free_port, wait_until_ready
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("asgi-resilience")
 MODULE = [sys.executable, "-m", "asgi_resilience.cli"]
@@ -221,15 +220,6 @@ def unset(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     (``monkeypatch.delenv`` of an unset variable records nothing to undo.)"""
     monkeypatch.setenv(name, "")
     monkeypatch.delenv(name)
-
-
-def metric_total(exposition: str, name: str, **labels: str) -> float:
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(exposition)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 # -- run -----------------------------------------------------------------------------------------

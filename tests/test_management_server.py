@@ -8,27 +8,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import free_port, start_command
+from tests.servers import free_port, metric_total, start_command
 
 CLI = [sys.executable, "-m", "asgi_resilience.cli"]
+DURATION_COUNT = "http_server_request_duration_seconds_count"
 FRESH_CONNECTIONS = httpx.Limits(max_keepalive_connections=0)  # the kernel spreads them
-
-
-def requests_counted(exposition: str) -> float:
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(exposition)
-        for sample in family.samples
-        if sample.name == "http_server_request_duration_seconds_count"
-        and sample.labels.get("route") == "/pid"
-    )
 
 
 def port_is_free(port: int) -> bool:
@@ -52,19 +41,9 @@ def wait_for(url: str, seconds: float = 15) -> httpx.Response:
             time.sleep(0.05)  # another process: nothing to wait on but its answers
 
 
-@pytest.fixture
-def started() -> Iterator[list[subprocess.Popen[bytes]]]:
-    processes: list[subprocess.Popen[bytes]] = []
-    yield processes
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_run_serves_the_operational_endpoints_on_the_management_port_only(
-    workers: int, tmp_path: Path, started: list[subprocess.Popen[bytes]]
+    workers: int, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     management = free_port()
     env = {
@@ -78,7 +57,7 @@ def test_run_serves_the_operational_endpoints_on_the_management_port_only(
         lambda port: [*command, "--port", str(port), "--management-port", str(management)],
         env=env,
         log=tmp_path / "server.log",
-        started=started,
+        started=processes,
     )
     operational = f"http://127.0.0.1:{management}"
     assert wait_for(operational + "/health/live").status_code == 200
@@ -96,7 +75,7 @@ def test_run_serves_the_operational_endpoints_on_the_management_port_only(
         assert client.post("/metrics").status_code == 405
     assert len(pids) == workers, server.output()  # both workers served requests
     # Whichever worker answered the scrape, it counted every worker's requests.
-    counted = [requests_counted(s.text) for s in scrapes]
+    counted = [metric_total(s.text, DURATION_COUNT, route="/pid") for s in scrapes]
     assert counted == [20.0] * 8, (counted, server.output())
     assert server.stop(20) == 0, server.output()
     assert port_is_free(management)

@@ -19,25 +19,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from asgi_resilience._multiprocess import clear_directory, remove_dead_live_gauges
 from tests.servers import ServerProcess, free_port, start_command
+from tests.servers import metric_total as total
 
 CLI = [sys.executable, "-m", "asgi_resilience.cli"]
 ACTIVE = "http_server_active_requests"
 DURATION_COUNT = "http_server_request_duration_seconds_count"
 FRESH_CONNECTIONS = httpx.Limits(max_keepalive_connections=0)  # the kernel spreads them
-
-
-def total(exposition: str, name: str, **labels: str) -> float:
-    """The sum of the samples called ``name`` whose labels include ``labels`` (0 if none)."""
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(exposition)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def children(process: subprocess.Popen[bytes]) -> set[int]:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -43,17 +42,6 @@ def env(tmp_path: Path) -> dict[str, str]:
     variables = {k: v for k, v in os.environ.items() if not k.startswith("ASGI_RESILIENCE_")}
     variables.pop("PROMETHEUS_MULTIPROC_DIR", None)
     return {**variables, "EVENTS_FILE": str(tmp_path / "events.txt")}
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes a test started; killed at the end if still alive."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
 
 
 def json_lines(output: str) -> list[dict[str, object]]:

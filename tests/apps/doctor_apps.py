@@ -18,40 +18,30 @@ async def _ping() -> None:
     pass
 
 
-def clean() -> ResilientApp:
-    lifespan = Lifespan(drain_delay=5, shutdown_timeout=20)
+def _configured(
+    drain_delay: float = 5, shutdown_timeout: float = 20, **options: object
+) -> ResilientApp:
+    """A production-ready stack (a check, trusted proxies, a management port), changed by
+    ``options``."""
+    lifespan = Lifespan(drain_delay=drain_delay, shutdown_timeout=shutdown_timeout)
     lifespan.add_check("database", _ping)
-    return resilient(
-        Starlette(),
-        debug=False,
-        lifespan=lifespan,
-        rate_limit="100/minute",
-        rate_limit_backend="redis://127.0.0.1:6379/0",
-        trusted_proxies=["10.0.0.0/8"],
-        management_port=9464,
-    )
+    settings: dict[str, object] = {
+        "debug": False,
+        "lifespan": lifespan,
+        "trusted_proxies": ["10.0.0.0/8"],
+        "management_port": 9464,
+        **options,
+    }
+    return resilient(Starlette(), **settings)  # type: ignore[arg-type]
+
+
+def clean() -> ResilientApp:
+    return _configured(rate_limit="100/minute", rate_limit_backend="redis://127.0.0.1:6379/0")
 
 
 def memory_rate_limit() -> ResilientApp:
-    lifespan = Lifespan(drain_delay=5, shutdown_timeout=20)
-    lifespan.add_check("database", _ping)
-    return resilient(
-        Starlette(),
-        debug=False,
-        lifespan=lifespan,
-        rate_limit="100/minute",
-        trusted_proxies=["10.0.0.0/8"],
-        management_port=9464,
-    )
+    return _configured(rate_limit="100/minute")
 
 
 def slow_shutdown() -> ResilientApp:
-    lifespan = Lifespan(drain_delay=20, shutdown_timeout=25)
-    lifespan.add_check("database", _ping)
-    return resilient(
-        Starlette(),
-        debug=False,
-        lifespan=lifespan,
-        trusted_proxies=["10.0.0.0/8"],
-        management_port=9464,
-    )
+    return _configured(drain_delay=20, shutdown_timeout=25)
