@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NoReturn
 
+from .exceptions import MissingExtra
+
 
 def missing_extra(
     exc: ModuleNotFoundError, extra: str, what: str, packages: tuple[str, ...]
@@ -17,4 +19,4 @@ def missing_extra(
     if missing not in packages:
         raise exc
     message = f"{what} needs {missing}: pip install 'asgi-resilience[{extra}]'"
-    raise ModuleNotFoundError(message, name=exc.name) from None
+    raise MissingExtra(message, name=exc.name) from None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .calls import describe_error
-from .exceptions import ConfigurationError, UsageError
+from .exceptions import ConfigurationError, MissingExtra, UsageError
 from .types import ASGIApp
 
 __all__ = ["load_app", "load_target"]
@@ -61,7 +61,7 @@ def _import_target(target: str) -> Any:
         sys.path.insert(0, os.getcwd())  # as uvicorn does: modules next to you are found
     try:
         module = importlib.import_module(module_name)
-    except (UsageError, ConfigurationError):
+    except (UsageError, ConfigurationError, MissingExtra):
         raise  # the stack's own configuration errors say what to fix already
     except Exception as exc:
         if isinstance(exc, ModuleNotFoundError) and _names_the_target(exc, module_name):
@@ -89,7 +89,7 @@ def _call_factory(target: str, factory: Any) -> Any:
         raise UsageError(f"{target} is an ASGI app, not an application factory: drop --factory")
     try:
         app = factory()
-    except (UsageError, ConfigurationError):
+    except (UsageError, ConfigurationError, MissingExtra):
         raise
     except Exception as exc:
         raise UsageError(f"{target} raised {_report(exc)}") from None

@@ -52,6 +52,7 @@ from ._target import load_app as load_app
 from ._target import load_target
 from .access_log import JsonFormatter, JsonLinesSink
 from .config import ConfigurationError
+from .exceptions import MissingExtra
 from .exceptions import UsageError as UsageError
 from .lifespan import Lifespan, StartupError
 from .request_id import RequestIdLogFilter
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 factory=args.factory,
             )
         return demo(args.host, args.port, args.log_level)
-    except (UsageError, ConfigurationError) as exc:
+    except (UsageError, ConfigurationError, MissingExtra) as exc:
         print(f"asgi-resilience: error: {exc}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,7 @@ that raises it, its old place). Library errors share one root::
     ├── ReplyError            an error reply from Redis (``MOVED``, ``NOSCRIPT``...), internal
     ├── DatabaseUnavailable   the database could not answer ``SELECT 1``
     ├── CircuitOpenError      a circuit breaker refused a call (carries ``retry_after``)
+    ├── MissingExtra          an optional dependency is missing (also ModuleNotFoundError)
     └── UsageError            a bad command-line argument (one line, exit code 2)
 
 HTTP errors an application raises to answer with a given status; ``ErrorMiddleware`` turns each
@@ -46,6 +47,7 @@ __all__ = [
     "Conflict",
     "DatabaseUnavailable",
     "Forbidden",
+    "MissingExtra",
     "NotFound",
     "ReplyError",
     "ServiceUnavailable",
@@ -106,6 +108,11 @@ class DatabaseUnavailable(AsgiResilienceError):
 
 class UsageError(AsgiResilienceError):
     """A bad command-line argument: reported on one line, exit code 2."""
+
+
+class MissingExtra(AsgiResilienceError, ModuleNotFoundError):
+    """An optional dependency is not installed: the message names the extra that has it
+    (``pip install 'asgi-resilience[redis]'``); the command line prints it as its one line."""
 
 
 class CircuitOpenError(AsgiResilienceError):

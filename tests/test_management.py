@@ -207,6 +207,6 @@ def test_without_hypercorn_the_app_is_refused_when_built_naming_the_extra() -> N
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
-        "ModuleNotFoundError: management_port needs hypercorn: "
+        "asgi_resilience.exceptions.MissingExtra: management_port needs hypercorn: "
         "pip install 'asgi-resilience[server]'"
     )
