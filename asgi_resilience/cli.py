@@ -641,24 +641,29 @@ def _count(number: int, noun: str) -> str:
 
 def check(target: str, *, factory: bool = False) -> int:
     """Run ``target``'s startup once and print a table; 0 if it succeeded, 1 if not."""
-    lifespan = _lifespan_of(load_app(target, factory=factory))
-    # The table is the report: the lifespan's own log lines would only repeat it.
-    lifespan.logger = logging.getLogger("asgi_resilience.cli.check")
-    lifespan.logger.disabled = True
+    # Every lifespan the service runs (the stack's, and one given to the framework), outer
+    # first, as a real startup runs them: it stops at the first that fails.
+    quiet = logging.getLogger("asgi_resilience.cli.check")
+    quiet.disabled = True  # the table is the report: the lifespans' log lines would repeat it
     error: StartupError | None = None
-    try:
-        asyncio.run(_startup_and_shutdown(lifespan))
-    except StartupError as exc:
-        error = exc
-    rows = [
-        (
-            r.name,
-            r.outcome + ("" if r.critical else " (non-critical)"),
-            f"{r.duration * 1000:.0f} ms",
-            r.error or "",
-        )
-        for r in lifespan.startup_results.values()
-    ]
+    rows: list[tuple[str, ...]] = []
+    for lifespan in _lifespans_of(load_app(target, factory=factory)):
+        lifespan.logger = quiet
+        try:
+            asyncio.run(_startup_and_shutdown(lifespan))
+        except StartupError as exc:
+            error = exc
+        rows += [
+            (
+                r.name,
+                r.outcome + ("" if r.critical else " (non-critical)"),
+                f"{r.duration * 1000:.0f} ms",
+                r.error or "",
+            )
+            for r in lifespan.startup_results.values()
+        ]
+        if error is not None:
+            break
     _print_table(("check", "outcome", "duration", "error"), rows)
     if error is not None:
         print(_failure_line(error, {row[0] for row in rows}))
@@ -681,17 +686,16 @@ async def _startup_and_shutdown(lifespan: Lifespan) -> None:
     await lifespan.trial_startup()  # a check starts no background task
 
 
-def _lifespan_of(app: Any) -> Lifespan:
+def _lifespans_of(app: Any) -> list[Lifespan]:
     if isinstance(app, ResilientApp):
         from .doctor import lifespans
 
-        # resilient(Starlette(lifespan=lifespan)): the framework's has the checks.
-        found: list[Lifespan] = lifespans(app)
-        return next((lf for lf in reversed(found) if lf.checks or lf.resource_names), found[0])
+        found: list[Lifespan] = lifespans(app)  # the stack's, then the framework's
+        return found
     context = getattr(getattr(app, "router", None), "lifespan_context", None)
     if isinstance(context, Lifespan):  # Starlette(lifespan=lifespan) / FastAPI(lifespan=...)
-        return context
-    return resilient(app).lifespan
+        return [context]
+    return [resilient(app).lifespan]
 
 
 def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:

@@ -126,3 +126,12 @@ def test_run_management_port_refuses_an_app_that_cannot_take_it(workers: str) ->
     [line] = done.stderr.strip().splitlines()
     assert "was built with management_port=None" in line
     assert "ASGI_RESILIENCE_MANAGEMENT_PORT" in line
+
+
+def test_check_runs_the_stacks_lifespan_and_the_frameworks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check", "tests.apps.two_lifespans:app"]) == 1
+    out = capsys.readouterr().out
+    assert "outer-dep refused the connection" in out
+    assert out.splitlines()[-1] == "startup failed: check 'outer-dep' failed"
